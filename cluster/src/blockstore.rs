@@ -1,0 +1,560 @@
+//! A node's block store: immutable blocks named by their BLAKE3 hash, as plain files.
+//!
+//! Layout under the store's directory:
+//!
+//! ```text
+//!   blocks/ab/abcdef…   one file per block, in 256 fan-out directories by the first hash byte
+//!   tmp/                blocks being written; emptied on open
+//!   quarantine/         copies that failed verification, kept for inspection, never served
+//!   index.redb          hash -> (size, stored-at) index
+//! ```
+//!
+//! Durability of a put: write to `tmp/`, fsync the file, rename into `blocks/ab/`, fsync that
+//! directory, then commit the index entry. Only then is the put acknowledged.
+//!
+//! The files are the truth and the index is derived from them: `open` reconciles the two (an
+//! entry whose file is gone is dropped; a file without an entry, left by a crash between the
+//! rename and the index commit, is indexed). So a crash at any point leaves a consistent store.
+//!
+//! Every read re-hashes the whole block before any byte leaves the store; a mismatch moves the
+//! copy to `quarantine/`, drops it from the index and counts it.
+//!
+//! All methods block on disk I/O: async callers run them under `spawn_blocking`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+use crate::wire::{ByteRange, ListEntry, MAX_BLOCK_SIZE};
+use crate::BlockHash;
+
+/// hash -> (size in bytes, stored at, seconds since the epoch)
+const BLOCKS: TableDefinition<&[u8; 32], (u64, u64)> = TableDefinition::new("blocks");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("block {0} not found")]
+    NotFound(BlockHash),
+    #[error("data does not hash to {0}")]
+    HashMismatch(BlockHash),
+    #[error("stored copy of {0} is corrupt; quarantined")]
+    Corrupt(BlockHash),
+    #[error("no space left on the block store device")]
+    NoSpace,
+    #[error("block of {0} bytes exceeds the {MAX_BLOCK_SIZE}-byte limit")]
+    TooLarge(usize),
+    #[error("range {offset}+{len:?} lies outside a block of {size} bytes")]
+    BadRange {
+        offset: u64,
+        len: Option<u64>,
+        size: u64,
+    },
+    #[error("block store I/O error: {0}")]
+    Io(#[from] io::Error),
+    #[error("block index error: {0}")]
+    Index(String),
+}
+
+impl StoreError {
+    fn index(e: impl std::fmt::Display) -> StoreError {
+        StoreError::Index(e.to_string())
+    }
+}
+
+fn io_or_nospace(e: io::Error) -> StoreError {
+    if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
+        StoreError::NoSpace
+    } else {
+        StoreError::Io(e)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub blocks: u64,
+    pub bytes_used: u64,
+    pub corrupt_detected: u64,
+}
+
+pub struct BlockStore {
+    root: PathBuf,
+    index: Database,
+    blocks: AtomicU64,
+    bytes_used: AtomicU64,
+    corrupt_detected: AtomicU64,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl BlockStore {
+    /// Opens (creating if needed) the store in `root`, and reconciles index and files.
+    pub fn open(root: &Path) -> Result<BlockStore, StoreError> {
+        for sub in ["blocks", "tmp", "quarantine"] {
+            fs::create_dir_all(root.join(sub))?;
+        }
+        // Anything in tmp/ is a write that was never acknowledged.
+        for entry in fs::read_dir(root.join("tmp"))? {
+            let _ = fs::remove_file(entry?.path());
+        }
+        let index = Database::create(root.join("index.redb")).map_err(StoreError::index)?;
+        let store = BlockStore {
+            root: root.to_path_buf(),
+            index,
+            blocks: AtomicU64::new(0),
+            bytes_used: AtomicU64::new(0),
+            corrupt_detected: AtomicU64::new(0),
+        };
+        store.reconcile()?;
+        Ok(store)
+    }
+
+    fn block_path(&self, hash: &BlockHash) -> PathBuf {
+        let hex = hash.to_hex();
+        self.root.join("blocks").join(&hex[..2]).join(hex)
+    }
+
+    /// Makes the index agree with the files, and loads the counters.
+    fn reconcile(&self) -> Result<(), StoreError> {
+        let mut on_disk = std::collections::BTreeMap::new();
+        for fan in fs::read_dir(self.root.join("blocks"))? {
+            let fan = fan?;
+            if !fan.file_type()?.is_dir() {
+                continue;
+            }
+            for entry in fs::read_dir(fan.path())? {
+                let entry = entry?;
+                let name = entry.file_name();
+                let Some(hash) = name.to_str().and_then(|n| n.parse::<BlockHash>().ok()) else {
+                    tracing::warn!(path = %entry.path().display(), "stray file in block store");
+                    continue;
+                };
+                on_disk.insert(hash.0, entry.metadata()?.len());
+            }
+        }
+        let txn = self.index.begin_write().map_err(StoreError::index)?;
+        {
+            let mut table = txn.open_table(BLOCKS).map_err(StoreError::index)?;
+            let mut stale = Vec::new();
+            for item in table.iter().map_err(StoreError::index)? {
+                let (k, _) = item.map_err(StoreError::index)?;
+                if !on_disk.contains_key(k.value()) {
+                    stale.push(*k.value());
+                }
+            }
+            for k in &stale {
+                table.remove(k).map_err(StoreError::index)?;
+            }
+            let now = now_secs();
+            for (k, size) in &on_disk {
+                if table.get(k).map_err(StoreError::index)?.is_none() {
+                    table.insert(k, (*size, now)).map_err(StoreError::index)?;
+                }
+            }
+            if !stale.is_empty() {
+                tracing::warn!(
+                    count = stale.len(),
+                    "dropped index entries without a block file"
+                );
+            }
+        }
+        txn.commit().map_err(StoreError::index)?;
+        self.blocks.store(on_disk.len() as u64, Ordering::Relaxed);
+        self.bytes_used
+            .store(on_disk.values().sum(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Stores a block durably. Verifies that `data` hashes to `hash` first. Returns `false` when
+    /// the block was already present (and nothing was written).
+    pub fn put(&self, hash: &BlockHash, data: &[u8]) -> Result<bool, StoreError> {
+        if data.len() > MAX_BLOCK_SIZE {
+            return Err(StoreError::TooLarge(data.len()));
+        }
+        if !hash.verifies(data) {
+            return Err(StoreError::HashMismatch(*hash));
+        }
+        let path = self.block_path(hash);
+        if self.contains(hash)? && path.exists() {
+            return Ok(false);
+        }
+        let dir = path.parent().expect("block path has a fan-out parent");
+        fs::create_dir_all(dir).map_err(io_or_nospace)?;
+        let tmp =
+            self.root
+                .join("tmp")
+                .join(format!("{}.{:016x}", hash.to_hex(), rand::random::<u64>()));
+        let write = || -> io::Result<()> {
+            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            fsync_dir(dir)
+        };
+        if let Err(e) = write() {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_or_nospace(e));
+        }
+        let txn = self.index.begin_write().map_err(StoreError::index)?;
+        let inserted = {
+            let mut table = txn.open_table(BLOCKS).map_err(StoreError::index)?;
+            let previous = table
+                .insert(&hash.0, (data.len() as u64, now_secs()))
+                .map_err(StoreError::index)?;
+            previous.is_none()
+        };
+        txn.commit().map_err(StoreError::index)?;
+        if inserted {
+            self.blocks.fetch_add(1, Ordering::Relaxed);
+            self.bytes_used
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        Ok(true)
+    }
+
+    /// Reads a block (or a range of it), verifying the whole block first.
+    pub fn get(&self, hash: &BlockHash, range: Option<ByteRange>) -> Result<Vec<u8>, StoreError> {
+        let path = self.block_path(hash);
+        let mut file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::NotFound(*hash))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let len = file.metadata()?.len();
+        if len > MAX_BLOCK_SIZE as u64 {
+            self.quarantine(hash, "larger than any block")?;
+            return Err(StoreError::Corrupt(*hash));
+        }
+        let mut data = Vec::with_capacity(len as usize);
+        file.read_to_end(&mut data)?;
+        if !hash.verifies(&data) {
+            self.quarantine(hash, "content does not match its hash")?;
+            return Err(StoreError::Corrupt(*hash));
+        }
+        match range {
+            None => Ok(data),
+            Some(ByteRange { offset, len: rlen }) => {
+                let size = data.len() as u64;
+                let end = match rlen {
+                    None => size,
+                    Some(l) => offset.saturating_add(l),
+                };
+                if offset > size || end > size {
+                    return Err(StoreError::BadRange {
+                        offset,
+                        len: rlen,
+                        size,
+                    });
+                }
+                if offset == 0 && end == size {
+                    return Ok(data);
+                }
+                Ok(data[offset as usize..end as usize].to_vec())
+            }
+        }
+    }
+
+    /// Moves a bad copy out of the way so it is never served again, and counts it.
+    fn quarantine(&self, hash: &BlockHash, why: &str) -> Result<(), StoreError> {
+        let from = self.block_path(hash);
+        let to = self
+            .root
+            .join("quarantine")
+            .join(format!("{}.{}", hash.to_hex(), now_secs()));
+        tracing::error!(block = %hash, reason = why, quarantined_to = %to.display(),
+            "corrupt block copy detected");
+        self.corrupt_detected.fetch_add(1, Ordering::Relaxed);
+        match fs::rename(&from, &to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                // Could not move it: delete it rather than leave it to be served.
+                tracing::error!(error = %e, "quarantine rename failed; deleting the copy");
+                let _ = fs::remove_file(&from);
+            }
+        }
+        self.forget(hash)
+    }
+
+    fn forget(&self, hash: &BlockHash) -> Result<(), StoreError> {
+        let txn = self.index.begin_write().map_err(StoreError::index)?;
+        let removed = {
+            let mut table = txn.open_table(BLOCKS).map_err(StoreError::index)?;
+            let r = table.remove(&hash.0).map_err(StoreError::index)?;
+            r.map(|v| v.value().0)
+        };
+        txn.commit().map_err(StoreError::index)?;
+        if let Some(size) = removed {
+            self.blocks.fetch_sub(1, Ordering::Relaxed);
+            self.bytes_used.fetch_sub(size, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    pub fn contains(&self, hash: &BlockHash) -> Result<bool, StoreError> {
+        let txn = self.index.begin_read().map_err(StoreError::index)?;
+        let table = match txn.open_table(BLOCKS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
+            Err(e) => return Err(StoreError::index(e)),
+        };
+        Ok(table.get(&hash.0).map_err(StoreError::index)?.is_some())
+    }
+
+    pub fn has_many(&self, hashes: &[BlockHash]) -> Result<Vec<bool>, StoreError> {
+        let txn = self.index.begin_read().map_err(StoreError::index)?;
+        let table = txn.open_table(BLOCKS).map_err(StoreError::index)?;
+        hashes
+            .iter()
+            .map(|h| Ok(table.get(&h.0).map_err(StoreError::index)?.is_some()))
+            .collect()
+    }
+
+    /// Deletes a block. Deleting an absent block is not an error.
+    pub fn delete(&self, hash: &BlockHash) -> Result<(), StoreError> {
+        let path = self.block_path(hash);
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                if let Some(dir) = path.parent() {
+                    fsync_dir(dir)?;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.forget(hash)
+    }
+
+    /// A page of the inventory in hash order, starting after `after`.
+    pub fn list(
+        &self,
+        after: Option<BlockHash>,
+        limit: usize,
+    ) -> Result<(Vec<ListEntry>, bool), StoreError> {
+        let txn = self.index.begin_read().map_err(StoreError::index)?;
+        let table = txn.open_table(BLOCKS).map_err(StoreError::index)?;
+        let iter = match after {
+            None => table.range::<&[u8; 32]>(..),
+            Some(h) => table
+                .range::<&[u8; 32]>((std::ops::Bound::Excluded(&h.0), std::ops::Bound::Unbounded)),
+        }
+        .map_err(StoreError::index)?;
+        let mut entries = Vec::new();
+        let mut more = false;
+        for item in iter {
+            let (k, v) = item.map_err(StoreError::index)?;
+            if entries.len() == limit {
+                more = true;
+                break;
+            }
+            entries.push(ListEntry {
+                hash: BlockHash(*k.value()),
+                size: v.value().0,
+            });
+        }
+        Ok((entries, more))
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        StoreStats {
+            blocks: self.blocks.load(Ordering::Relaxed),
+            bytes_used: self.bytes_used.load(Ordering::Relaxed),
+            corrupt_detected: self.corrupt_detected.load(Ordering::Relaxed),
+        }
+    }
+
+    /// (capacity, free) of the device holding the store, in bytes.
+    pub fn disk_space(&self) -> io::Result<(u64, u64)> {
+        disk_space(&self.root)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where the copy of `hash` lives on disk (operators and tests).
+    pub fn path_of(&self, hash: &BlockHash) -> PathBuf {
+        self.block_path(hash)
+    }
+
+    /// Number of entries in the index (tests compare it with the counters).
+    pub fn index_len(&self) -> Result<u64, StoreError> {
+        let txn = self.index.begin_read().map_err(StoreError::index)?;
+        let table = txn.open_table(BLOCKS).map_err(StoreError::index)?;
+        table.len().map_err(StoreError::index)
+    }
+}
+
+/// (capacity, free-for-unprivileged) of the filesystem holding `path`.
+pub fn disk_space(path: &Path) -> io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a valid NUL-terminated path and `st` points to writable memory of the
+    // right type; statvfs initialises it fully when it returns 0, which we check before reading.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so `st` is initialised.
+    let st = unsafe { st.assume_init() };
+    let frsize = st.f_frsize as u64;
+    Ok((st.f_blocks as u64 * frsize, st.f_bavail as u64 * frsize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(n: u8, len: usize) -> (BlockHash, Vec<u8>) {
+        let data: Vec<u8> = (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(n))
+            .collect();
+        (BlockHash::of(&data), data)
+    }
+
+    #[test]
+    fn put_get_roundtrip_and_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlockStore::open(dir.path()).unwrap();
+        let (h, d) = block(1, 100_000);
+        assert!(store.put(&h, &d).unwrap());
+        assert!(!store.put(&h, &d).unwrap(), "second put is a no-op");
+        assert_eq!(store.get(&h, None).unwrap(), d);
+        let r = ByteRange {
+            offset: 10,
+            len: Some(20),
+        };
+        assert_eq!(store.get(&h, Some(r)).unwrap(), &d[10..30]);
+        let r = ByteRange {
+            offset: 99_990,
+            len: None,
+        };
+        assert_eq!(store.get(&h, Some(r)).unwrap(), &d[99_990..]);
+        let r = ByteRange {
+            offset: 99_990,
+            len: Some(11),
+        };
+        assert!(matches!(
+            store.get(&h, Some(r)),
+            Err(StoreError::BadRange { .. })
+        ));
+        assert_eq!(store.stats().blocks, 1);
+        assert_eq!(store.stats().bytes_used, 100_000);
+    }
+
+    #[test]
+    fn put_with_wrong_hash_is_refused_and_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlockStore::open(dir.path()).unwrap();
+        let (h, _) = block(1, 1000);
+        let (_, other) = block(2, 1000);
+        assert!(matches!(
+            store.put(&h, &other),
+            Err(StoreError::HashMismatch(_))
+        ));
+        assert!(!store.contains(&h).unwrap());
+        assert_eq!(store.stats().blocks, 0);
+    }
+
+    #[test]
+    fn corrupt_copy_is_quarantined_and_never_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlockStore::open(dir.path()).unwrap();
+        let (h, d) = block(3, 5000);
+        store.put(&h, &d).unwrap();
+        let path = store.path_of(&h);
+        let mut bad = d.clone();
+        bad[100] ^= 0xff;
+        fs::write(&path, &bad).unwrap();
+        assert!(matches!(store.get(&h, None), Err(StoreError::Corrupt(_))));
+        assert!(!path.exists());
+        assert_eq!(
+            fs::read_dir(dir.path().join("quarantine")).unwrap().count(),
+            1
+        );
+        assert!(matches!(store.get(&h, None), Err(StoreError::NotFound(_))));
+        assert!(!store.contains(&h).unwrap());
+        assert_eq!(store.stats().corrupt_detected, 1);
+        assert_eq!(store.stats().blocks, 0);
+    }
+
+    #[test]
+    fn reopen_reconciles_index_with_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (h1, d1) = block(4, 1000);
+        let (h2, d2) = block(5, 2000);
+        {
+            let store = BlockStore::open(dir.path()).unwrap();
+            store.put(&h1, &d1).unwrap();
+            store.put(&h2, &d2).unwrap();
+            // A file removed behind the index's back (or lost by a crash before its rename) ...
+            fs::remove_file(store.path_of(&h1)).unwrap();
+            // ... and a leftover temp file from an interrupted write.
+            fs::write(dir.path().join("tmp").join("partial"), b"xx").unwrap();
+        }
+        // A block file renamed into place whose index commit never happened.
+        let (h3, d3) = block(6, 3000);
+        let p3 = {
+            let hex = h3.to_hex();
+            dir.path().join("blocks").join(&hex[..2]).join(hex)
+        };
+        fs::create_dir_all(p3.parent().unwrap()).unwrap();
+        fs::write(&p3, &d3).unwrap();
+
+        let store = BlockStore::open(dir.path()).unwrap();
+        assert!(!store.contains(&h1).unwrap());
+        assert!(store.contains(&h2).unwrap());
+        assert!(store.contains(&h3).unwrap());
+        assert_eq!(store.stats().blocks, 2);
+        assert_eq!(store.stats().bytes_used, 5000);
+        assert_eq!(store.index_len().unwrap(), 2);
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(store.get(&h3, None).unwrap(), d3);
+    }
+
+    #[test]
+    fn list_pages_through_inventory_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlockStore::open(dir.path()).unwrap();
+        let mut all = Vec::new();
+        for i in 0..25u8 {
+            let (h, d) = block(i, 100 + i as usize);
+            store.put(&h, &d).unwrap();
+            all.push(h);
+        }
+        all.sort();
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let (page, more) = store.list(after, 7).unwrap();
+            assert!(page.len() <= 7);
+            seen.extend(page.iter().map(|e| e.hash));
+            after = page.last().map(|e| e.hash);
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(seen, all);
+        assert_eq!(store.has_many(&all[..3]).unwrap(), vec![true; 3]);
+        store.delete(&all[0]).unwrap();
+        store.delete(&all[0]).unwrap();
+        assert_eq!(store.has_many(&all[..2]).unwrap(), vec![false, true]);
+        assert_eq!(store.stats().blocks, 24);
+    }
+}

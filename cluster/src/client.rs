@@ -1,0 +1,389 @@
+//! The block client: what a mount (or an operator tool) uses to store and fetch blocks.
+//!
+//! - `put` writes a block to the top R live nodes of its rendezvous ranking in parallel; a node
+//!   that fails or times out is replaced by the next in the ranking. It succeeds when R nodes
+//!   hold a durable copy, or, when fewer than R nodes can take it, when at least one does; the
+//!   outcome says how many copies exist so the caller can count the block as under-replicated.
+//! - `get` walks the ranking (suspect nodes last), giving each node a bounded time, and verifies
+//!   the bytes against the hash before returning them; a bad copy is reported and skipped.
+//!
+//! Nothing here holds a lock across network I/O.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
+
+use crate::membership::{Membership, NodeRecord};
+use crate::pki::Identity;
+use crate::placement;
+use crate::transport::{PeerPool, TransportError};
+use crate::wire::{ByteRange, ErrorCode, Message, NodeInfo, MAX_BLOCK_SIZE};
+use crate::BlockHash;
+
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    pub replicas: usize,
+    /// Time one node gets to answer a get before the next is tried.
+    pub get_attempt_timeout: Duration,
+    /// Time one node gets to store a put before another takes its place.
+    pub put_attempt_timeout: Duration,
+    /// How long a node that timed out is tried last.
+    pub suspect_for: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            replicas: 2,
+            get_attempt_timeout: Duration::from_millis(1000),
+            put_attempt_timeout: Duration::from_secs(5),
+            suspect_for: Duration::from_secs(15),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no live nodes are registered in etcd")]
+    NoLiveNodes,
+    #[error("block of {0} bytes exceeds the {MAX_BLOCK_SIZE}-byte limit")]
+    TooLarge(usize),
+    #[error("block {0} is not held by any live node")]
+    NotFound(BlockHash),
+    #[error("no node could store the block: {0}")]
+    PutFailed(String),
+    #[error("no live node returned a good copy of {hash}: {attempts}")]
+    GetFailed { hash: BlockHash, attempts: String },
+    #[error("node {node}: {error}")]
+    Node { node: String, error: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct PutOutcome {
+    pub hash: BlockHash,
+    /// Nodes that acknowledged a durable copy.
+    pub holders: Vec<String>,
+    pub wanted: usize,
+}
+
+impl PutOutcome {
+    pub fn under_replicated(&self) -> bool {
+        self.holders.len() < self.wanted
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    pub corrupt_copies_seen: AtomicU64,
+    pub under_replicated_puts: AtomicU64,
+    pub failed_attempts: AtomicU64,
+}
+
+pub struct BlockClient {
+    pool: PeerPool,
+    membership: Membership,
+    opts: ClientOptions,
+    suspects: Mutex<HashMap<String, Instant>>,
+    pub stats: ClientStats,
+}
+
+enum AttemptError {
+    NotFound,
+    Failed(String),
+}
+
+impl BlockClient {
+    pub fn new(
+        identity: &Identity,
+        membership: Membership,
+        opts: ClientOptions,
+    ) -> anyhow::Result<Arc<BlockClient>> {
+        Ok(Arc::new(BlockClient {
+            pool: PeerPool::new(identity)?,
+            membership,
+            opts,
+            suspects: Mutex::new(HashMap::new()),
+            stats: ClientStats::default(),
+        }))
+    }
+
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    pub fn options(&self) -> &ClientOptions {
+        &self.opts
+    }
+
+    fn is_suspect(&self, id: &str) -> bool {
+        let mut s = self.suspects.lock().unwrap_or_else(|e| e.into_inner());
+        match s.get(id) {
+            Some(until) if *until > Instant::now() => true,
+            Some(_) => {
+                s.remove(id);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn suspect(&self, node: &NodeRecord) {
+        self.suspects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node.id.clone(), Instant::now() + self.opts.suspect_for);
+        self.pool.forget(node.addr);
+    }
+
+    /// Live nodes in preference order for `hash`: ranking order, suspects moved to the end.
+    pub fn ranked_nodes(&self, hash: &BlockHash) -> Vec<NodeRecord> {
+        let live = self.membership.live();
+        let candidates: Vec<_> = live.iter().map(|n| n.candidate()).collect();
+        let order = placement::rank(hash, &candidates, self.opts.replicas);
+        let (mut good, bad): (Vec<NodeRecord>, Vec<NodeRecord>) = order
+            .into_iter()
+            .map(|i| live[i].clone())
+            .partition(|n| !self.is_suspect(&n.id));
+        good.extend(bad);
+        good
+    }
+
+    async fn request(
+        &self,
+        node: &NodeRecord,
+        msg: &Message,
+        timeout: Duration,
+    ) -> Result<Message, TransportError> {
+        let r = self.pool.request(node.addr, msg, timeout).await;
+        if let Err(e) = &r {
+            self.stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
+            if matches!(
+                e,
+                TransportError::Timeout(_)
+                    | TransportError::Connection { .. }
+                    | TransportError::Connect { .. }
+            ) {
+                self.suspect(node);
+            }
+        }
+        r
+    }
+
+    async fn put_one(
+        &self,
+        node: NodeRecord,
+        hash: BlockHash,
+        data: Bytes,
+    ) -> (NodeRecord, Result<(), String>) {
+        let msg = Message::Put { hash, data };
+        let r = match self
+            .request(&node, &msg, self.opts.put_attempt_timeout)
+            .await
+        {
+            Ok(Message::Ok) => Ok(()),
+            Ok(Message::Error { code, message }) => Err(format!("{code:?}: {message}")),
+            Ok(other) => Err(format!("unexpected reply {:?}", other.kind())),
+            Err(e) => Err(e.to_string()),
+        };
+        (node, r)
+    }
+
+    /// Stores `data` on `replicas` nodes (see the module docs for the degraded case).
+    pub async fn put(&self, data: Bytes) -> Result<PutOutcome, ClientError> {
+        let hash = BlockHash::of(&data);
+        self.put_with_hash(hash, data).await
+    }
+
+    pub async fn put_with_hash(
+        &self,
+        hash: BlockHash,
+        data: Bytes,
+    ) -> Result<PutOutcome, ClientError> {
+        if data.len() > MAX_BLOCK_SIZE {
+            return Err(ClientError::TooLarge(data.len()));
+        }
+        let ranked = self.ranked_nodes(&hash);
+        if ranked.is_empty() {
+            return Err(ClientError::NoLiveNodes);
+        }
+        let wanted = self.opts.replicas;
+        let mut next = ranked.into_iter();
+        let mut in_flight = FuturesUnordered::new();
+        for node in next.by_ref().take(wanted) {
+            in_flight.push(self.put_one(node, hash, data.clone()));
+        }
+        let mut holders = Vec::new();
+        let mut errors = Vec::new();
+        while let Some((node, result)) = in_flight.next().await {
+            match result {
+                Ok(()) => holders.push(node.id),
+                Err(e) => {
+                    tracing::warn!(node = %node.id, block = %hash, error = %e, "put failed; trying the next node");
+                    errors.push(format!("{}: {e}", node.id));
+                    if let Some(n) = next.next() {
+                        in_flight.push(self.put_one(n, hash, data.clone()));
+                    }
+                }
+            }
+        }
+        if holders.is_empty() {
+            return Err(ClientError::PutFailed(errors.join("; ")));
+        }
+        let outcome = PutOutcome {
+            hash,
+            holders,
+            wanted,
+        };
+        if outcome.under_replicated() {
+            self.stats
+                .under_replicated_puts
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(block = %hash, copies = outcome.holders.len(), wanted,
+                "block stored with fewer copies than wanted");
+        }
+        Ok(outcome)
+    }
+
+    async fn get_from(
+        &self,
+        node: &NodeRecord,
+        hash: BlockHash,
+        range: Option<ByteRange>,
+    ) -> Result<Bytes, AttemptError> {
+        let msg = Message::Get { hash, range };
+        match self
+            .request(node, &msg, self.opts.get_attempt_timeout)
+            .await
+        {
+            Ok(Message::Data(data)) => {
+                // Whole blocks are verified here too; ranges were verified by the node, which
+                // hashes the whole block before sending any part of it.
+                if range.is_none() && !hash.verifies(&data) {
+                    self.stats
+                        .corrupt_copies_seen
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(node = %node.id, block = %hash, "node returned bytes that do not match the hash");
+                    return Err(AttemptError::Failed("returned corrupt bytes".into()));
+                }
+                Ok(data)
+            }
+            Ok(Message::Error {
+                code: ErrorCode::NotFound,
+                ..
+            }) => Err(AttemptError::NotFound),
+            Ok(Message::Error {
+                code: ErrorCode::Corrupt,
+                message,
+            }) => {
+                self.stats
+                    .corrupt_copies_seen
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(node = %node.id, block = %hash, "node found its copy corrupt: {message}");
+                Err(AttemptError::Failed(format!("copy corrupt: {message}")))
+            }
+            Ok(Message::Error { code, message }) => {
+                Err(AttemptError::Failed(format!("{code:?}: {message}")))
+            }
+            Ok(other) => Err(AttemptError::Failed(format!(
+                "unexpected reply {:?}",
+                other.kind()
+            ))),
+            Err(e) => Err(AttemptError::Failed(e.to_string())),
+        }
+    }
+
+    /// Fetches a block (or a range of it) from the first live holder that returns good bytes.
+    pub async fn get(
+        &self,
+        hash: BlockHash,
+        range: Option<ByteRange>,
+    ) -> Result<Bytes, ClientError> {
+        let ranked = self.ranked_nodes(&hash);
+        if ranked.is_empty() {
+            return Err(ClientError::NoLiveNodes);
+        }
+        let mut failures = Vec::new();
+        for node in &ranked {
+            match self.get_from(node, hash, range).await {
+                Ok(data) => return Ok(data),
+                Err(AttemptError::NotFound) => {}
+                Err(AttemptError::Failed(e)) => failures.push(format!("{}: {e}", node.id)),
+            }
+        }
+        if failures.is_empty() {
+            Err(ClientError::NotFound(hash))
+        } else {
+            Err(ClientError::GetFailed {
+                hash,
+                attempts: failures.join("; "),
+            })
+        }
+    }
+
+    /// The live nodes that hold a copy of `hash` (each asked directly, in parallel).
+    pub async fn locate(&self, hash: BlockHash) -> Result<Vec<NodeRecord>, ClientError> {
+        let live = self.membership.live();
+        if live.is_empty() {
+            return Err(ClientError::NoLiveNodes);
+        }
+        let msg = Message::Has { hashes: vec![hash] };
+        let asks = live.into_iter().map(|node| {
+            let msg = &msg;
+            async move {
+                let r = self
+                    .request(&node, msg, self.opts.get_attempt_timeout)
+                    .await;
+                (node, r)
+            }
+        });
+        let mut holders = Vec::new();
+        for (node, r) in futures::future::join_all(asks).await {
+            match r {
+                Ok(Message::HasReply(bits)) if bits.first() == Some(&true) => holders.push(node),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(node = %node.id, error = %e, "node did not answer"),
+            }
+        }
+        Ok(holders)
+    }
+
+    pub async fn info(&self, node: &NodeRecord) -> Result<NodeInfo, ClientError> {
+        match self
+            .request(node, &Message::Info, self.opts.get_attempt_timeout)
+            .await
+        {
+            Ok(Message::InfoReply(i)) => Ok(i),
+            Ok(other) => Err(ClientError::Node {
+                node: node.id.clone(),
+                error: format!("unexpected reply {:?}", other.kind()),
+            }),
+            Err(e) => Err(ClientError::Node {
+                node: node.id.clone(),
+                error: e.to_string(),
+            }),
+        }
+    }
+
+    /// Sends a request to one node address (operators' and tests' raw access).
+    pub async fn request_addr(
+        &self,
+        addr: SocketAddr,
+        msg: &Message,
+    ) -> Result<Message, TransportError> {
+        self.pool.request(addr, msg, Duration::from_secs(10)).await
+    }
+
+    /// Sends raw bytes as a request frame (tests of the node's frame handling).
+    pub async fn raw_request(
+        &self,
+        addr: SocketAddr,
+        bytes: &[u8],
+    ) -> Result<Vec<u8>, TransportError> {
+        self.pool.raw_request(addr, bytes).await
+    }
+}

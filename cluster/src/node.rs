@@ -1,0 +1,303 @@
+//! The node agent: a block store served over QUIC, registered in etcd.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+use crate::blockstore::{BlockStore, StoreError};
+use crate::etcd::EtcdConfig;
+use crate::membership::{unix_now, NodeRecord, NodeState, Registration};
+use crate::pki::Identity;
+use crate::transport::{self, Handler, ServerCounters};
+use crate::wire::{ErrorCode, Message, NodeInfo, MAX_LIST_PAGE};
+use crate::VERSION;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Where blocks, the index and the node id live.
+    pub data_dir: PathBuf,
+    /// UDP address to listen on for QUIC.
+    pub listen: SocketAddr,
+    /// Address other nodes and clients use to reach this one (defaults to `listen`, which must
+    /// then not be a wildcard).
+    #[serde(default)]
+    pub advertise: Option<SocketAddr>,
+    pub etcd: EtcdConfig,
+    /// Directory with ca.crt, tls.crt, tls.key.
+    pub tls_dir: PathBuf,
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// Bytes this node offers; defaults to the size of the data directory's filesystem.
+    #[serde(default)]
+    pub capacity: Option<u64>,
+    /// Seconds without a lease renewal after which the node counts as dead.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl_secs: u64,
+}
+
+fn default_lease_ttl() -> u64 {
+    10
+}
+
+impl NodeConfig {
+    pub fn advertised(&self) -> Result<SocketAddr> {
+        let a = self.advertise.unwrap_or(self.listen);
+        if a.ip().is_unspecified() {
+            bail!(
+                "listen address {} is a wildcard; give --advertise with an address peers can reach",
+                self.listen
+            );
+        }
+        if a.port() == 0 {
+            bail!("the advertised address {a} needs a port");
+        }
+        Ok(a)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.etcd.validate()?;
+        self.advertised()?;
+        if !(2..=300).contains(&self.lease_ttl_secs) {
+            bail!(
+                "lease_ttl_secs must be between 2 and 300, not {}",
+                self.lease_ttl_secs
+            );
+        }
+        if let Some(z) = &self.zone {
+            if z.is_empty() || z.len() > 64 {
+                bail!("zone label must be 1-64 characters");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads the node id from `data_dir/node_id`, creating a new random one on first start.
+pub fn load_or_create_node_id(data_dir: &Path) -> Result<String> {
+    let path = data_dir.join("node_id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) => {
+            let id = s.trim().to_string();
+            if id.is_empty()
+                || id.len() > 64
+                || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            {
+                bail!(
+                    "{} holds {id:?}, which is not a node id; fix or remove it",
+                    path.display()
+                );
+            }
+            Ok(id)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = format!("n{:015x}", rand::random::<u64>() >> 4);
+            let tmp = data_dir.join("node_id.tmp");
+            std::fs::write(&tmp, format!("{id}\n"))?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(data_dir)?.sync_all()?;
+            Ok(id)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+pub struct NodeService {
+    pub id: String,
+    pub zone: Option<String>,
+    pub store: Arc<BlockStore>,
+    pub capacity: Option<u64>,
+    pub counters: Arc<ServerCounters>,
+}
+
+fn store_error(e: StoreError) -> Message {
+    let code = match &e {
+        StoreError::NotFound(_) => ErrorCode::NotFound,
+        StoreError::HashMismatch(_) => ErrorCode::HashMismatch,
+        StoreError::Corrupt(_) => ErrorCode::Corrupt,
+        StoreError::NoSpace => ErrorCode::NoSpace,
+        StoreError::TooLarge(_) => ErrorCode::TooLarge,
+        StoreError::BadRange { .. } => ErrorCode::BadRequest,
+        StoreError::Io(_) | StoreError::Index(_) => ErrorCode::Internal,
+    };
+    if code == ErrorCode::Internal {
+        tracing::error!(error = %e, "block store error");
+    }
+    Message::error(code, e.to_string())
+}
+
+impl NodeService {
+    pub fn info(&self) -> NodeInfo {
+        let s = self.store.stats();
+        let (disk_cap, free) = self.store.disk_space().unwrap_or((0, 0));
+        let capacity = self.capacity.unwrap_or(disk_cap);
+        let free = match self.capacity {
+            Some(cap) => free.min(cap.saturating_sub(s.bytes_used)),
+            None => free,
+        };
+        NodeInfo {
+            node_id: self.id.clone(),
+            zone: self.zone.clone().unwrap_or_default(),
+            version: VERSION.to_string(),
+            blocks: s.blocks,
+            bytes_used: s.bytes_used,
+            capacity,
+            free,
+            corrupt_detected: s.corrupt_detected,
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&BlockStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || f(&store)).await {
+            Ok(r) => r,
+            Err(e) => Err(StoreError::Io(std::io::Error::other(format!(
+                "store task failed: {e}"
+            )))),
+        }
+    }
+
+    async fn handle_request(self: Arc<Self>, req: Message) -> Message {
+        match req {
+            Message::Put { hash, data } => {
+                if let Some(cap) = self.capacity {
+                    if self.store.stats().bytes_used + data.len() as u64 > cap {
+                        return Message::error(ErrorCode::NoSpace, "node capacity reached");
+                    }
+                }
+                match self.blocking(move |s| s.put(&hash, &data)).await {
+                    Ok(_) => Message::Ok,
+                    Err(e) => {
+                        if matches!(e, StoreError::HashMismatch(_)) {
+                            self.counters
+                                .malformed_frames
+                                .fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(block = %hash, "refused a put whose bytes do not match its hash");
+                        }
+                        store_error(e)
+                    }
+                }
+            }
+            Message::Get { hash, range } => match self.blocking(move |s| s.get(&hash, range)).await
+            {
+                Ok(data) => Message::Data(data.into()),
+                Err(e) => store_error(e),
+            },
+            Message::Has { hashes } => match self.blocking(move |s| s.has_many(&hashes)).await {
+                Ok(bits) => Message::HasReply(bits),
+                Err(e) => store_error(e),
+            },
+            Message::Delete { hash } => match self.blocking(move |s| s.delete(&hash)).await {
+                Ok(()) => Message::Ok,
+                Err(e) => store_error(e),
+            },
+            Message::List { after, limit } => {
+                let limit = (limit as usize).min(MAX_LIST_PAGE);
+                match self.blocking(move |s| s.list(after, limit)).await {
+                    Ok((entries, more)) => Message::ListReply { entries, more },
+                    Err(e) => store_error(e),
+                }
+            }
+            Message::Info => {
+                let me = self.clone();
+                match tokio::task::spawn_blocking(move || me.info()).await {
+                    Ok(i) => Message::InfoReply(i),
+                    Err(e) => Message::error(ErrorCode::Internal, e.to_string()),
+                }
+            }
+            other => Message::error(
+                ErrorCode::BadRequest,
+                format!("{:?} is not a request", other.kind()),
+            ),
+        }
+    }
+}
+
+impl Handler for NodeService {
+    fn handle(self: Arc<Self>, request: Message) -> BoxFuture<'static, Message> {
+        Box::pin(self.handle_request(request))
+    }
+}
+
+fn record_of(svc: &NodeService, addr: SocketAddr) -> NodeRecord {
+    let i = svc.info();
+    NodeRecord {
+        id: svc.id.clone(),
+        addr,
+        zone: svc.zone.clone(),
+        version: VERSION.to_string(),
+        capacity: i.capacity,
+        free: i.free,
+        blocks: i.blocks,
+        bytes_used: i.bytes_used,
+        state: NodeState::Up,
+        updated_unix: unix_now(),
+    }
+}
+
+/// Runs a node until `shutdown` completes, then leaves the cluster cleanly.
+pub async fn run(
+    config: NodeConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    config.validate()?;
+    let addr = config.advertised()?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    let id = load_or_create_node_id(&config.data_dir)?;
+    let identity = Identity::load(&config.tls_dir)?;
+    let blocks_dir = config.data_dir.join("store");
+    let store = tokio::task::spawn_blocking(move || BlockStore::open(&blocks_dir))
+        .await
+        .context("opening the block store")??;
+    let stats = store.stats();
+    tracing::info!(node = %id, blocks = stats.blocks, bytes = stats.bytes_used, "block store open");
+    let counters = Arc::new(ServerCounters::default());
+    let svc = Arc::new(NodeService {
+        id: id.clone(),
+        zone: config.zone.clone(),
+        store: Arc::new(store),
+        capacity: config.capacity,
+        counters: counters.clone(),
+    });
+    let endpoint = transport::server_endpoint(&identity, config.listen)?;
+    tokio::spawn(transport::serve(endpoint.clone(), svc.clone(), counters));
+    tracing::info!(node = %id, listen = %config.listen, advertise = %addr, "serving blocks over QUIC");
+
+    let etcd = config.etcd.connect().await?;
+    let snap_svc = svc.clone();
+    let registration = Registration::start(
+        etcd,
+        Duration::from_secs(config.lease_ttl_secs),
+        Duration::from_secs(5),
+        move || record_of(&snap_svc, addr),
+    )
+    .await?;
+    tracing::info!(node = %id, ttl = config.lease_ttl_secs, "registered in etcd");
+
+    shutdown.await;
+    tracing::info!(node = %id, "shutting down: leaving the cluster");
+    let last = record_of(&svc, addr);
+    if let Err(e) = tokio::time::timeout(Duration::from_secs(5), registration.leave(last))
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("etcd did not answer in 5 s")))
+    {
+        tracing::warn!(error = %e, "could not deregister cleanly; the lease will expire");
+    }
+    // Let in-flight requests finish (bounded), then close.
+    endpoint.close(quinn::VarInt::from_u32(0), b"node shutting down");
+    tokio::time::timeout(Duration::from_secs(5), endpoint.wait_idle())
+        .await
+        .ok();
+    Ok(())
+}

@@ -1,0 +1,301 @@
+//! `twinfs dev-cluster`: a whole cluster on this machine, for trying twinfs and for tests.
+//!
+//! `up` starts one etcd (Debian's etcd-server) and N nodes on loopback, each on free ports, with
+//! certificates from a fresh CA, all as background processes in their own process groups (so a
+//! Ctrl-C in the terminal that ran `up` does not reach them), and writes DIR/cluster.json.
+//! `down` stops exactly the processes listed there, after checking each PID still runs the
+//! command it was started as.
+
+use std::fs::{self, File};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use twinfs_cluster::etcd::EtcdConfig;
+use twinfs_cluster::membership::Membership;
+use twinfs_cluster::pki::{self, CertRole};
+
+use crate::clusterfile::{ClusterFile, EtcdEntry, NodeEntry};
+
+fn free_tcp_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn free_udp_port() -> Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn find_etcd() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("TWINFS_ETCD_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    for dir in std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/bin", "/usr/local/bin"])
+    {
+        let p = Path::new(dir).join("etcd");
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!("etcd not found on PATH; install Debian's etcd-server (scripts/setup.sh does) or set TWINFS_ETCD_BIN")
+}
+
+fn spawn_background(cmd: &mut Command, log: &Path) -> Result<u32> {
+    let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let err = out.try_clone()?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    Ok(child.id())
+}
+
+/// True when PID is alive and its command line mentions `marker` (our directory), so a PID the
+/// kernel recycled for someone else's process is never signalled.
+fn is_ours(pid: u32, marker: &str) -> bool {
+    match fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(cmd) => {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            cmd.contains(marker)
+        }
+        Err(_) => false,
+    }
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions; a stale PID yields ESRCH, which we
+    // ignore. Callers check `is_ours` first so only our own processes are signalled.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+/// Sends SIGTERM, waits up to `grace`, then SIGKILL. Returns once the process is gone.
+fn stop(pid: u32, marker: &str, grace: Duration) {
+    if !is_ours(pid, marker) {
+        return;
+    }
+    signal(pid, libc::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if !is_ours(pid, marker) || is_zombie(pid) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    signal(pid, libc::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && is_ours(pid, marker) && !is_zombie(pid) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn is_zombie(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .map(|r| r.trim_start().starts_with('Z'))
+                .unwrap_or(false)
+        })
+        .unwrap_or(true)
+}
+
+struct Started {
+    pids: Vec<u32>,
+    marker: String,
+}
+
+impl Drop for Started {
+    /// On a failed `up`, stop whatever was already started.
+    fn drop(&mut self) {
+        for &pid in self.pids.iter().rev() {
+            stop(pid, &self.marker, Duration::from_secs(3));
+        }
+    }
+}
+
+pub async fn up(dir: &Path, n: usize, lease_ttl: u64) -> Result<()> {
+    if n == 0 || n > 64 {
+        bail!("--nodes must be between 1 and 64");
+    }
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    let marker = dir.display().to_string();
+    let cluster_json = dir.join("cluster.json");
+    if let Ok(existing) = ClusterFile::load(&cluster_json) {
+        if is_ours(existing.etcd.pid, &marker)
+            || existing.nodes.iter().any(|n| is_ours(n.pid, &marker))
+        {
+            bail!("a dev cluster is already running in {}; run `twinfs dev-cluster down --dir {}` first", dir.display(), dir.display());
+        }
+    }
+    let etcd_bin = find_etcd()?;
+    let exe = std::env::current_exe().context("finding the twinfs executable")?;
+    let mut started = Started {
+        pids: Vec::new(),
+        marker: marker.clone(),
+    };
+
+    // etcd, on free loopback ports, with a fresh data directory.
+    let etcd_dir = dir.join("etcd");
+    let _ = fs::remove_dir_all(&etcd_dir);
+    fs::create_dir_all(&etcd_dir)?;
+    let client_port = free_tcp_port()?;
+    let peer_port = free_tcp_port()?;
+    let client_url = format!("http://127.0.0.1:{client_port}");
+    let peer_url = format!("http://127.0.0.1:{peer_port}");
+    let etcd_pid = spawn_background(
+        Command::new(&etcd_bin)
+            .arg("--name=twinfs-dev")
+            .arg(format!("--data-dir={}", etcd_dir.join("data").display()))
+            .arg(format!("--listen-client-urls={client_url}"))
+            .arg(format!("--advertise-client-urls={client_url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=twinfs-dev={peer_url}"))
+            .arg("--auto-compaction-mode=periodic")
+            .arg("--auto-compaction-retention=1h")
+            .arg("--log-level=warn"),
+        &etcd_dir.join("etcd.log"),
+    )?;
+    started.pids.push(etcd_pid);
+    let etcd_cfg = EtcdConfig {
+        endpoints: vec![client_url.clone()],
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let etcd = loop {
+        match etcd_cfg.connect().await {
+            Ok(c) => break c,
+            Err(e) if Instant::now() > deadline => {
+                return Err(e.context(format!(
+                    "etcd did not come up; see {}",
+                    etcd_dir.join("etcd.log").display()
+                )));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+
+    // Certificates: a fresh CA, one client certificate, one per node.
+    let ca_dir = dir.join("ca");
+    let _ = fs::remove_dir_all(&ca_dir);
+    pki::init_ca(&ca_dir, "dev-cluster")?;
+    let client_cert_dir = dir.join("client");
+    pki::issue_cert(&ca_dir, "admin", CertRole::Client, &client_cert_dir)?;
+
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        let node_dir = dir.join("nodes").join(format!("node-{i}"));
+        let data_dir = node_dir.join("data");
+        let tls_dir = node_dir.join("tls");
+        let _ = fs::remove_dir_all(&node_dir);
+        fs::create_dir_all(&data_dir)?;
+        pki::issue_cert(&ca_dir, &format!("node-{i}"), CertRole::Node, &tls_dir)?;
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()?).parse()?;
+        let log = node_dir.join("node.log");
+        let pid = spawn_background(
+            Command::new(&exe)
+                .arg("node")
+                .arg("--data-dir")
+                .arg(&data_dir)
+                .arg("--listen")
+                .arg(addr.to_string())
+                .arg("--etcd")
+                .arg(&client_url)
+                .arg("--tls-dir")
+                .arg(&tls_dir)
+                .arg("--lease-ttl")
+                .arg(lease_ttl.to_string()),
+            &log,
+        )?;
+        started.pids.push(pid);
+        nodes.push((pid, addr, data_dir, tls_dir, log));
+    }
+
+    // Wait for every node to register.
+    let membership = Membership::watch(etcd).await?;
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.1).collect();
+    let all_up = membership
+        .wait_until(Duration::from_secs(30), |live| {
+            addrs.iter().all(|a| live.iter().any(|r| r.addr == *a))
+        })
+        .await;
+    if !all_up {
+        bail!(
+            "not every node registered within 30 s; see the node logs under {}",
+            dir.join("nodes").display()
+        );
+    }
+    let live = membership.live();
+    let mut entries = Vec::new();
+    for (pid, addr, data_dir, tls_dir, log) in nodes {
+        let id = live
+            .iter()
+            .find(|r| r.addr == addr)
+            .map(|r| r.id.clone())
+            .context("node vanished after registering")?;
+        entries.push(NodeEntry {
+            id,
+            pid,
+            addr: addr.to_string(),
+            data_dir,
+            tls_dir,
+            log,
+        });
+    }
+    let file = ClusterFile {
+        etcd: EtcdEntry {
+            endpoints: vec![client_url],
+            pid: etcd_pid,
+            data_dir: etcd_dir,
+        },
+        nodes: entries,
+        mounts: Vec::new(),
+        ca_dir,
+        client_cert_dir,
+        lease_ttl_secs: lease_ttl,
+    };
+    file.save(&cluster_json)?;
+    started.pids.clear(); // success: leave them running
+    println!(
+        "dev cluster up: etcd at {} and {n} nodes",
+        file.etcd.endpoints[0]
+    );
+    for node in &file.nodes {
+        println!("  node {} at {} (pid {})", node.id, node.addr, node.pid);
+    }
+    println!("cluster file: {}", cluster_json.display());
+    println!(
+        "try: export TWINFS_CLUSTER={}; twinfs status",
+        cluster_json.display()
+    );
+    Ok(())
+}
+
+pub fn down(dir: &Path) -> Result<()> {
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("{} does not exist", dir.display()))?;
+    let marker = dir.display().to_string();
+    let file = ClusterFile::load(&dir.join("cluster.json"))?;
+    // Mounts first (they flush into nodes), then nodes (they deregister from etcd), then etcd.
+    for m in &file.mounts {
+        stop(m.pid, &marker, Duration::from_secs(15));
+    }
+    for n in &file.nodes {
+        stop(n.pid, &marker, Duration::from_secs(10));
+    }
+    stop(file.etcd.pid, &marker, Duration::from_secs(10));
+    println!("dev cluster in {} stopped", dir.display());
+    Ok(())
+}

@@ -95,6 +95,19 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// Tells the kernel the just-synced pages of a block need not stay cached. A node writes far
+/// more than it re-reads soon (clients cache what they read), and growing the page cache with
+/// every write made the kernel's copy into new pages the largest CPU cost of a put (perf on the
+/// block benchmark, 2-core VM). Advisory: failure changes nothing but speed.
+fn drop_from_page_cache(f: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: posix_fadvise only reads its integer arguments; `f` is an open descriptor for the
+    // duration of the call.
+    unsafe {
+        libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+    }
+}
+
 fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -200,6 +213,7 @@ impl BlockStore {
             let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
             f.write_all(data)?;
             f.sync_all()?;
+            drop_from_page_cache(&f);
             fs::rename(&tmp, &path)?;
             fsync_dir(dir)
         };

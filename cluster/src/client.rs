@@ -32,6 +32,8 @@ pub struct ClientOptions {
     pub get_attempt_timeout: Duration,
     /// Time one node gets to store a put before another takes its place.
     pub put_attempt_timeout: Duration,
+    /// Time a reply's body (a block) may take to arrive once the node has started answering.
+    pub transfer_timeout: Duration,
     /// How long a node that timed out is tried last.
     pub suspect_for: Duration,
 }
@@ -42,6 +44,7 @@ impl Default for ClientOptions {
             replicas: 2,
             get_attempt_timeout: Duration::from_millis(1000),
             put_attempt_timeout: Duration::from_secs(5),
+            transfer_timeout: Duration::from_secs(30),
             suspect_for: Duration::from_secs(15),
         }
     }
@@ -159,7 +162,10 @@ impl BlockClient {
         msg: &Message,
         timeout: Duration,
     ) -> Result<Message, TransportError> {
-        let r = self.pool.request(node.addr, msg, timeout).await;
+        let r = self
+            .pool
+            .request(node.addr, msg, timeout, self.opts.transfer_timeout)
+            .await;
         if let Err(e) = &r {
             self.stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
             if matches!(
@@ -375,7 +381,14 @@ impl BlockClient {
         addr: SocketAddr,
         msg: &Message,
     ) -> Result<Message, TransportError> {
-        self.pool.request(addr, msg, Duration::from_secs(10)).await
+        self.pool
+            .request(
+                addr,
+                msg,
+                Duration::from_secs(10),
+                self.opts.transfer_timeout,
+            )
+            .await
     }
 
     /// Sends raw bytes as a request frame (tests of the node's frame handling).

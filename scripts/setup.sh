@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what twinfs needs on Debian 12 and builds it. Safe to run again.
+#   etcd-server       the namespace store (dev-cluster starts one)
+#   protobuf-compiler protoc, needed to build the etcd client
+#   fuse3             fusermount3 and /etc/fuse.conf for FUSE mounts
+#   fio, bindfs       benchmarks (bench/)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for pkg in etcd-server etcd-client protobuf-compiler fuse3 fio bindfs pkg-config; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "==> installing Debian packages: ${need[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+# The Debian package starts a system etcd on 2379; twinfs does not use it (dev-cluster runs its
+# own on free ports), so leave it alone.
+
+if ! command -v cargo >/dev/null; then
+  echo "cargo not found: install Rust (https://rustup.rs) and run this again" >&2
+  exit 1
+fi
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+
+echo "==> building twinfs (release)"
+cargo build --release --bin twinfs
+echo "==> built $(pwd)/target/release/twinfs"

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The project's test command: formatting, lints, unit and integration tests.
+# Integration tests start real etcd and node processes; they need etcd on PATH (scripts/setup.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "==> cargo test"
+cargo test --workspace --no-fail-fast 2>&1 | tee target/test.log

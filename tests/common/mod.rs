@@ -1,0 +1,246 @@
+//! Test harness: a real dev cluster (real etcd, real node processes, real QUIC) per test,
+//! started through the `twinfs` binary itself and stopped on drop, even when the test fails.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const TWINFS: &str = env!("CARGO_BIN_EXE_twinfs");
+
+pub struct Node {
+    pub id: String,
+    pub pid: u32,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+}
+
+pub struct DevCluster {
+    pub dir: tempfile::TempDir,
+    pub json: Value,
+    pub nodes: Vec<Node>,
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("running twinfs");
+    out
+}
+
+pub fn twinfs() -> Command {
+    Command::new(TWINFS)
+}
+
+impl DevCluster {
+    pub fn up(nodes: usize, lease_ttl: u64) -> DevCluster {
+        let dir = tempfile::Builder::new()
+            .prefix("twinfs-test-")
+            .tempdir()
+            .expect("temp dir");
+        let out = run(twinfs()
+            .args([
+                "dev-cluster",
+                "up",
+                "--nodes",
+                &nodes.to_string(),
+                "--lease-ttl",
+                &lease_ttl.to_string(),
+                "--dir",
+            ])
+            .arg(dir.path()));
+        assert!(
+            out.status.success(),
+            "dev-cluster up failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: Value = serde_json::from_slice(
+            &std::fs::read(dir.path().join("cluster.json")).expect("cluster.json"),
+        )
+        .expect("cluster.json parses");
+        let nodes = json["nodes"]
+            .as_array()
+            .expect("nodes array")
+            .iter()
+            .map(|n| Node {
+                id: n["id"].as_str().unwrap().to_string(),
+                pid: n["pid"].as_u64().unwrap() as u32,
+                addr: n["addr"].as_str().unwrap().to_string(),
+                data_dir: PathBuf::from(n["data_dir"].as_str().unwrap()),
+                log: PathBuf::from(n["log"].as_str().unwrap()),
+            })
+            .collect();
+        DevCluster { dir, json, nodes }
+    }
+
+    pub fn cluster_file(&self) -> PathBuf {
+        self.dir.path().join("cluster.json")
+    }
+
+    pub fn client_cert_dir(&self) -> PathBuf {
+        PathBuf::from(self.json["client_cert_dir"].as_str().unwrap())
+    }
+
+    /// A `twinfs` command pointed at this cluster.
+    pub fn cmd(&self) -> Command {
+        let mut c = twinfs();
+        c.arg("--cluster").arg(self.cluster_file());
+        c.env_remove("TWINFS_CLUSTER");
+        c
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = run(self.cmd().args(args));
+        assert!(
+            out.status.success(),
+            "twinfs {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 output")
+    }
+
+    pub fn node(&self, id: &str) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .expect("known node id")
+    }
+
+    pub fn kill9(&self, id: &str) {
+        let pid = self.node(id).pid;
+        // SAFETY: kill(2) has no memory-safety preconditions; `pid` is a node this test started.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+        }
+        // Wait until it is really gone (its parent, init, reaps it).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Path::new(&format!("/proc/{pid}")).exists()
+            && !is_zombie(pid)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Path of node `id`'s copy of a block.
+    pub fn block_path(&self, id: &str, hash: &str) -> PathBuf {
+        self.node(id)
+            .data_dir
+            .join("store/blocks")
+            .join(&hash[..2])
+            .join(hash)
+    }
+
+    pub fn status_json(&self) -> Value {
+        serde_json::from_str(&self.ok(&["status", "--json"])).expect("status --json parses")
+    }
+
+    pub fn node_state(&self, id: &str) -> String {
+        self.status_json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == id)
+            .map(|n| n["state"].as_str().unwrap().to_string())
+            .unwrap_or_default()
+    }
+
+    /// Puts a file as a block, returns its hash.
+    pub fn put(&self, data: &[u8]) -> String {
+        let f = self
+            .dir
+            .path()
+            .join(format!("put-{}", rand::random::<u64>()));
+        std::fs::write(&f, data).unwrap();
+        let hash = self
+            .ok(&["block", "put", f.to_str().unwrap()])
+            .trim()
+            .to_string();
+        assert_eq!(hash, blake3::hash(data).to_hex().to_string());
+        hash
+    }
+
+    pub fn locate(&self, hash: &str) -> Vec<String> {
+        let out = run(self.cmd().args(["block", "locate", hash]));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Node ids in the order clients try them for `hash` (the placement ranking).
+    pub fn ranking(&self, hash: &str) -> Vec<String> {
+        let h: twinfs_cluster::BlockHash = hash.parse().unwrap();
+        let candidates: Vec<_> = self
+            .nodes
+            .iter()
+            .map(|n| twinfs_cluster::placement::Candidate {
+                id: n.id.clone(),
+                zone: None,
+            })
+            .collect();
+        twinfs_cluster::placement::rank(&h, &candidates, 2)
+            .into_iter()
+            .map(|i| candidates[i].id.clone())
+            .collect()
+    }
+}
+
+pub fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .map(|r| r.trim_start().starts_with('Z'))
+                .unwrap_or(false)
+        })
+        .unwrap_or(true)
+}
+
+pub fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid)
+}
+
+impl Drop for DevCluster {
+    fn drop(&mut self) {
+        let _ = run(twinfs()
+            .args(["dev-cluster", "down", "--dir"])
+            .arg(self.dir.path()));
+        // Belt and braces: anything still alive that this test started is killed.
+        let mut pids: Vec<u32> = self.nodes.iter().map(|n| n.pid).collect();
+        if let Some(p) = self.json["etcd"]["pid"].as_u64() {
+            pids.push(p as u32);
+        }
+        let marker = self.dir.path().display().to_string();
+        for pid in pids {
+            let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&marker))
+                .unwrap_or(false);
+            if ours {
+                // SAFETY: as in kill9; the PID's command line names this test's directory.
+                unsafe {
+                    libc::kill(pid as i32, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+pub fn random_bytes(n: usize) -> Vec<u8> {
+    (0..n).map(|_| rand::random::<u8>()).collect()
+}
+
+/// Polls `f` every 100 ms until it returns true or `timeout` passes; returns the time it took.
+pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}

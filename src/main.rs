@@ -55,7 +55,7 @@ enum Command {
         cmd: CertCmd,
     },
     /// Run the node agent: serve this node's block store over QUIC and register in etcd.
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Show every node of the cluster: id, address, zone, state, blocks, bytes used and free.
     Status {
         /// Print JSON instead of a table.
@@ -321,7 +321,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Node(args) => {
-            let cfg = node_config(args, &cli.conn)?;
+            let cfg = node_config(*args, &cli.conn)?;
             rt.block_on(twinfs_cluster::node::run(cfg, shutdown_signal()))
         }
         Command::Status { json } => rt.block_on(admin::status(&cli.conn, json)),

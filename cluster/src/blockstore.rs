@@ -427,8 +427,12 @@ pub fn disk_space(path: &Path) -> io::Result<(u64, u64)> {
     }
     // SAFETY: statvfs returned 0, so `st` is initialised.
     let st = unsafe { st.assume_init() };
+    // The field types differ between 32- and 64-bit targets; the casts are no-ops on 64-bit.
+    #[allow(clippy::unnecessary_cast)]
     let frsize = st.f_frsize as u64;
-    Ok((st.f_blocks as u64 * frsize, st.f_bavail as u64 * frsize))
+    #[allow(clippy::unnecessary_cast)]
+    let (blocks, avail) = (st.f_blocks as u64, st.f_bavail as u64);
+    Ok((blocks * frsize, avail * frsize))
 }
 
 #[cfg(test)]

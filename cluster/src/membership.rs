@@ -13,7 +13,6 @@
 //! compaction) the view re-reads the prefix and watches again.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -332,17 +331,16 @@ impl Registration {
     }
 }
 
-fn keep_alive<F>(
+async fn keep_alive<F>(
     client: etcd_client::Client,
     lease: Arc<std::sync::atomic::AtomicI64>,
     ttl_secs: i64,
     refresh: Duration,
     snapshot: F,
-) -> impl Future<Output = ()> + Send
-where
+) where
     F: Fn() -> NodeRecord + Send + Sync + 'static,
 {
-    async move {
+    {
         use std::sync::atomic::Ordering;
         let renew_every = Duration::from_millis((ttl_secs as u64 * 1000) / 3);
         let mut last_refresh = tokio::time::Instant::now();

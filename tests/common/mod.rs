@@ -26,8 +26,7 @@ pub struct DevCluster {
 }
 
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("running twinfs");
-    out
+    cmd.output().expect("running twinfs")
 }
 
 pub fn twinfs() -> Command {

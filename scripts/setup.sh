@@ -4,8 +4,10 @@
 #   protobuf-compiler protoc, needed to build the etcd client
 #   fuse3             fusermount3 and /etc/fuse.conf for FUSE mounts
 #   fio, bindfs       benchmarks (bench/)
+# Usage: scripts/setup.sh [--no-build]   (--no-build: install packages only, as CI does)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+build=1; [ "${1:-}" = "--no-build" ] && build=0
 
 need=()
 for pkg in etcd-server etcd-client protobuf-compiler fuse3 fio bindfs pkg-config; do
@@ -26,6 +28,7 @@ if ! command -v cargo >/dev/null; then
 fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
+[ $build -eq 1 ] || exit 0
 echo "==> building twinfs (release)"
 cargo build --release --bin twinfs
 echo "==> built $(pwd)/target/release/twinfs"

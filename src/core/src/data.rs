@@ -1,0 +1,618 @@
+//! The data path: open files with per-chunk write buffers, flush (blocks first, then one
+//! metadata transaction), reads through the buffer, and truncation.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use twinfs_cluster::BlockHash;
+
+use crate::error::{FsError, FsResult};
+use crate::fs::{now_ns, Fs, Txn, MAX_FILE_SIZE};
+use crate::kv::{prefix_end, Revision};
+use crate::schema::{decode, encode, ChunkRec, FileKind};
+
+/// Blocks stored concurrently by one flush.
+const PUTS_IN_FLIGHT: usize = 4;
+
+/// Copies `content[a..b]` (clipped to what `content` holds) to the front of `dst`; the rest of
+/// `dst` stays zero (a block shorter than its chunk is followed by zeros).
+fn copy_clipped(dst: &mut [u8], content: &[u8], a: usize, b: usize) {
+    let have = content.len().min(b);
+    if a < have {
+        if let (Some(d), Some(s)) = (dst.get_mut(..have - a), content.get(a..have)) {
+            d.copy_from_slice(s);
+        }
+    }
+}
+
+/// Largest single read served (a FUSE read is at most a few MiB; longer asks read short).
+const MAX_READ: usize = 64 << 20;
+
+/// Unflushed writes to one chunk: `data` holds the written bytes at their offsets within the
+/// chunk; `ranges` (sorted, disjoint, non-adjacent) says which bytes of `data` were written —
+/// the gaps are filled from the chunk's committed content at flush time.
+#[derive(Debug, Default, Clone)]
+struct DirtyChunk {
+    data: Vec<u8>,
+    ranges: Vec<(usize, usize)>,
+}
+
+impl DirtyChunk {
+    fn write(&mut self, off: usize, bytes: &[u8]) {
+        let end = off + bytes.len();
+        if self.data.len() < end {
+            self.data.resize(end, 0);
+        }
+        if let Some(dst) = self.data.get_mut(off..end) {
+            dst.copy_from_slice(bytes);
+        }
+        self.ranges.push((off, end));
+        self.ranges.sort_unstable();
+        let mut merged: Vec<(usize, usize)> = Vec::with_capacity(self.ranges.len());
+        for &(s, e) in &self.ranges {
+            match merged.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        self.ranges = merged;
+    }
+
+    /// True when `[a, b)` was entirely written.
+    fn covers(&self, a: usize, b: usize) -> bool {
+        a >= b || self.ranges.iter().any(|&(s, e)| s <= a && b <= e)
+    }
+
+    /// Writes the written ranges over `base` (grown with zeros as needed).
+    fn patch(&self, base: &mut Vec<u8>) {
+        if base.len() < self.data.len() {
+            base.resize(self.data.len(), 0);
+        }
+        for &(s, e) in &self.ranges {
+            if let (Some(dst), Some(src)) = (base.get_mut(s..e), self.data.get(s..e)) {
+                dst.copy_from_slice(src);
+            }
+        }
+    }
+}
+
+/// An open regular file on this instance. Owned by the caller (the FUSE layer keeps it in its
+/// handle table); pass it to [`Fs::write`], [`Fs::read`], [`Fs::flush`] and finally
+/// [`Fs::release`].
+#[derive(Debug)]
+pub struct OpenFile {
+    fh: u64,
+    ino: u64,
+    dirty: BTreeMap<u64, DirtyChunk>,
+    dirty_bytes: usize,
+    /// The committed size and chunk map as last read through this handle, tagged with the
+    /// inode's invalidation generation at the time of reading (see [`Fs::invalidate`]).
+    meta: std::sync::Mutex<Option<MetaCache>>,
+}
+
+/// What a handle remembers of the committed file between reads, so a sequential read costs
+/// no metadata round trip per request. Valid while the inode's generation is unchanged.
+#[derive(Debug, Clone)]
+struct MetaCache {
+    generation: u64,
+    size: u64,
+    /// Chunk index → its record (None = a hole), for the indices looked up so far.
+    chunks: BTreeMap<u64, Option<ChunkRec>>,
+}
+
+/// Chunk records fetched per metadata range read on a cache miss (sequential reads then cost
+/// one round trip per this many chunks).
+const CHUNK_MAP_PAGE: u64 = 32;
+
+impl OpenFile {
+    /// A handle number unique within this [`Fs`] instance.
+    pub fn fh(&self) -> u64 {
+        self.fh
+    }
+    pub fn ino(&self) -> u64 {
+        self.ino
+    }
+    /// Bytes buffered and not yet flushed.
+    pub fn dirty_bytes(&self) -> usize {
+        self.dirty_bytes
+    }
+    fn pending_end(&self, cs: u64) -> u64 {
+        self.dirty
+            .iter()
+            .next_back()
+            .map_or(0, |(idx, d)| idx * cs + d.data.len() as u64)
+    }
+}
+
+impl Fs {
+    /// Opens regular file `ino` for reading and writing.
+    pub async fn open(&self, ino: u64) -> FsResult<OpenFile> {
+        let (rec, _) = self.get_inode(ino).await?;
+        match rec.kind {
+            FileKind::File => {}
+            FileKind::Dir => return Err(FsError::IsDir),
+            _ => return Err(FsError::Invalid("not a regular file")),
+        }
+        if rec.nlink == 0 && !self.is_open_locally(ino) {
+            return Err(FsError::NotFound);
+        }
+        *self
+            .open_counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(ino)
+            .or_insert(0) += 1;
+        Ok(OpenFile {
+            fh: self.next_fh.fetch_add(1, Ordering::Relaxed),
+            ino,
+            dirty: BTreeMap::new(),
+            dirty_bytes: 0,
+            meta: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// Flushes `h` and closes it. When it was the last handle on this instance to an inode
+    /// whose last link is gone, the inode is purged.
+    pub async fn release(&self, mut h: OpenFile) -> FsResult<()> {
+        let flushed = self.flush(&mut h).await;
+        let last = {
+            let mut counts = self.open_counts.lock().unwrap_or_else(|e| e.into_inner());
+            match counts.get_mut(&h.ino) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                _ => {
+                    counts.remove(&h.ino);
+                    true
+                }
+            }
+        };
+        if last {
+            if let Some((rec, _)) = self.get_inode_opt(h.ino).await? {
+                if rec.nlink == 0 {
+                    self.purge(h.ino).await?;
+                }
+            }
+        }
+        flushed
+    }
+
+    /// Buffers `data` at `offset`; flushes by itself when the handle's buffer exceeds
+    /// `max_dirty_bytes`. Returns the number of bytes accepted (all of them).
+    pub async fn write(&self, h: &mut OpenFile, offset: u64, data: &[u8]) -> FsResult<usize> {
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|e| *e <= MAX_FILE_SIZE)
+            .ok_or(FsError::FileTooBig)?;
+        let cs = self.chunk_size;
+        let mut pos = offset;
+        let mut src = data;
+        while pos < end {
+            let idx = pos / cs;
+            let within = (pos % cs) as usize;
+            let n = ((cs - pos % cs) as usize).min(src.len());
+            let (piece, rest) = src.split_at(n);
+            let chunk = h.dirty.entry(idx).or_default();
+            let before = chunk.data.len();
+            chunk.write(within, piece);
+            h.dirty_bytes += chunk.data.len() - before;
+            src = rest;
+            pos += n as u64;
+        }
+        if h.dirty_bytes > self.opts.max_dirty_bytes {
+            self.flush(h).await?;
+        }
+        Ok(data.len())
+    }
+
+    async fn fetch_chunk(&self, rec: &ChunkRec) -> FsResult<Bytes> {
+        let hash = rec.hash()?;
+        let bytes = self.blocks.get(hash).await?;
+        if bytes.len() != rec.len as usize || bytes.len() as u64 > self.chunk_size {
+            return Err(FsError::Corrupt(format!(
+                "block {hash} has {} bytes, chunk map says {}",
+                bytes.len(),
+                rec.len
+            )));
+        }
+        Ok(bytes)
+    }
+
+    async fn get_chunk(&self, ino: u64, idx: u64) -> FsResult<Option<(ChunkRec, Revision)>> {
+        let key = self.keys.chunk(ino, idx);
+        match self.kv.get(&key).await? {
+            None => Ok(None),
+            Some((v, rev)) => {
+                let rec: ChunkRec = decode(&key, &v)?;
+                if u64::from(rec.len) > self.chunk_size || rec.len == 0 {
+                    return Err(FsError::Corrupt(format!(
+                        "chunk {idx} of inode {ino}: bad length {}",
+                        rec.len
+                    )));
+                }
+                Ok(Some((rec, rev)))
+            }
+        }
+    }
+
+    /// The committed size of `h`'s file and the records of chunks `[first, last]`, from the
+    /// handle's cache when the inode has not been invalidated since, else from the store
+    /// (one inode read and one chunk-map range read of at least [`CHUNK_MAP_PAGE`] chunks).
+    async fn committed_view(
+        &self,
+        h: &OpenFile,
+        first: u64,
+        last: u64,
+    ) -> FsResult<(u64, BTreeMap<u64, Option<ChunkRec>>)> {
+        let generation = self.generation(h.ino);
+        {
+            let guard = h.meta.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(m) = guard.as_ref() {
+                if m.generation == generation && (first..=last).all(|i| m.chunks.contains_key(&i))
+                {
+                    let view = m.chunks.range(first..=last).map(|(k, v)| (*k, v.clone()));
+                    return Ok((m.size, view.collect()));
+                }
+            }
+        }
+        let (rec, _) = self.get_inode(h.ino).await?;
+        let cs = self.chunk_size;
+        let last_chunk = rec.size.div_ceil(cs).saturating_sub(1);
+        let upto = last
+            .max(first.saturating_add(CHUNK_MAP_PAGE - 1))
+            .min(last_chunk.max(last));
+        let start = self.keys.chunk(h.ino, first);
+        let mut end = self.keys.chunk(h.ino, upto);
+        end.push(0);
+        let page = self.kv.range(&start, &end, 0).await?;
+        let mut fetched: BTreeMap<u64, Option<ChunkRec>> = (first..=upto).map(|i| (i, None)).collect();
+        for e in page.entries {
+            let idx = self.keys.parse_chunk(h.ino, &e.key)?;
+            let c: ChunkRec = decode(&e.key, &e.value)?;
+            if u64::from(c.len) > cs || c.len == 0 {
+                return Err(FsError::Corrupt(format!(
+                    "chunk {idx} of inode {}: bad length {}",
+                    h.ino, c.len
+                )));
+            }
+            fetched.insert(idx, Some(c));
+        }
+        let view: BTreeMap<u64, Option<ChunkRec>> = fetched
+            .range(first..=last)
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        let mut guard = h.meta.lock().unwrap_or_else(|e| e.into_inner());
+        match guard.as_mut() {
+            Some(m) if m.generation == generation && m.size == rec.size => m.chunks.extend(fetched),
+            _ => {
+                *guard = Some(MetaCache {
+                    generation,
+                    size: rec.size,
+                    chunks: fetched,
+                })
+            }
+        }
+        Ok((rec.size, view))
+    }
+
+    /// Reads up to `len` bytes at `offset`: committed data overlaid with this handle's own
+    /// unflushed writes; holes read as zeros; short at end of file.
+    pub async fn read(&self, h: &OpenFile, offset: u64, len: usize) -> FsResult<Vec<u8>> {
+        let cs = self.chunk_size;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let want_end = offset.saturating_add(len.min(MAX_READ) as u64);
+        let first = offset / cs;
+        let last = (want_end - 1) / cs;
+        let (committed_size, chunks) = self.committed_view(h, first, last).await?;
+        let size = committed_size.max(h.pending_end(cs));
+        if offset >= size {
+            return Ok(Vec::new());
+        }
+        let end = size.min(want_end);
+        let mut out = vec![0u8; (end - offset) as usize];
+        let mut pos = offset;
+        while pos < end {
+            let idx = pos / cs;
+            let cstart = idx * cs;
+            let a = (pos - cstart) as usize;
+            let b = (end.min(cstart + cs) - cstart) as usize;
+            let dst_off = (pos - offset) as usize;
+            let dirty = h.dirty.get(&idx);
+            let dst = out
+                .get_mut(dst_off..dst_off + (b - a))
+                .ok_or_else(|| FsError::Corrupt("internal: read range".into()))?;
+            match dirty {
+                Some(d) if d.covers(a, b) && b <= d.data.len() => {
+                    if let Some(src) = d.data.get(a..b) {
+                        dst.copy_from_slice(src);
+                    }
+                }
+                _ => {
+                    let committed = match chunks.get(&idx) {
+                        Some(Some(c)) => Some(self.fetch_chunk(c).await?),
+                        _ => None,
+                    };
+                    match dirty {
+                        Some(d) => {
+                            let mut content = committed.map(|b| b.to_vec()).unwrap_or_default();
+                            d.patch(&mut content);
+                            copy_clipped(dst, &content, a, b);
+                        }
+                        None => {
+                            if let Some(bytes) = committed {
+                                copy_clipped(dst, &bytes, a, b);
+                            }
+                        }
+                    }
+                }
+            }
+            pos = cstart + b as u64;
+        }
+        Ok(out)
+    }
+
+    /// Warms the block cache with the chunk holding `offset` (read-ahead). Errors are ignored:
+    /// the real read will report them.
+    pub async fn prefetch(&self, h: &OpenFile, offset: u64) {
+        let idx = offset / self.chunk_size;
+        if let Ok((size, chunks)) = self.committed_view(h, idx, idx).await {
+            if offset < size {
+                if let Some(Some(c)) = chunks.get(&idx) {
+                    let _ = self.fetch_chunk(c).await;
+                }
+            }
+        }
+    }
+
+    /// Makes every buffered write of `h` durable and visible: each dirty chunk becomes a new
+    /// block (read-modify-write when partly overwritten), and then the new chunk references,
+    /// size and mtime are committed in one transaction (several only when more chunks are dirty
+    /// than fit in one; in ascending chunk order, each a consistent state).
+    pub async fn flush(&self, h: &mut OpenFile) -> FsResult<()> {
+        if h.dirty.is_empty() {
+            return Ok(());
+        }
+        let cs = self.chunk_size;
+        let per_txn = self.opts.max_txn_ops.saturating_sub(1).max(1);
+        let idxs: Vec<u64> = h.dirty.keys().copied().collect();
+        for batch in idxs.chunks(per_txn) {
+            // Blocks already stored for a given committed base revision: a retry whose base
+            // did not change reuses them.
+            let mut stored: HashMap<u64, (Revision, BlockHash, u32)> = HashMap::new();
+            let mut attempt = 0;
+            loop {
+                let (mut rec, rev) = self.get_inode(h.ino).await?;
+                if rec.kind != FileKind::File {
+                    return Err(FsError::Invalid("not a regular file"));
+                }
+                let mut txn = Txn::default();
+                let mut new_size = rec.size;
+                // Phase 1: the content of each dirty chunk whose block is not stored yet
+                // (read-modify-write when partly overwritten); phase 2: store those blocks,
+                // several in flight at once; phase 3: reference them all in one transaction.
+                let mut refs: Vec<(u64, Revision, Option<(BlockHash, u32)>)> = Vec::new();
+                let mut uploads: Vec<(u64, Revision, Vec<u8>)> = Vec::new();
+                for &idx in batch {
+                    let Some(d) = h.dirty.get(&idx) else { continue };
+                    let cur = self.get_chunk(h.ino, idx).await?;
+                    let crev = cur.as_ref().map_or(0, |(_, r)| *r);
+                    new_size = new_size.max(idx * cs + d.data.len() as u64);
+                    match stored.get(&idx) {
+                        Some(&(r, hash, len)) if r == crev => {
+                            refs.push((idx, crev, Some((hash, len))));
+                        }
+                        _ => {
+                            let base_len = cur.as_ref().map_or(0, |(c, _)| c.len as usize);
+                            let content = if d.covers(0, d.data.len()) && d.data.len() >= base_len
+                            {
+                                d.data.clone()
+                            } else {
+                                let mut base = match &cur {
+                                    Some((c, _)) => self.fetch_chunk(c).await?.to_vec(),
+                                    None => Vec::new(),
+                                };
+                                d.patch(&mut base);
+                                base
+                            };
+                            refs.push((idx, crev, None));
+                            uploads.push((idx, crev, content));
+                        }
+                    }
+                }
+                let puts = uploads.into_iter().map(|(idx, crev, content)| async move {
+                    let len = u32::try_from(content.len())
+                        .map_err(|_| FsError::Corrupt("chunk too large".into()))?;
+                    let hash = self.blocks.put(Bytes::from(content)).await?;
+                    Ok::<_, FsError>((idx, crev, hash, len))
+                });
+                let mut in_flight = futures::stream::iter(puts).buffer_unordered(PUTS_IN_FLIGHT);
+                while let Some(r) = in_flight.next().await {
+                    let (idx, crev, hash, len) = r?;
+                    stored.insert(idx, (crev, hash, len));
+                }
+                for (idx, crev, known) in refs {
+                    let (hash, len) = match known {
+                        Some(k) => k,
+                        None => match stored.get(&idx) {
+                            Some(&(_, hash, len)) => (hash, len),
+                            None => return Err(FsError::Corrupt("internal: block not stored".into())),
+                        },
+                    };
+                    let ckey = self.keys.chunk(h.ino, idx);
+                    txn.cmp(ckey.clone(), crev);
+                    txn.put(
+                        ckey,
+                        encode(&ChunkRec {
+                            block: hash.to_hex(),
+                            len,
+                        }),
+                    );
+                }
+                let now = now_ns();
+                rec.size = new_size;
+                rec.mtime_ns = now;
+                rec.ctime_ns = now;
+                let ikey = self.keys.inode(h.ino);
+                txn.cmp(ikey.clone(), rev);
+                txn.put(ikey, encode(&rec));
+                if self.commit(txn).await? {
+                    break;
+                }
+                self.backoff(&mut attempt).await?;
+            }
+            self.invalidate(h.ino);
+            for idx in batch {
+                if let Some(d) = h.dirty.remove(idx) {
+                    h.dirty_bytes = h.dirty_bytes.saturating_sub(d.data.len());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// fsync: the same as [`Fs::flush`] (a committed transaction is durable in etcd, and
+    /// blocks are durable when `BlockIo::put` returns).
+    pub async fn fsync(&self, h: &mut OpenFile) -> FsResult<()> {
+        self.flush(h).await
+    }
+
+    /// Indices of `ino`'s chunks at or after `from`, ascending.
+    async fn chunk_indices_from(&self, ino: u64, from: u64) -> FsResult<Vec<u64>> {
+        let end = prefix_end(&self.keys.chunks(ino));
+        let mut start = self.keys.chunk(ino, from);
+        let mut out = Vec::new();
+        loop {
+            let page = self.kv.range(&start, &end, 1024).await?;
+            for e in &page.entries {
+                out.push(self.keys.parse_chunk(ino, &e.key)?);
+            }
+            match (page.more, page.entries.last()) {
+                (true, Some(last)) => {
+                    start = last.key.clone();
+                    start.push(0);
+                }
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// Sets the size of regular file `ino`. Growing only changes the size (chunks never extend
+    /// past the size, so the new range reads as zeros). Shrinking drops the chunks past the end
+    /// and re-cuts the last partial one; when too many chunks go for one transaction, it drops
+    /// them from the top down, each step a file consistently truncated to a chunk boundary.
+    pub(crate) async fn truncate(&self, ino: u64, new_size: u64) -> FsResult<()> {
+        let r = self.truncate_inner(ino, new_size).await;
+        self.invalidate(ino);
+        r
+    }
+
+    async fn truncate_inner(&self, ino: u64, new_size: u64) -> FsResult<()> {
+        if new_size > MAX_FILE_SIZE {
+            return Err(FsError::FileTooBig);
+        }
+        let cs = self.chunk_size;
+        let budget = self.opts.max_txn_ops.saturating_sub(2).max(1);
+        let mut attempt = 0;
+        'outer: loop {
+            let (mut rec, mut rev) = self.get_inode(ino).await?;
+            match rec.kind {
+                FileKind::File => {}
+                FileKind::Dir => return Err(FsError::IsDir),
+                _ => return Err(FsError::Invalid("truncate of a special file")),
+            }
+            let ikey = self.keys.inode(ino);
+            let now = now_ns();
+            rec.mtime_ns = now;
+            rec.ctime_ns = now;
+            if new_size >= rec.size {
+                rec.size = new_size;
+                let mut txn = Txn::default();
+                txn.cmp(ikey.clone(), rev);
+                txn.put(ikey, encode(&rec));
+                if self.commit(txn).await? {
+                    return Ok(());
+                }
+                self.backoff(&mut attempt).await?;
+                continue;
+            }
+            let keep = new_size.div_ceil(cs);
+            let mut doomed = self.chunk_indices_from(ino, keep).await?;
+            while doomed.len() > budget {
+                let top = doomed.split_off(doomed.len() - budget);
+                let lowest = top.first().copied().unwrap_or(keep);
+                rec.size = rec.size.min(lowest.saturating_mul(cs)).max(new_size);
+                let mut txn = Txn::default();
+                txn.cmp(ikey.clone(), rev);
+                for idx in top {
+                    txn.del(self.keys.chunk(ino, idx));
+                }
+                txn.put(ikey.clone(), encode(&rec));
+                if !self.commit(txn).await? {
+                    self.backoff(&mut attempt).await?;
+                    continue 'outer;
+                }
+                // Our own commit changed the inode's revision: pick it up, and start over if
+                // anyone else got in between.
+                match self.get_inode_opt(ino).await? {
+                    Some((r2, rev2)) if r2 == rec => rev = rev2,
+                    _ => continue 'outer,
+                }
+            }
+            let mut txn = Txn::default();
+            txn.cmp(ikey.clone(), rev);
+            for idx in doomed {
+                txn.del(self.keys.chunk(ino, idx));
+            }
+            let keep_len = new_size % cs;
+            if keep_len != 0 {
+                let last = new_size / cs;
+                if let Some((c, crev)) = self.get_chunk(ino, last).await? {
+                    if u64::from(c.len) > keep_len {
+                        let bytes = self.fetch_chunk(&c).await?;
+                        let cut = bytes.slice(..keep_len as usize);
+                        let hash = self.blocks.put(cut).await?;
+                        let ckey = self.keys.chunk(ino, last);
+                        txn.cmp(ckey.clone(), crev);
+                        txn.put(
+                            ckey,
+                            encode(&ChunkRec {
+                                block: hash.to_hex(),
+                                len: keep_len as u32,
+                            }),
+                        );
+                    }
+                }
+            }
+            rec.size = new_size;
+            txn.put(ikey, encode(&rec));
+            if self.commit(txn).await? {
+                return Ok(());
+            }
+            self.backoff(&mut attempt).await?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DirtyChunk;
+
+    #[test]
+    fn dirty_chunk_ranges_merge() {
+        let mut d = DirtyChunk::default();
+        d.write(4, b"ab");
+        d.write(0, b"xy");
+        assert!(!d.covers(0, 6));
+        d.write(2, b"zz");
+        assert_eq!(d.ranges, vec![(0, 6)]);
+        assert!(d.covers(0, 6));
+        let mut base = b"0123456789".to_vec();
+        d.patch(&mut base);
+        assert_eq!(&base, b"xyzzab6789");
+    }
+}

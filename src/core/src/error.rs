@@ -1,0 +1,74 @@
+//! [`FsError`]: every failure of the core, each mapped to one Linux errno.
+
+use crate::blocks::BlockError;
+use crate::kv::KvError;
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("file exists")]
+    Exists,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("invalid argument: {0}")]
+    Invalid(&'static str),
+    #[error("file name too long")]
+    NameTooLong,
+    #[error("no such attribute")]
+    NoData,
+    #[error("result out of range")]
+    Range,
+    #[error("argument list too long (attribute value too large)")]
+    TooBig,
+    #[error("file too large")]
+    FileTooBig,
+    #[error("operation not permitted: {0}")]
+    NotPermitted(&'static str),
+    #[error("too many links")]
+    TooManyLinks,
+    #[error("device or resource busy")]
+    Busy,
+    #[error("operation not supported: {0}")]
+    NotSupported(&'static str),
+    #[error("corrupt metadata: {0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    /// Too many optimistic-transaction conflicts in a row.
+    #[error("too much contention: transaction retried {0} times")]
+    Contention(u32),
+}
+
+impl FsError {
+    /// The Linux errno to hand back to the kernel.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::Exists => libc::EEXIST,
+            FsError::NotDir => libc::ENOTDIR,
+            FsError::IsDir => libc::EISDIR,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::Invalid(_) => libc::EINVAL,
+            FsError::NameTooLong => libc::ENAMETOOLONG,
+            FsError::NoData => libc::ENODATA,
+            FsError::Range => libc::ERANGE,
+            FsError::TooBig => libc::E2BIG,
+            FsError::FileTooBig => libc::EFBIG,
+            FsError::NotPermitted(_) => libc::EPERM,
+            FsError::TooManyLinks => libc::EMLINK,
+            FsError::Busy => libc::EBUSY,
+            FsError::NotSupported(_) => libc::EOPNOTSUPP,
+            FsError::Corrupt(_) | FsError::Kv(_) | FsError::Block(_) => libc::EIO,
+            FsError::Contention(_) => libc::EAGAIN,
+        }
+    }
+}
+
+pub type FsResult<T> = Result<T, FsError>;

@@ -1,0 +1,1450 @@
+//! [`Fs`]: the namespace operations (the data path lives in `data.rs`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::future::BoxFuture;
+
+use crate::blocks::BlockIo;
+use crate::error::{FsError, FsResult};
+use crate::kv::{prefix_end, Compare, MetaKv, Revision, TxnOp};
+use crate::schema::{
+    decode, decode_inode, decode_raw, encode, encode_raw, CounterRec, DirentRec, FileKind,
+    InodeRec, Keys, OrphanRec, VolumeRec,
+};
+
+/// The root directory's inode number (FUSE's `FUSE_ROOT_ID`).
+pub const ROOT_INO: u64 = 1;
+/// Default chunk size: 4 MiB.
+pub const DEFAULT_CHUNK_SIZE: u32 = 4 << 20;
+/// Largest chunk size a volume may use (the wire format's block limit is 8 MiB).
+pub const MAX_CHUNK_SIZE: u32 = 8 << 20;
+/// Longest file name (bytes), as on Linux.
+pub const NAME_MAX: usize = 255;
+/// Longest symlink target (bytes).
+pub const SYMLINK_MAX: usize = 4095;
+/// Largest xattr value (Linux's XATTR_SIZE_MAX).
+pub const XATTR_SIZE_MAX: usize = 64 * 1024;
+/// Largest file size (2^60 bytes keeps every offset well inside i64).
+pub const MAX_FILE_SIZE: u64 = 1 << 60;
+/// Most hard links to one inode.
+pub const MAX_LINKS: u32 = 65_000;
+
+/// An async sleep supplied by the runtime (tokio's `sleep` in production), used to back off
+/// between conflicting transactions. The core itself never blocks.
+pub type Sleeper = Arc<dyn Fn(Duration) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// Tunables of one [`Fs`] instance.
+#[derive(Clone)]
+pub struct FsOptions {
+    /// Chunk size written into the volume record when this instance formats the volume.
+    /// An existing volume keeps its own.
+    pub chunk_size: u32,
+    /// Unflushed bytes one open file may buffer before `write` flushes by itself.
+    pub max_dirty_bytes: usize,
+    /// Most ops (and most compares) per transaction; etcd's default limit is 128.
+    pub max_txn_ops: usize,
+    /// Most attempts of one optimistic transaction before giving up with EAGAIN.
+    pub max_retries: u32,
+    /// Inode numbers reserved per allocation transaction.
+    pub ino_batch: u64,
+    /// Back-off between attempts; `None` retries at once.
+    pub sleep: Option<Sleeper>,
+}
+
+impl Default for FsOptions {
+    fn default() -> Self {
+        FsOptions {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            max_dirty_bytes: 64 << 20,
+            max_txn_ops: 64,
+            max_retries: 50,
+            ino_batch: 1024,
+            sleep: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for FsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FsOptions")
+            .field("chunk_size", &self.chunk_size)
+            .field("max_dirty_bytes", &self.max_dirty_bytes)
+            .field("max_txn_ops", &self.max_txn_ops)
+            .field("max_retries", &self.max_retries)
+            .field("ino_batch", &self.ino_batch)
+            .finish()
+    }
+}
+
+/// An inode's attributes as handed to the FUSE layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: FileKind,
+    /// Permission bits (`0o7777`).
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    /// 512-byte blocks, for `st_blocks`.
+    pub blocks: u64,
+    pub nlink: u32,
+    pub atime_ns: i64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub rdev: u32,
+}
+
+impl Attr {
+    /// `st_mode`: type bits | permission bits.
+    pub fn mode(&self) -> u32 {
+        self.kind.type_bits() | self.perm
+    }
+
+    fn from_rec(ino: u64, r: &InodeRec) -> Attr {
+        Attr {
+            ino,
+            kind: r.kind,
+            perm: r.mode & 0o7777,
+            uid: r.uid,
+            gid: r.gid,
+            size: r.size,
+            blocks: r.size.div_ceil(512),
+            nlink: r.nlink,
+            atime_ns: r.atime_ns,
+            mtime_ns: r.mtime_ns,
+            ctime_ns: r.ctime_ns,
+            rdev: r.rdev,
+        }
+    }
+}
+
+/// One directory entry returned by [`Fs::readdir`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub ino: u64,
+    pub kind: FileKind,
+    /// Pass this back to `readdir` to continue after this entry. Stable across calls and
+    /// across concurrent changes to the directory; always ≥ 16.
+    pub cookie: u64,
+}
+
+/// A time to set with [`SetAttr`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeSet {
+    Now,
+    Ns(i64),
+}
+
+/// The attributes `setattr` changes (`None` = unchanged).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeSet>,
+    pub mtime: Option<TimeSet>,
+}
+
+/// `renameat2` flags.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RenameFlags {
+    pub noreplace: bool,
+    pub exchange: bool,
+}
+
+impl RenameFlags {
+    /// From the raw `renameat2` flags (RENAME_WHITEOUT and unknown bits → EINVAL).
+    pub fn from_bits(bits: u32) -> FsResult<RenameFlags> {
+        let known = libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE;
+        if bits & !known != 0 {
+            return Err(FsError::Invalid("unsupported rename flags"));
+        }
+        let f = RenameFlags {
+            noreplace: bits & libc::RENAME_NOREPLACE != 0,
+            exchange: bits & libc::RENAME_EXCHANGE != 0,
+        };
+        if f.noreplace && f.exchange {
+            return Err(FsError::Invalid("RENAME_NOREPLACE with RENAME_EXCHANGE"));
+        }
+        Ok(f)
+    }
+}
+
+/// `setxattr` flags.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum XattrSet {
+    #[default]
+    Any,
+    /// XATTR_CREATE: fail with EEXIST if present.
+    Create,
+    /// XATTR_REPLACE: fail with ENODATA if absent.
+    Replace,
+}
+
+impl XattrSet {
+    pub fn from_flags(flags: i32) -> FsResult<XattrSet> {
+        match flags {
+            0 => Ok(XattrSet::Any),
+            libc::XATTR_CREATE => Ok(XattrSet::Create),
+            libc::XATTR_REPLACE => Ok(XattrSet::Replace),
+            _ => Err(FsError::Invalid("bad xattr flags")),
+        }
+    }
+}
+
+/// What `getxattr`/`listxattr` answer for a caller's buffer size.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum XattrReply {
+    /// The caller asked for the size (size 0).
+    Size(u32),
+    Data(Vec<u8>),
+}
+
+impl XattrReply {
+    /// FUSE semantics: size 0 asks for the length; a too-small buffer is ERANGE.
+    pub fn for_size(data: Vec<u8>, size: u32) -> FsResult<XattrReply> {
+        let len = u32::try_from(data.len()).map_err(|_| FsError::Range)?;
+        if size == 0 {
+            Ok(XattrReply::Size(len))
+        } else if len > size {
+            Err(FsError::Range)
+        } else {
+            Ok(XattrReply::Data(data))
+        }
+    }
+}
+
+/// What a new inode looks like.
+#[derive(Clone, Debug)]
+pub(crate) struct NewNode {
+    pub kind: FileKind,
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub target: Option<Vec<u8>>,
+}
+
+/// One optimistic transaction being built: compares on everything read, ops last-write-wins.
+#[derive(Default)]
+pub(crate) struct Txn {
+    compares: BTreeMap<Vec<u8>, Revision>,
+    ops: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Set when the same key was read twice with different revisions: a conflict already.
+    stale: bool,
+}
+
+impl Txn {
+    pub fn cmp(&mut self, key: Vec<u8>, rev: Revision) {
+        if let Some(old) = self.compares.insert(key, rev) {
+            if old != rev {
+                self.stale = true;
+            }
+        }
+    }
+    pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.ops.insert(key, Some(value));
+    }
+    pub fn del(&mut self, key: Vec<u8>) {
+        self.ops.insert(key, None);
+    }
+}
+
+/// Inodes read for one transaction: compared at commit, written back if modified.
+#[derive(Default)]
+pub(crate) struct Stage {
+    inodes: BTreeMap<u64, (InodeRec, Revision, bool)>,
+}
+
+impl Stage {
+    async fn load(&mut self, fs: &Fs, ino: u64) -> FsResult<&mut InodeRec> {
+        if !self.inodes.contains_key(&ino) {
+            let (rec, rev) = fs.get_inode(ino).await?;
+            self.inodes.insert(ino, (rec, rev, false));
+        }
+        self.get(ino)
+    }
+    fn get(&mut self, ino: u64) -> FsResult<&mut InodeRec> {
+        match self.inodes.get_mut(&ino) {
+            Some((rec, _, dirty)) => {
+                *dirty = true;
+                Ok(rec)
+            }
+            None => Err(FsError::Corrupt(format!("inode {ino} not staged"))),
+        }
+    }
+    fn peek(&self, ino: u64) -> FsResult<&InodeRec> {
+        self.inodes
+            .get(&ino)
+            .map(|(r, _, _)| r)
+            .ok_or_else(|| FsError::Corrupt(format!("inode {ino} not staged")))
+    }
+    /// Loads without marking dirty (for checks only).
+    async fn look(&mut self, fs: &Fs, ino: u64) -> FsResult<&InodeRec> {
+        if !self.inodes.contains_key(&ino) {
+            let (rec, rev) = fs.get_inode(ino).await?;
+            self.inodes.insert(ino, (rec, rev, false));
+        }
+        self.peek(ino)
+    }
+    fn into_txn(self, fs: &Fs, txn: &mut Txn) {
+        for (ino, (rec, rev, dirty)) in self.inodes {
+            let key = fs.keys.inode(ino);
+            txn.cmp(key.clone(), rev);
+            if dirty {
+                txn.put(key, encode(&rec));
+            }
+        }
+    }
+}
+
+/// The filesystem core of one volume, as seen by one node. Cheap to share (`Arc<Fs>`); every
+/// method takes `&self`. Several `Fs` over the same [`MetaKv`] (one per node) stay consistent
+/// through optimistic transactions.
+pub struct Fs {
+    pub(crate) kv: Arc<dyn MetaKv>,
+    pub(crate) blocks: Arc<dyn BlockIo>,
+    pub(crate) keys: Keys,
+    pub(crate) chunk_size: u64,
+    pub(crate) opts: FsOptions,
+    /// Reserved inode numbers: [next, end).
+    ino_pool: Mutex<(u64, u64)>,
+    /// Open handles per inode on this instance.
+    pub(crate) open_counts: Mutex<HashMap<u64, u32>>,
+    pub(crate) instance: u64,
+    pub(crate) next_fh: AtomicU64,
+    /// Per-inode invalidation generation: bumped whenever the inode's committed data may have
+    /// changed (by this instance's own flushes and truncates, and by [`Fs::invalidate`] calls
+    /// from the mount's etcd watch for other nodes' changes). Handles' read caches carry the
+    /// generation they were filled at.
+    generations: Mutex<HashMap<u64, u64>>,
+    generation_seq: AtomicU64,
+}
+
+pub(crate) fn now_ns() -> i64 {
+    match SystemTime::now().duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+        Err(_) => 0,
+    }
+}
+
+fn check_name(name: &[u8]) -> FsResult<()> {
+    if name.len() > NAME_MAX {
+        return Err(FsError::NameTooLong);
+    }
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
+    {
+        return Err(FsError::Invalid("bad file name"));
+    }
+    Ok(())
+}
+
+fn check_xattr_name(name: &[u8]) -> FsResult<()> {
+    if name.is_empty() || name.len() > NAME_MAX {
+        return Err(FsError::Range);
+    }
+    if name.contains(&0) {
+        return Err(FsError::Invalid("NUL in xattr name"));
+    }
+    Ok(())
+}
+
+fn instance_id() -> u64 {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let mut h = blake3::Hasher::new();
+    h.update(&now_ns().to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    h.update(&SEQ.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    u64::from_le_bytes(b) | 1
+}
+
+impl Fs {
+    /// Opens `volume` (formatting it with a root directory and `opts.chunk_size` if it does not
+    /// exist yet).
+    pub async fn open_volume(
+        kv: Arc<dyn MetaKv>,
+        blocks: Arc<dyn BlockIo>,
+        volume: &str,
+        opts: FsOptions,
+    ) -> FsResult<Fs> {
+        if volume.is_empty()
+            || volume.len() > 64
+            || !volume
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            || volume.starts_with('.')
+        {
+            return Err(FsError::Invalid("bad volume name"));
+        }
+        if opts.chunk_size == 0 || opts.chunk_size > MAX_CHUNK_SIZE {
+            return Err(FsError::Invalid("bad chunk size"));
+        }
+        if opts.max_txn_ops < 8 || opts.ino_batch == 0 || opts.max_retries == 0 {
+            return Err(FsError::Invalid("bad options"));
+        }
+        let keys = Keys::new(volume);
+        let mut attempt = 0;
+        let vol = loop {
+            if let Some((v, _)) = kv.get(&keys.volume()).await? {
+                let vol: VolumeRec = decode(&keys.volume(), &v)?;
+                if vol.chunk_size == 0 || vol.chunk_size > MAX_CHUNK_SIZE {
+                    return Err(FsError::Corrupt("volume record: bad chunk size".into()));
+                }
+                break vol;
+            }
+            let vol = VolumeRec {
+                chunk_size: opts.chunk_size,
+            };
+            let now = now_ns();
+            let root = InodeRec {
+                kind: FileKind::Dir,
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                size: 0,
+                nlink: 2,
+                atime_ns: now,
+                mtime_ns: now,
+                ctime_ns: now,
+                rdev: 0,
+                parent: ROOT_INO,
+                target: None,
+            };
+            let compares = vec![
+                Compare {
+                    key: keys.volume(),
+                    mod_revision: 0,
+                },
+                Compare {
+                    key: keys.inode(ROOT_INO),
+                    mod_revision: 0,
+                },
+            ];
+            let ops = vec![
+                TxnOp::Put {
+                    key: keys.volume(),
+                    value: encode(&vol),
+                },
+                TxnOp::Put {
+                    key: keys.inode(ROOT_INO),
+                    value: encode(&root),
+                },
+                TxnOp::Put {
+                    key: keys.counter(),
+                    value: encode(&CounterRec {
+                        next: ROOT_INO + 1,
+                    }),
+                },
+            ];
+            if kv.txn(compares, ops).await? {
+                break vol;
+            }
+            attempt += 1;
+            if attempt >= opts.max_retries {
+                return Err(FsError::Contention(attempt));
+            }
+        };
+        Ok(Fs {
+            kv,
+            blocks,
+            keys,
+            chunk_size: u64::from(vol.chunk_size),
+            opts,
+            ino_pool: Mutex::new((0, 0)),
+            open_counts: Mutex::new(HashMap::new()),
+            instance: instance_id(),
+            next_fh: AtomicU64::new(1),
+            generations: Mutex::new(HashMap::new()),
+            generation_seq: AtomicU64::new(0),
+        })
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk_size
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// This instance's id (owner of the orphans it keeps alive).
+    pub fn instance_id(&self) -> u64 {
+        self.instance
+    }
+
+    /// Forgets what open handles cached of `ino`'s committed size and chunk map: the next read
+    /// on any handle re-reads them. The mount calls this when its etcd watch reports another
+    /// node's change to the inode or its chunks.
+    pub fn invalidate(&self, ino: u64) {
+        let g = self.generation_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        self.generations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(ino, g);
+    }
+
+    /// Forgets every handle's cached metadata (after the watch lost track of changes).
+    pub fn invalidate_all(&self) {
+        let g = self.generation_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut gens = self.generations.lock().unwrap_or_else(|e| e.into_inner());
+        for v in gens.values_mut() {
+            *v = g;
+        }
+        // Inodes not in the map read generation 0; move the floor above every cached tag.
+        gens.insert(0, g);
+    }
+
+    pub(crate) fn generation(&self, ino: u64) -> u64 {
+        let gens = self.generations.lock().unwrap_or_else(|e| e.into_inner());
+        let floor = gens.get(&0).copied().unwrap_or(0);
+        gens.get(&ino).copied().unwrap_or(0).max(floor)
+    }
+
+    // ----- helpers -------------------------------------------------------------------------
+
+    pub(crate) async fn backoff(&self, attempt: &mut u32) -> FsResult<()> {
+        *attempt += 1;
+        if *attempt >= self.opts.max_retries {
+            return Err(FsError::Contention(*attempt));
+        }
+        if let Some(sleep) = &self.opts.sleep {
+            // 100 µs doubling up to ~13 ms, with cheap jitter from the instance id.
+            let base = 100u64 << (*attempt).min(7);
+            let jitter = (self.instance.rotate_left(*attempt) ^ now_ns() as u64) % base.max(1);
+            sleep(Duration::from_micros(base / 2 + jitter / 2)).await;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn commit(&self, txn: Txn) -> FsResult<bool> {
+        if txn.stale {
+            return Ok(false);
+        }
+        if txn.ops.len() > self.opts.max_txn_ops || txn.compares.len() > self.opts.max_txn_ops {
+            return Err(FsError::Corrupt(format!(
+                "internal: transaction of {} ops / {} compares exceeds the limit",
+                txn.ops.len(),
+                txn.compares.len()
+            )));
+        }
+        let compares = txn
+            .compares
+            .into_iter()
+            .map(|(key, mod_revision)| Compare { key, mod_revision })
+            .collect();
+        let ops = txn
+            .ops
+            .into_iter()
+            .map(|(key, v)| match v {
+                Some(value) => TxnOp::Put { key, value },
+                None => TxnOp::Delete { key },
+            })
+            .collect();
+        Ok(self.kv.txn(compares, ops).await?)
+    }
+
+    pub(crate) async fn get_inode_opt(&self, ino: u64) -> FsResult<Option<(InodeRec, Revision)>> {
+        let key = self.keys.inode(ino);
+        match self.kv.get(&key).await? {
+            None => Ok(None),
+            Some((v, rev)) => Ok(Some((decode_inode(&key, &v)?, rev))),
+        }
+    }
+
+    pub(crate) async fn get_inode(&self, ino: u64) -> FsResult<(InodeRec, Revision)> {
+        self.get_inode_opt(ino).await?.ok_or(FsError::NotFound)
+    }
+
+    async fn get_dirent(&self, parent: u64, name: &[u8]) -> FsResult<Option<(DirentRec, Revision)>> {
+        let key = self.keys.dirent(parent, name);
+        match self.kv.get(&key).await? {
+            None => Ok(None),
+            Some((v, rev)) => Ok(Some((decode(&key, &v)?, rev))),
+        }
+    }
+
+    /// A live directory (NotDir / NotFound otherwise).
+    async fn load_dir<'s>(&self, stage: &'s mut Stage, ino: u64) -> FsResult<&'s mut InodeRec> {
+        let rec = stage.load(self, ino).await?;
+        if rec.kind != FileKind::Dir {
+            return Err(FsError::NotDir);
+        }
+        if rec.nlink == 0 {
+            return Err(FsError::NotFound);
+        }
+        Ok(rec)
+    }
+
+    async fn dir_is_empty(&self, ino: u64) -> FsResult<bool> {
+        let start = self.keys.dir(ino);
+        let end = prefix_end(&start);
+        Ok(self.kv.range(&start, &end, 1).await?.entries.is_empty())
+    }
+
+    pub(crate) fn is_open_locally(&self, ino: u64) -> bool {
+        self.open_counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ino)
+            .is_some_and(|n| *n > 0)
+    }
+
+    async fn alloc_ino(&self) -> FsResult<u64> {
+        {
+            let mut pool = self.ino_pool.lock().unwrap_or_else(|e| e.into_inner());
+            if pool.0 < pool.1 {
+                pool.0 += 1;
+                return Ok(pool.0 - 1);
+            }
+        }
+        let key = self.keys.counter();
+        let mut attempt = 0;
+        loop {
+            let (next, rev) = match self.kv.get(&key).await? {
+                Some((v, rev)) => (decode::<CounterRec>(&key, &v)?.next, rev),
+                None => (ROOT_INO + 1, 0),
+            };
+            let end = next
+                .checked_add(self.opts.ino_batch)
+                .filter(|e| *e < u64::MAX / 2)
+                .ok_or_else(|| FsError::Corrupt("inode numbers exhausted".into()))?;
+            if next <= ROOT_INO {
+                return Err(FsError::Corrupt("inode counter below the root".into()));
+            }
+            let mut txn = Txn::default();
+            txn.cmp(key.clone(), rev);
+            txn.put(key.clone(), encode(&CounterRec { next: end }));
+            if self.commit(txn).await? {
+                let mut pool = self.ino_pool.lock().unwrap_or_else(|e| e.into_inner());
+                *pool = (next + 1, end);
+                return Ok(next);
+            }
+            self.backoff(&mut attempt).await?;
+        }
+    }
+
+    /// Drops one link of `ino` (staged). Returns true when that was the last one: the inode is
+    /// then marked as an orphan (nlink 0, `o/<ino>`), to be purged now or at last release.
+    fn drop_link(&self, stage: &mut Stage, txn: &mut Txn, ino: u64, now: i64) -> FsResult<bool> {
+        let rec = stage.get(ino)?;
+        rec.ctime_ns = now;
+        if rec.kind != FileKind::Dir && rec.nlink > 1 {
+            rec.nlink -= 1;
+            return Ok(false);
+        }
+        rec.nlink = 0;
+        let owner = if self.is_open_locally(ino) {
+            self.instance
+        } else {
+            0
+        };
+        txn.put(self.keys.orphan(ino), encode(&OrphanRec { owner }));
+        Ok(true)
+    }
+
+    /// After a committed unlink/rmdir/rename that orphaned `ino`: purge it unless it is open
+    /// here. A failed purge leaves the orphan record for [`Fs::purge_orphans`].
+    async fn after_orphaned(&self, ino: u64) {
+        if !self.is_open_locally(ino) {
+            let _ = self.purge(ino).await;
+        }
+    }
+
+    // ----- namespace ------------------------------------------------------------------------
+
+    /// Attributes of `ino`.
+    pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        let (rec, _) = self.get_inode(ino).await?;
+        Ok(Attr::from_rec(ino, &rec))
+    }
+
+    /// The entry `name` of directory `parent`.
+    pub async fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
+        check_name(name)?;
+        for _ in 0..self.opts.max_retries {
+            match self.get_dirent(parent, name).await? {
+                None => {
+                    let (p, _) = self.get_inode(parent).await?;
+                    return Err(if p.kind == FileKind::Dir {
+                        FsError::NotFound
+                    } else {
+                        FsError::NotDir
+                    });
+                }
+                Some((d, drev)) => match self.get_inode_opt(d.ino).await? {
+                    Some((rec, _)) => return Ok(Attr::from_rec(d.ino, &rec)),
+                    None => {
+                        // Either a concurrent unlink (retry) or a dangling entry (corrupt).
+                        match self.get_dirent(parent, name).await? {
+                            Some((_, r)) if r == drev => {
+                                return Err(FsError::Corrupt(format!(
+                                    "entry points to missing inode {}",
+                                    d.ino
+                                )))
+                            }
+                            _ => continue,
+                        }
+                    }
+                },
+            }
+        }
+        Err(FsError::Contention(self.opts.max_retries))
+    }
+
+    pub(crate) async fn make_node(&self, parent: u64, name: &[u8], node: NewNode) -> FsResult<Attr> {
+        check_name(name)?;
+        let ino = self.alloc_ino().await?;
+        let mut attempt = 0;
+        loop {
+            let mut stage = Stage::default();
+            let mut txn = Txn::default();
+            let now = now_ns();
+            let p = self.load_dir(&mut stage, parent).await?;
+            // A set-group-ID directory gives new nodes its group, and new subdirectories
+            // its set-group-ID bit (as ext4 and every Linux filesystem do).
+            let (gid, perm) = if p.mode & libc::S_ISGID != 0 {
+                let sgid = if node.kind == FileKind::Dir { libc::S_ISGID } else { 0 };
+                (p.gid, node.perm | sgid)
+            } else {
+                (node.gid, node.perm)
+            };
+            if node.kind == FileKind::Dir {
+                if p.nlink >= MAX_LINKS {
+                    return Err(FsError::TooManyLinks);
+                }
+                p.nlink += 1;
+            }
+            p.mtime_ns = now;
+            p.ctime_ns = now;
+            let dkey = self.keys.dirent(parent, name);
+            if self.kv.get(&dkey).await?.is_some() {
+                return Err(FsError::Exists);
+            }
+            let rec = InodeRec {
+                kind: node.kind,
+                mode: perm & 0o7777,
+                uid: node.uid,
+                gid,
+                size: node.target.as_ref().map_or(0, |t| t.len() as u64),
+                nlink: if node.kind == FileKind::Dir { 2 } else { 1 },
+                atime_ns: now,
+                mtime_ns: now,
+                ctime_ns: now,
+                rdev: node.rdev,
+                parent: if node.kind == FileKind::Dir { parent } else { 0 },
+                target: node.target.clone(),
+            };
+            txn.cmp(dkey.clone(), 0);
+            txn.cmp(self.keys.inode(ino), 0);
+            txn.put(
+                dkey,
+                encode(&DirentRec {
+                    ino,
+                    kind: node.kind,
+                }),
+            );
+            txn.put(self.keys.inode(ino), encode(&rec));
+            stage.into_txn(self, &mut txn);
+            if self.commit(txn).await? {
+                return Ok(Attr::from_rec(ino, &rec));
+            }
+            self.backoff(&mut attempt).await?;
+        }
+    }
+
+    /// Creates a regular file. With `exclusive` (O_EXCL) an existing entry is EEXIST; without,
+    /// an existing regular file is returned as is (`false`: not created) and a directory is
+    /// EISDIR.
+    pub async fn create(
+        &self,
+        parent: u64,
+        name: &[u8],
+        perm: u32,
+        uid: u32,
+        gid: u32,
+        exclusive: bool,
+    ) -> FsResult<(Attr, bool)> {
+        let node = NewNode {
+            kind: FileKind::File,
+            perm,
+            uid,
+            gid,
+            rdev: 0,
+            target: None,
+        };
+        match self.make_node(parent, name, node).await {
+            Ok(a) => Ok((a, true)),
+            Err(FsError::Exists) if !exclusive => {
+                let a = self.lookup(parent, name).await?;
+                match a.kind {
+                    FileKind::Dir => Err(FsError::IsDir),
+                    _ => Ok((a, false)),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// mknod: `mode` carries the type bits (0 = regular file); directories and symlinks have
+    /// their own calls.
+    pub async fn mknod(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Attr> {
+        let kind = if mode & libc::S_IFMT == 0 {
+            FileKind::File
+        } else {
+            FileKind::from_mode(mode).ok_or(FsError::Invalid("bad file type"))?
+        };
+        if matches!(kind, FileKind::Dir | FileKind::Symlink) {
+            return Err(FsError::Invalid("mknod of a directory or symlink"));
+        }
+        let rdev = if matches!(kind, FileKind::CharDev | FileKind::BlockDev) {
+            rdev
+        } else {
+            0
+        };
+        self.make_node(
+            parent,
+            name,
+            NewNode {
+                kind,
+                perm: mode,
+                uid,
+                gid,
+                rdev,
+                target: None,
+            },
+        )
+        .await
+    }
+
+    pub async fn mkdir(
+        &self,
+        parent: u64,
+        name: &[u8],
+        perm: u32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Attr> {
+        self.make_node(
+            parent,
+            name,
+            NewNode {
+                kind: FileKind::Dir,
+                perm,
+                uid,
+                gid,
+                rdev: 0,
+                target: None,
+            },
+        )
+        .await
+    }
+
+    pub async fn symlink(
+        &self,
+        parent: u64,
+        name: &[u8],
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Attr> {
+        if target.is_empty() {
+            return Err(FsError::NotFound);
+        }
+        if target.len() > SYMLINK_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        if target.contains(&0) {
+            return Err(FsError::Invalid("NUL in symlink target"));
+        }
+        self.make_node(
+            parent,
+            name,
+            NewNode {
+                kind: FileKind::Symlink,
+                perm: 0o777,
+                uid,
+                gid,
+                rdev: 0,
+                target: Some(target.to_vec()),
+            },
+        )
+        .await
+    }
+
+    pub async fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let (rec, _) = self.get_inode(ino).await?;
+        match (rec.kind, rec.target) {
+            (FileKind::Symlink, Some(t)) => Ok(t),
+            _ => Err(FsError::Invalid("not a symlink")),
+        }
+    }
+
+    /// Removes a non-directory entry.
+    pub async fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        check_name(name)?;
+        let mut attempt = 0;
+        loop {
+            let mut stage = Stage::default();
+            let mut txn = Txn::default();
+            let now = now_ns();
+            let p = self.load_dir(&mut stage, parent).await?;
+            p.mtime_ns = now;
+            p.ctime_ns = now;
+            let dkey = self.keys.dirent(parent, name);
+            let (d, drev) = self
+                .get_dirent(parent, name)
+                .await?
+                .ok_or(FsError::NotFound)?;
+            if d.kind == FileKind::Dir {
+                return Err(FsError::IsDir);
+            }
+            stage.load(self, d.ino).await?;
+            txn.cmp(dkey.clone(), drev);
+            txn.del(dkey);
+            let orphaned = self.drop_link(&mut stage, &mut txn, d.ino, now)?;
+            stage.into_txn(self, &mut txn);
+            if self.commit(txn).await? {
+                if orphaned {
+                    self.after_orphaned(d.ino).await;
+                }
+                return Ok(());
+            }
+            self.backoff(&mut attempt).await?;
+        }
+    }
+
+    /// Removes an empty directory.
+    pub async fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        check_name(name)?;
+        let mut attempt = 0;
+        loop {
+            let mut stage = Stage::default();
+            let mut txn = Txn::default();
+            let now = now_ns();
+            let p = self.load_dir(&mut stage, parent).await?;
+            p.mtime_ns = now;
+            p.ctime_ns = now;
+            p.nlink = p.nlink.saturating_sub(1).max(2);
+            let dkey = self.keys.dirent(parent, name);
+            let (d, drev) = self
+                .get_dirent(parent, name)
+                .await?
+                .ok_or(FsError::NotFound)?;
+            if d.kind != FileKind::Dir {
+                return Err(FsError::NotDir);
+            }
+            // Every change to a directory's entries also rewrites the directory's inode, so
+            // comparing that inode's revision makes this emptiness check atomic.
+            stage.load(self, d.ino).await?;
+            if !self.dir_is_empty(d.ino).await? {
+                return Err(FsError::NotEmpty);
+            }
+            txn.cmp(dkey.clone(), drev);
+            txn.del(dkey);
+            self.drop_link(&mut stage, &mut txn, d.ino, now)?;
+            stage.into_txn(self, &mut txn);
+            if self.commit(txn).await? {
+                self.after_orphaned(d.ino).await;
+                return Ok(());
+            }
+            self.backoff(&mut attempt).await?;
+        }
+    }
+
+    /// Adds the name `newname` in `newparent` for `ino` (not a directory).
+    pub async fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> FsResult<Attr> {
+        check_name(newname)?;
+        let mut attempt = 0;
+        loop {
+            let mut stage = Stage::default();
+            let mut txn = Txn::default();
+            let now = now_ns();
+            let rec = stage.load(self, ino).await?;
+            if rec.kind == FileKind::Dir {
+                return Err(FsError::NotPermitted("hard link to a directory"));
+            }
+            if rec.nlink == 0 {
+                return Err(FsError::NotFound);
+            }
+            if rec.nlink >= MAX_LINKS {
+                return Err(FsError::TooManyLinks);
+            }
+            rec.nlink += 1;
+            rec.ctime_ns = now;
+            let p = self.load_dir(&mut stage, newparent).await?;
+            p.mtime_ns = now;
+            p.ctime_ns = now;
+            let dkey = self.keys.dirent(newparent, newname);
+            if self.kv.get(&dkey).await?.is_some() {
+                return Err(FsError::Exists);
+            }
+            let kind = stage.peek(ino)?.kind;
+            txn.cmp(dkey.clone(), 0);
+            txn.put(dkey, encode(&DirentRec { ino, kind }));
+            let attr = Attr::from_rec(ino, stage.peek(ino)?);
+            stage.into_txn(self, &mut txn);
+            if self.commit(txn).await? {
+                return Ok(attr);
+            }
+            self.backoff(&mut attempt).await?;
+        }
+    }
+
+    /// Walks from `from` up to the root; true if `target` is `from` or one of its ancestors.
+    /// Every inode read is staged, so the answer is part of the transaction's snapshot.
+    async fn is_ancestor(&self, stage: &mut Stage, target: u64, from: u64) -> FsResult<bool> {
+        let mut cur = from;
+        for _ in 0..4096 {
+            if cur == target {
+                return Ok(true);
+            }
+            if cur == ROOT_INO {
+                return Ok(false);
+            }
+            let rec = stage.look(self, cur).await?;
+            if rec.kind != FileKind::Dir || rec.parent == 0 {
+                return Err(FsError::Corrupt(format!("directory {cur} has no parent")));
+            }
+            cur = rec.parent;
+        }
+        Err(FsError::Corrupt("directory tree too deep or cyclic".into()))
+    }
+
+    /// rename / renameat2 with POSIX replacement rules (checked in the kernel's order).
+    pub async fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        flags: RenameFlags,
+    ) -> FsResult<()> {
+        check_name(name)?;
+        check_name(newname)?;
+        if flags.noreplace && flags.exchange {
+            return Err(FsError::Invalid("RENAME_NOREPLACE with RENAME_EXCHANGE"));
+        }
+        let mut attempt = 0;
+        loop {
+            let mut stage = Stage::default();
+            let mut txn = Txn::default();
+            let now = now_ns();
+            self.load_dir(&mut stage, parent).await?;
+            self.load_dir(&mut stage, newparent).await?;
+            let skey = self.keys.dirent(parent, name);
+            let dkey = self.keys.dirent(newparent, newname);
+            let (sd, sdrev) = self
+                .get_dirent(parent, name)
+                .await?
+                .ok_or(FsError::NotFound)?;
+            let dst = self.get_dirent(newparent, newname).await?;
+            txn.cmp(skey.clone(), sdrev);
+            txn.cmp(dkey.clone(), dst.as_ref().map_or(0, |(_, r)| *r));
+            if flags.noreplace && dst.is_some() {
+                return Err(FsError::Exists);
+            }
+            if flags.exchange && dst.is_none() {
+                return Err(FsError::NotFound);
+            }
+            if parent != newparent {
+                if sd.kind == FileKind::Dir && self.is_ancestor(&mut stage, sd.ino, newparent).await?
+                {
+                    return Err(FsError::Invalid("rename of a directory into itself"));
+                }
+                if let Some((dd, _)) = &dst {
+                    if dd.kind == FileKind::Dir && self.is_ancestor(&mut stage, dd.ino, parent).await?
+                    {
+                        return Err(if flags.exchange {
+                            FsError::Invalid("exchange with an ancestor")
+                        } else {
+                            FsError::NotEmpty
+                        });
+                    }
+                }
+            }
+            if let Some((dd, _)) = &dst {
+                if dd.ino == sd.ino {
+                    return Ok(());
+                }
+            }
+            let mut orphan = None;
+            stage.load(self, sd.ino).await?.ctime_ns = now;
+            match dst {
+                Some((dd, _)) if flags.exchange => {
+                    stage.load(self, dd.ino).await?.ctime_ns = now;
+                    txn.put(skey, encode(&dd));
+                    txn.put(dkey, encode(&sd));
+                    if parent != newparent {
+                        if sd.kind == FileKind::Dir {
+                            stage.get(sd.ino)?.parent = newparent;
+                            let p = stage.get(parent)?;
+                            p.nlink = p.nlink.saturating_sub(1);
+                            stage.get(newparent)?.nlink += 1;
+                        }
+                        if dd.kind == FileKind::Dir {
+                            stage.get(dd.ino)?.parent = parent;
+                            let np = stage.get(newparent)?;
+                            np.nlink = np.nlink.saturating_sub(1);
+                            stage.get(parent)?.nlink += 1;
+                        }
+                    }
+                }
+                dst => {
+                    if let Some((dd, _)) = dst {
+                        if sd.kind == FileKind::Dir && dd.kind != FileKind::Dir {
+                            return Err(FsError::NotDir);
+                        }
+                        if sd.kind != FileKind::Dir && dd.kind == FileKind::Dir {
+                            return Err(FsError::IsDir);
+                        }
+                        stage.load(self, dd.ino).await?;
+                        if dd.kind == FileKind::Dir {
+                            if !self.dir_is_empty(dd.ino).await? {
+                                return Err(FsError::NotEmpty);
+                            }
+                            let np = stage.get(newparent)?;
+                            np.nlink = np.nlink.saturating_sub(1);
+                        }
+                        if self.drop_link(&mut stage, &mut txn, dd.ino, now)? {
+                            orphan = Some(dd.ino);
+                        }
+                    }
+                    txn.del(skey);
+                    txn.put(dkey, encode(&sd));
+                    if sd.kind == FileKind::Dir && parent != newparent {
+                        stage.get(sd.ino)?.parent = newparent;
+                        let p = stage.get(parent)?;
+                        p.nlink = p.nlink.saturating_sub(1);
+                        stage.get(newparent)?.nlink += 1;
+                    }
+                }
+            }
+            for p in [parent, newparent] {
+                let rec = stage.get(p)?;
+                rec.mtime_ns = now;
+                rec.ctime_ns = now;
+                rec.nlink = rec.nlink.max(2);
+            }
+            // Ancestors walked only for the loop check are compared, not rewritten; a very deep
+            // tree could exceed the compare limit, so drop the farthest ones if needed.
+            stage.into_txn(self, &mut txn);
+            while txn.compares.len() > self.opts.max_txn_ops {
+                let Some(k) = txn
+                    .compares
+                    .keys()
+                    .find(|k| !txn.ops.contains_key(*k))
+                    .cloned()
+                else {
+                    break;
+                };
+                txn.compares.remove(&k);
+            }
+            if self.commit(txn).await? {
+                if let Some(ino) = orphan {
+                    self.after_orphaned(ino).await;
+                }
+                return Ok(());
+            }
+            self.backoff(&mut attempt).await?;
+        }
+    }
+
+    /// One page of `dir`'s entries after `cookie` (0, or anything below 16, = from the start).
+    /// At most about `limit` entries (entries whose names share a hash are never split).
+    pub async fn readdir(&self, dir: u64, cookie: u64, limit: usize) -> FsResult<Vec<DirEntry>> {
+        let (rec, _) = self.get_inode(dir).await?;
+        if rec.kind != FileKind::Dir {
+            return Err(FsError::NotDir);
+        }
+        if cookie >= (1 << 62) - 1 {
+            return Ok(Vec::new());
+        }
+        let limit = limit.clamp(1, 4096);
+        let dir_prefix = self.keys.dir(dir);
+        let end = prefix_end(&dir_prefix);
+        let start = if cookie < 16 {
+            dir_prefix.clone()
+        } else {
+            self.keys.dirent_hash(dir, cookie + 1)
+        };
+        let page = self.kv.range(&start, &end, limit).await?;
+        let mut entries = page.entries;
+        if page.more {
+            if let Some(last) = entries.last() {
+                let (h, _) = self.keys.parse_dirent(dir, &last.key)?;
+                let mut from = last.key.clone();
+                from.push(0);
+                let group_end = prefix_end(&self.keys.dirent_hash(dir, h));
+                let rest = self.kv.range(&from, &group_end, 0).await?;
+                entries.extend(rest.entries);
+            }
+        }
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            let (cookie, name) = self.keys.parse_dirent(dir, &e.key)?;
+            let d: DirentRec = decode(&e.key, &e.value)?;
+            out.push(DirEntry {
+                name: name.to_vec(),
+                ino: d.ino,
+                kind: d.kind,
+                cookie,
+            });
+        }
+        Ok(out)
+    }
+
+    /// chmod / chown / truncate / utimens. A size change runs first (it may take several
+    /// transactions for a huge shrink), then the other attributes in one transaction.
+    pub async fn setattr(&self, ino: u64, sa: SetAttr) -> FsResult<Attr> {
+        if let Some(size) = sa.size {
+            self.truncate(ino, size).await?;
+        }
+        if sa.mode.is_none()
+            && sa.uid.is_none()
+            && sa.gid.is_none()
+            && sa.atime.is_none()
+            && sa.mtime.is_none()
+        {
+            return self.getattr(ino).await;
+        }
+        let mut attempt = 0;
+        loop {
+            let (mut rec, rev) = self.get_inode(ino).await?;
+            let now = now_ns();
+            if let Some(m) = sa.mode {
+                rec.mode = m & 0o7777;
+            }
+            if let Some(u) = sa.uid {
+                rec.uid = u;
+            }
+            if let Some(g) = sa.gid {
+                rec.gid = g;
+            }
+            let t = |ts: TimeSet| match ts {
+                TimeSet::Now => now,
+                TimeSet::Ns(n) => n,
+            };
+            if let Some(a) = sa.atime {
+                rec.atime_ns = t(a);
+            }
+            if let Some(m) = sa.mtime {
+                rec.mtime_ns = t(m);
+            }
+            rec.ctime_ns = now;
+            let key = self.keys.inode(ino);
+            let mut txn = Txn::default();
+            txn.cmp(key.clone(), rev);
+            txn.put(key, encode(&rec));
+            if self.commit(txn).await? {
+                return Ok(Attr::from_rec(ino, &rec));
+            }
+            self.backoff(&mut attempt).await?;
+        }
+    }
+
+    // ----- xattrs ---------------------------------------------------------------------------
+
+    pub async fn get_xattr(&self, ino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
+        check_xattr_name(name)?;
+        let key = self.keys.xattr(ino, name);
+        match self.kv.get(&key).await? {
+            Some((v, _)) => decode_raw(&key, &v),
+            None => {
+                self.get_inode(ino).await?;
+                Err(FsError::NoData)
+            }
+        }
+    }
+
+    pub async fn set_xattr(
+        &self,
+        ino: u64,
+        name: &[u8],
+        value: &[u8],
+        how: XattrSet,
+    ) -> FsResult<()> {
+        check_xattr_name(name)?;
+        if value.len() > XATTR_SIZE_MAX {
+            return Err(FsError::TooBig);
+        }
+        let key = self.keys.xattr(ino, name);
+        let mut attempt = 0;
+        loop {
+            let (mut rec, rev) = self.get_inode(ino).await?;
+            let cur = self.kv.get(&key).await?;
+            match (how, &cur) {
+                (XattrSet::Create, Some(_)) => return Err(FsError::Exists),
+                (XattrSet::Replace, None) => return Err(FsError::NoData),
+                _ => {}
+            }
+            rec.ctime_ns = now_ns();
+            let mut txn = Txn::default();
+            txn.cmp(self.keys.inode(ino), rev);
+            txn.cmp(key.clone(), cur.map_or(0, |(_, r)| r));
+            txn.put(self.keys.inode(ino), encode(&rec));
+            txn.put(key.clone(), encode_raw(value));
+            if self.commit(txn).await? {
+                return Ok(());
+            }
+            self.backoff(&mut attempt).await?;
+        }
+    }
+
+    /// Names of `ino`'s xattrs, in key order.
+    pub async fn list_xattr(&self, ino: u64) -> FsResult<Vec<Vec<u8>>> {
+        self.get_inode(ino).await?;
+        let prefix = self.keys.xattrs(ino);
+        let end = prefix_end(&prefix);
+        let mut start = prefix.clone();
+        let mut out = Vec::new();
+        loop {
+            let page = self.kv.range(&start, &end, 256).await?;
+            for e in &page.entries {
+                match e.key.strip_prefix(prefix.as_slice()) {
+                    Some(n) if !n.is_empty() => out.push(n.to_vec()),
+                    _ => return Err(FsError::Corrupt("bad xattr key".into())),
+                }
+            }
+            match (page.more, page.entries.last()) {
+                (true, Some(last)) => {
+                    start = last.key.clone();
+                    start.push(0);
+                }
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// `listxattr`'s buffer: every name followed by a NUL.
+    pub fn xattr_list_bytes(names: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for n in names {
+            out.extend_from_slice(n);
+            out.push(0);
+        }
+        out
+    }
+
+    pub async fn remove_xattr(&self, ino: u64, name: &[u8]) -> FsResult<()> {
+        check_xattr_name(name)?;
+        let key = self.keys.xattr(ino, name);
+        let mut attempt = 0;
+        loop {
+            let (mut rec, rev) = self.get_inode(ino).await?;
+            let Some((_, xrev)) = self.kv.get(&key).await? else {
+                return Err(FsError::NoData);
+            };
+            rec.ctime_ns = now_ns();
+            let mut txn = Txn::default();
+            txn.cmp(self.keys.inode(ino), rev);
+            txn.cmp(key.clone(), xrev);
+            txn.put(self.keys.inode(ino), encode(&rec));
+            txn.del(key.clone());
+            if self.commit(txn).await? {
+                return Ok(());
+            }
+            self.backoff(&mut attempt).await?;
+        }
+    }
+
+    // ----- orphans --------------------------------------------------------------------------
+
+    /// Deletes an orphaned inode: its chunk map and xattrs in bounded batches, then the inode
+    /// and its orphan record together. Does nothing to an inode that still has links.
+    pub async fn purge(&self, ino: u64) -> FsResult<()> {
+        let batch = self.opts.max_txn_ops.saturating_sub(2).max(1);
+        let mut attempt = 0;
+        loop {
+            let Some((rec, rev)) = self.get_inode_opt(ino).await? else {
+                let mut txn = Txn::default();
+                txn.del(self.keys.orphan(ino));
+                self.commit(txn).await?;
+                return Ok(());
+            };
+            if rec.nlink > 0 {
+                let mut txn = Txn::default();
+                txn.del(self.keys.orphan(ino));
+                self.commit(txn).await?;
+                return Ok(());
+            }
+            // Chunk refs and xattrs of an unreachable inode: dropping them only turns blocks
+            // into garbage, so these batches need no compares.
+            for prefix in [self.keys.chunks(ino), self.keys.xattrs(ino)] {
+                let end = prefix_end(&prefix);
+                loop {
+                    let page = self.kv.range(&prefix, &end, batch).await?;
+                    if page.entries.is_empty() {
+                        break;
+                    }
+                    let mut txn = Txn::default();
+                    for e in page.entries {
+                        txn.del(e.key);
+                    }
+                    self.commit(txn).await?;
+                }
+            }
+            let mut txn = Txn::default();
+            txn.cmp(self.keys.inode(ino), rev);
+            txn.del(self.keys.inode(ino));
+            txn.del(self.keys.orphan(ino));
+            if self.commit(txn).await? {
+                return Ok(());
+            }
+            self.backoff(&mut attempt).await?;
+        }
+    }
+
+    /// Inode numbers with an orphan record, and the instance keeping each alive (0 = none).
+    pub async fn list_orphans(&self) -> FsResult<Vec<(u64, u64)>> {
+        let prefix = self.keys.orphans();
+        let end = prefix_end(&prefix);
+        let mut start = prefix.clone();
+        let mut out = Vec::new();
+        loop {
+            let page = self.kv.range(&start, &end, 256).await?;
+            for e in &page.entries {
+                let ino = self.keys.parse_orphan(&e.key)?;
+                let rec: OrphanRec = decode(&e.key, &e.value)?;
+                out.push((ino, rec.owner));
+            }
+            match (page.more, page.entries.last()) {
+                (true, Some(last)) => {
+                    start = last.key.clone();
+                    start.push(0);
+                }
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// Purges orphans nobody keeps open: owner 0, this instance (when not open here), or an
+    /// owner listed in `dead_owners` (instances known to be gone, e.g. expired sessions).
+    /// Returns how many were purged.
+    pub async fn purge_orphans(&self, dead_owners: &[u64]) -> FsResult<usize> {
+        let mut n = 0;
+        for (ino, owner) in self.list_orphans().await? {
+            let ours = owner == self.instance && !self.is_open_locally(ino);
+            if owner == 0 || ours || dead_owners.contains(&owner) {
+                self.purge(ino).await?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}

@@ -1,0 +1,356 @@
+//! Key schema and value encoding (see the crate docs for the full description).
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use twinfs_cluster::BlockHash;
+
+use crate::error::{FsError, FsResult};
+
+/// Version byte in front of every JSON-encoded value.
+pub const VALUE_V1: u8 = 1;
+/// Version byte in front of raw (xattr) values.
+pub const RAW_V1: u8 = 0x81;
+
+/// The kind of an inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDev,
+    BlockDev,
+}
+
+impl FileKind {
+    /// The `S_IFMT` bits of this kind.
+    pub fn type_bits(self) -> u32 {
+        match self {
+            FileKind::File => libc::S_IFREG,
+            FileKind::Dir => libc::S_IFDIR,
+            FileKind::Symlink => libc::S_IFLNK,
+            FileKind::Fifo => libc::S_IFIFO,
+            FileKind::Socket => libc::S_IFSOCK,
+            FileKind::CharDev => libc::S_IFCHR,
+            FileKind::BlockDev => libc::S_IFBLK,
+        }
+    }
+
+    /// The kind named by the `S_IFMT` bits of `mode`, if any.
+    pub fn from_mode(mode: u32) -> Option<FileKind> {
+        match mode & libc::S_IFMT {
+            libc::S_IFREG => Some(FileKind::File),
+            libc::S_IFDIR => Some(FileKind::Dir),
+            libc::S_IFLNK => Some(FileKind::Symlink),
+            libc::S_IFIFO => Some(FileKind::Fifo),
+            libc::S_IFSOCK => Some(FileKind::Socket),
+            libc::S_IFCHR => Some(FileKind::CharDev),
+            libc::S_IFBLK => Some(FileKind::BlockDev),
+            _ => None,
+        }
+    }
+}
+
+/// `i/<ino>`: an inode's attributes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InodeRec {
+    pub kind: FileKind,
+    /// Permission bits only (`0o7777`); the type comes from `kind`.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub nlink: u32,
+    pub atime_ns: i64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    #[serde(default)]
+    pub rdev: u32,
+    /// Directories only: the parent directory (a directory has exactly one).
+    #[serde(default)]
+    pub parent: u64,
+    /// Symlinks only: the target, hex-encoded in the JSON.
+    #[serde(default, with = "hex_opt", skip_serializing_if = "Option::is_none")]
+    pub target: Option<Vec<u8>>,
+}
+
+/// `d/<parent>/<hash>/<name>`: a directory entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirentRec {
+    pub ino: u64,
+    pub kind: FileKind,
+}
+
+/// `c/<ino>/<index>`: the block holding a chunk's bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRec {
+    /// BLAKE3 hash of the block, hex.
+    pub block: String,
+    /// Bytes in the block (≤ chunk size); the rest of the chunk up to the file size is zeros.
+    pub len: u32,
+}
+
+impl ChunkRec {
+    pub fn hash(&self) -> FsResult<BlockHash> {
+        self.block
+            .parse()
+            .map_err(|_| FsError::Corrupt(format!("bad block hash {:?}", self.block)))
+    }
+}
+
+/// `o/<ino>`: an inode whose last link is gone and whose data is still to be purged.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrphanRec {
+    /// The Fs instance that had it open when it was orphaned (0 = nobody, purge any time).
+    pub owner: u64,
+}
+
+/// `m`: the volume's own parameters, fixed at format time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRec {
+    pub chunk_size: u32,
+}
+
+/// `n`: the next unallocated inode number.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterRec {
+    pub next: u64,
+}
+
+mod hex_opt {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(b) => s.serialize_some(&hex::encode(b)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        let s: Option<String> = Option::deserialize(d)?;
+        match s {
+            None => Ok(None),
+            Some(s) => hex::decode(s).map(Some).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Encodes a record as `[VALUE_V1] ++ json`.
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    let mut out = vec![VALUE_V1];
+    // Serializing these plain structs into a Vec cannot fail; fall back to an empty object
+    // (which decodes as corrupt, never silently) rather than panicking.
+    match serde_json::to_writer(&mut out, v) {
+        Ok(()) => out,
+        Err(_) => vec![VALUE_V1, b'{', b'}'],
+    }
+}
+
+/// Decodes a value written by [`encode`]; anything else is [`FsError::Corrupt`] (EIO).
+pub fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> FsResult<T> {
+    match value.split_first() {
+        Some((&VALUE_V1, body)) => serde_json::from_slice(body).map_err(|e| {
+            FsError::Corrupt(format!("{}: {e}", String::from_utf8_lossy(key)))
+        }),
+        Some((v, _)) => Err(FsError::Corrupt(format!(
+            "{}: unknown value version {v}",
+            String::from_utf8_lossy(key)
+        ))),
+        None => Err(FsError::Corrupt(format!(
+            "{}: empty value",
+            String::from_utf8_lossy(key)
+        ))),
+    }
+}
+
+pub fn encode_raw(v: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len() + 1);
+    out.push(RAW_V1);
+    out.extend_from_slice(v);
+    out
+}
+
+pub fn decode_raw(key: &[u8], value: &[u8]) -> FsResult<Vec<u8>> {
+    match value.split_first() {
+        Some((&RAW_V1, body)) => Ok(body.to_vec()),
+        _ => Err(FsError::Corrupt(format!(
+            "{}: bad raw value",
+            String::from_utf8_lossy(key)
+        ))),
+    }
+}
+
+/// Decodes and sanity-checks an inode record.
+pub fn decode_inode(key: &[u8], value: &[u8]) -> FsResult<InodeRec> {
+    let rec: InodeRec = decode(key, value)?;
+    if rec.kind == FileKind::Symlink && rec.target.is_none() {
+        return Err(FsError::Corrupt(format!(
+            "{}: symlink without target",
+            String::from_utf8_lossy(key)
+        )));
+    }
+    Ok(rec)
+}
+
+/// The 62-bit hash of a name that orders a directory's entries and serves as the readdir
+/// cookie. Values are in `[16, 2^62)`: cookies 0..16 are free for the adapter ("." and "..").
+pub fn name_hash(name: &[u8]) -> u64 {
+    let h = blake3::hash(name);
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h.as_bytes()[..8]);
+    (u64::from_be_bytes(b) >> 2) | 16
+}
+
+/// Builds every key of one volume.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    prefix: Vec<u8>,
+}
+
+impl Keys {
+    pub fn new(volume: &str) -> Keys {
+        Keys {
+            prefix: format!("/twinfs/v/{volume}/").into_bytes(),
+        }
+    }
+
+    pub fn prefix(&self) -> &[u8] {
+        &self.prefix
+    }
+
+    fn with(&self, s: &str) -> Vec<u8> {
+        let mut k = self.prefix.clone();
+        k.extend_from_slice(s.as_bytes());
+        k
+    }
+
+    pub fn volume(&self) -> Vec<u8> {
+        self.with("m")
+    }
+    pub fn counter(&self) -> Vec<u8> {
+        self.with("n")
+    }
+    pub fn inode(&self, ino: u64) -> Vec<u8> {
+        self.with(&format!("i/{ino:016x}"))
+    }
+    pub fn orphan(&self, ino: u64) -> Vec<u8> {
+        self.with(&format!("o/{ino:016x}"))
+    }
+    pub fn orphans(&self) -> Vec<u8> {
+        self.with("o/")
+    }
+    /// Parses the inode number out of an `o/<ino>` key.
+    pub fn parse_orphan(&self, key: &[u8]) -> FsResult<u64> {
+        let rest = key
+            .strip_prefix(self.orphans().as_slice())
+            .ok_or_else(|| FsError::Corrupt("bad orphan key".into()))?;
+        parse_hex16(rest)
+    }
+    pub fn dir(&self, parent: u64) -> Vec<u8> {
+        self.with(&format!("d/{parent:016x}/"))
+    }
+    /// The key prefix of every entry of `parent` whose name hashes to `hash`.
+    pub fn dirent_hash(&self, parent: u64, hash: u64) -> Vec<u8> {
+        self.with(&format!("d/{parent:016x}/{hash:016x}/"))
+    }
+    pub fn dirent(&self, parent: u64, name: &[u8]) -> Vec<u8> {
+        let mut k = self.dirent_hash(parent, name_hash(name));
+        k.extend_from_slice(name);
+        k
+    }
+    /// Splits a dirent key of `parent` into (cookie, name).
+    pub fn parse_dirent<'k>(&self, parent: u64, key: &'k [u8]) -> FsResult<(u64, &'k [u8])> {
+        let dir = self.dir(parent);
+        let rest = key
+            .strip_prefix(dir.as_slice())
+            .ok_or_else(|| FsError::Corrupt("dirent key outside its directory".into()))?;
+        if rest.len() < 18 || rest[16] != b'/' {
+            return Err(FsError::Corrupt("malformed dirent key".into()));
+        }
+        let hash = parse_hex16(&rest[..16])?;
+        Ok((hash, &rest[17..]))
+    }
+    pub fn chunks(&self, ino: u64) -> Vec<u8> {
+        self.with(&format!("c/{ino:016x}/"))
+    }
+    pub fn chunk(&self, ino: u64, index: u64) -> Vec<u8> {
+        self.with(&format!("c/{ino:016x}/{index:016x}"))
+    }
+    pub fn parse_chunk(&self, ino: u64, key: &[u8]) -> FsResult<u64> {
+        let rest = key
+            .strip_prefix(self.chunks(ino).as_slice())
+            .ok_or_else(|| FsError::Corrupt("chunk key outside its inode".into()))?;
+        parse_hex16(rest)
+    }
+    pub fn xattrs(&self, ino: u64) -> Vec<u8> {
+        self.with(&format!("x/{ino:016x}/"))
+    }
+    pub fn xattr(&self, ino: u64, name: &[u8]) -> Vec<u8> {
+        let mut k = self.xattrs(ino);
+        k.extend_from_slice(name);
+        k
+    }
+}
+
+fn parse_hex16(s: &[u8]) -> FsResult<u64> {
+    if s.len() != 16 {
+        return Err(FsError::Corrupt("bad number in key".into()));
+    }
+    std::str::from_utf8(s)
+        .ok()
+        .and_then(|s| u64::from_str_radix(s, 16).ok())
+        .ok_or_else(|| FsError::Corrupt("bad number in key".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn corrupt_values_are_errors() {
+        let k = b"k";
+        assert!(decode::<InodeRec>(k, b"").is_err());
+        assert!(decode::<InodeRec>(k, b"\x02{}").is_err());
+        assert!(decode::<InodeRec>(k, b"\x01{not json").is_err());
+        assert!(decode::<InodeRec>(k, b"\x01{}").is_err());
+        assert!(decode::<DirentRec>(k, b"\x01{\"ino\":1,\"kind\":\"weird\"}").is_err());
+        assert!(decode_raw(k, b"\x01abc").is_err());
+        let bad_hash = ChunkRec {
+            block: "zz".into(),
+            len: 1,
+        };
+        assert_eq!(bad_hash.hash().unwrap_err().errno(), libc::EIO);
+        let sym: Vec<u8> = encode(&InodeRec {
+            kind: FileKind::Symlink,
+            mode: 0o777,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            nlink: 1,
+            atime_ns: 0,
+            mtime_ns: 0,
+            ctime_ns: 0,
+            rdev: 0,
+            parent: 0,
+            target: None,
+        });
+        assert!(decode_inode(k, &sym).is_err());
+    }
+
+    #[test]
+    fn keys_sort_and_parse() {
+        let keys = Keys::new("v");
+        assert!(keys.chunk(1, 2) < keys.chunk(1, 10));
+        assert!(keys.chunk(1, 0xffff) < keys.chunk(2, 0));
+        let k = keys.dirent(7, b"hello");
+        let (h, n) = keys.parse_dirent(7, &k).unwrap();
+        assert_eq!(n, b"hello");
+        assert_eq!(h, name_hash(b"hello"));
+        assert!(h >= 16 && h < (1 << 62));
+        assert!(keys.parse_dirent(7, &keys.dir(7)).is_err());
+        assert_eq!(keys.parse_chunk(3, &keys.chunk(3, 99)).unwrap(), 99);
+    }
+}

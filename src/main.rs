@@ -3,6 +3,8 @@
 mod admin;
 mod clusterfile;
 mod devcluster;
+mod mount_cmd;
+mod volume_cmd;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -66,6 +68,20 @@ enum Command {
     Block {
         #[command(subcommand)]
         cmd: BlockCmd,
+    },
+    /// Create, list, inspect and delete volumes.
+    Volume {
+        #[command(subcommand)]
+        cmd: volume_cmd::VolumeCmd,
+    },
+    /// Mount a volume through FUSE (in the background unless --foreground).
+    Mount(Box<mount_cmd::MountArgs>),
+    /// Unmount a twinfs mount (its mount process flushes, leaves and exits).
+    Umount {
+        dir: PathBuf,
+        /// Detach now even if files are open; the mount goes when the last one is closed.
+        #[arg(short, long)]
+        lazy: bool,
     },
     /// Run a whole cluster (etcd and N nodes) on this machine, for trying twinfs and for tests.
     DevCluster {
@@ -291,6 +307,16 @@ async fn shutdown_signal() {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    // The mount runs its own runtime and blocks; it must not start inside another one.
+    let command = match cli.command {
+        Command::Mount(args) => return mount_cmd::mount(&cli.conn, *args),
+        Command::Umount { dir, lazy } => return mount_cmd::umount(&dir, lazy),
+        other => other,
+    };
+    let cli = Cli {
+        conn: cli.conn,
+        command,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -343,6 +369,7 @@ fn run(cli: Cli) -> Result<()> {
             )),
             BlockCmd::Locate { hash } => rt.block_on(admin::block_locate(&cli.conn, &hash)),
         },
+        Command::Volume { cmd } => rt.block_on(volume_cmd::run(&cli.conn, cmd)),
         Command::DevCluster { cmd } => match cmd {
             DevClusterCmd::Up {
                 dir,
@@ -351,16 +378,19 @@ fn run(cli: Cli) -> Result<()> {
             } => rt.block_on(devcluster::up(&dir, nodes, lease_ttl)),
             DevClusterCmd::Down { dir } => devcluster::down(&dir),
         },
+        Command::Mount(_) | Command::Umount { .. } => unreachable!("handled above"),
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(if matches!(cli.command, Command::Node(_)) {
-        "info"
-    } else {
-        "warn"
-    });
+    init_logging(
+        if matches!(cli.command, Command::Node(_) | Command::Mount(_)) {
+            "info"
+        } else {
+            "warn"
+        },
+    );
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

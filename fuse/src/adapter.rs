@@ -1,0 +1,1079 @@
+//! The `fuser::Filesystem` implementation: translates kernel requests into calls on the core
+//! ([`twinfs_core::Fs`]) and the core's answers into replies.
+//!
+//! Threading: fuser's worker threads (several, each with its own cloned `/dev/fuse` fd) read
+//! requests. Metadata requests are spawned onto the tokio runtime and reply when done, so many
+//! run at once. Writes run on the fuser thread itself (`Handle::block_on`): the kernel's data
+//! buffer is copied once, into the file's chunk buffer, instead of into a per-request `Vec`.
+//!
+//! Kernel caches: attributes and entries are cached by the kernel for `attr_ttl`; changes made
+//! by other nodes are pushed out of those caches by the etcd watch (`watch.rs`) well before
+//! that. `open` re-reads the inode from etcd (close-to-open): when it changed since the kernel
+//! was last told, the page cache is dropped and the kernel's attributes are invalidated before
+//! the open returns, so the new size and data are seen even if the watch is late.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use tokio::runtime::Handle;
+use tokio::sync::RwLock;
+use twinfs_core::{Attr, FileKind, Fs, FsError, OpenFile, SetAttr, TimeSet, XattrReply, XattrSet};
+
+/// Largest write the kernel sends in one request (with FUSE_MAX_PAGES).
+const MAX_WRITE: u32 = 1 << 20;
+/// Kernel read-ahead window.
+const MAX_READAHEAD: u32 = 1 << 20;
+/// Entries fetched from etcd per readdir request.
+const READDIR_PAGE: usize = 256;
+
+/// Capacity figures for `statfs`, supplied by the mount (live nodes' space or the quota).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SpaceInfo {
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+}
+
+pub type SpaceFn = Arc<dyn Fn() -> SpaceInfo + Send + Sync>;
+
+/// Counters of one mount, for logs and metrics.
+#[derive(Debug, Default)]
+pub struct MountStats {
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+}
+
+/// One open file: the core's handle plus the adapter's read-ahead state.
+struct Handle_ {
+    file: RwLock<Option<OpenFile>>,
+    /// End offset of the last read, to recognise sequential access.
+    last_read_end: AtomicU64,
+    /// Chunk index last prefetched (+1; 0 = none).
+    prefetched: AtomicU64,
+}
+
+/// State shared by the fuser threads, the tokio tasks and the watch.
+pub struct Shared {
+    pub fs: Arc<Fs>,
+    pub attr_ttl: Duration,
+    pub stats: MountStats,
+    handles: Mutex<HashMap<u64, Arc<Handle_>>>,
+    /// (size, mtime) of each inode as last handed to the kernel, to detect at open time that
+    /// another node changed the file.
+    told_kernel: Mutex<HashMap<u64, (u64, i64)>>,
+    notifier: OnceLock<Notifier>,
+    space: SpaceFn,
+}
+
+impl Shared {
+    pub fn new(fs: Arc<Fs>, attr_ttl: Duration, space: SpaceFn) -> Arc<Shared> {
+        Arc::new(Shared {
+            fs,
+            attr_ttl,
+            stats: MountStats::default(),
+            handles: Mutex::new(HashMap::new()),
+            told_kernel: Mutex::new(HashMap::new()),
+            notifier: OnceLock::new(),
+            space,
+        })
+    }
+
+    /// Set once the session exists (the notifier comes from it).
+    pub fn set_notifier(&self, n: Notifier) {
+        let _ = self.notifier.set(n);
+    }
+
+    pub fn notifier(&self) -> Option<&Notifier> {
+        self.notifier.get()
+    }
+
+    /// The watch saw another node change `ino`: forget what we told the kernel about it.
+    pub fn forget_told(&self, ino: u64) {
+        self.told_kernel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&ino);
+    }
+
+    /// Inodes the kernel may hold cached attributes for.
+    pub fn told_inodes(&self) -> Vec<u64> {
+        self.told_kernel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    fn told(&self, a: &Attr) {
+        self.told_kernel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(a.ino, (a.size, a.mtime_ns));
+    }
+
+    fn handle(&self, fh: FileHandle) -> Option<Arc<Handle_>> {
+        self.handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&fh.0)
+            .cloned()
+    }
+
+    fn add_handle(&self, f: OpenFile) -> u64 {
+        let fh = f.fh();
+        let h = Arc::new(Handle_ {
+            file: RwLock::new(Some(f)),
+            last_read_end: AtomicU64::new(0),
+            prefetched: AtomicU64::new(0),
+        });
+        self.handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(fh, h);
+        fh
+    }
+
+    /// Flushes every open file (before an unmount). Returns how many failed.
+    pub async fn flush_all(&self) -> usize {
+        let all: Vec<Arc<Handle_>> = self
+            .handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut failed = 0;
+        for h in all {
+            let mut g = h.file.write().await;
+            if let Some(f) = g.as_mut() {
+                if let Err(e) = self.fs.flush(f).await {
+                    tracing::error!(ino = f.ino(), error = %e, "flush at unmount failed");
+                    failed += 1;
+                }
+            }
+        }
+        failed
+    }
+
+    pub fn open_handles(&self) -> usize {
+        self.handles.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+pub struct TwinFs {
+    shared: Arc<Shared>,
+    rt: Handle,
+}
+
+impl TwinFs {
+    pub fn new(shared: Arc<Shared>, rt: Handle) -> TwinFs {
+        TwinFs { shared, rt }
+    }
+}
+
+fn errno(e: &FsError) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+fn time(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH
+            .checked_sub(Duration::from_nanos(ns.unsigned_abs()))
+            .unwrap_or(UNIX_EPOCH)
+    }
+}
+
+fn time_ns(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_nanos()).unwrap_or(i64::MAX),
+    }
+}
+
+fn time_set(t: TimeOrNow) -> TimeSet {
+    match t {
+        TimeOrNow::Now => TimeSet::Now,
+        TimeOrNow::SpecificTime(t) => TimeSet::Ns(time_ns(t)),
+    }
+}
+
+fn file_type(k: FileKind) -> FileType {
+    match k {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDev => FileType::CharDevice,
+        FileKind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+fn fattr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.blocks,
+        atime: time(a.atime_ns),
+        mtime: time(a.mtime_ns),
+        ctime: time(a.ctime_ns),
+        crtime: time(a.ctime_ns),
+        kind: file_type(a.kind),
+        perm: (a.perm & 0o7777) as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: 1 << 20,
+        flags: 0,
+    }
+}
+
+impl TwinFs {
+    fn entry(&self, reply: ReplyEntry, r: Result<Attr, FsError>) {
+        match r {
+            Ok(a) => {
+                self.shared.told(&a);
+                reply.entry(&self.shared.attr_ttl, &fattr(&a), Generation(0))
+            }
+            Err(e) => {
+                self.count_err(&e);
+                reply.error(errno(&e))
+            }
+        }
+    }
+
+    fn count_err(&self, e: &FsError) {
+        if !matches!(e, FsError::NotFound | FsError::NoData | FsError::Exists) {
+            self.shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+            if matches!(e, FsError::Corrupt(_) | FsError::Kv(_) | FsError::Block(_)) {
+                tracing::error!(error = %e, "request failed");
+            }
+        }
+    }
+
+    fn spawn<F>(&self, f: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.shared.stats.requests.fetch_add(1, Ordering::Relaxed);
+        self.rt.spawn(f);
+    }
+
+    fn this(&self) -> TwinFs {
+        TwinFs {
+            shared: self.shared.clone(),
+            rt: self.rt.clone(),
+        }
+    }
+}
+
+fn empty(this: &TwinFs, reply: ReplyEmpty, r: Result<(), FsError>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => {
+            this.count_err(&e);
+            reply.error(errno(&e))
+        }
+    }
+}
+
+fn xattr(this: &TwinFs, reply: ReplyXattr, r: Result<XattrReply, FsError>) {
+    match r {
+        Ok(XattrReply::Size(n)) => reply.size(n),
+        Ok(XattrReply::Data(d)) => reply.data(&d),
+        Err(e) => {
+            this.count_err(&e);
+            reply.error(errno(&e))
+        }
+    }
+}
+
+impl Filesystem for TwinFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(MAX_WRITE);
+        let _ = config.set_max_readahead(MAX_READAHEAD);
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        let _ = config.set_time_granularity(Duration::from_nanos(1));
+        for cap in [
+            // Drop the page cache when a getattr shows a new mtime or size (another node wrote).
+            InitFlags::FUSE_AUTO_INVAL_DATA,
+            // Lookups and readdirs of one directory may run in parallel.
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_ASYNC_DIO,
+            InitFlags::FUSE_BIG_WRITES,
+            InitFlags::FUSE_MAX_PAGES,
+        ] {
+            let _ = config.add_capabilities(cap);
+        }
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        let shared = self.shared.clone();
+        let failed = self.rt.block_on(async move { shared.flush_all().await });
+        if failed > 0 {
+            tracing::error!(failed, "some open files could not be flushed at unmount");
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let this = self.this();
+        let name = name.as_bytes().to_vec();
+        self.spawn(async move {
+            let r = this.shared.fs.lookup(parent.0, &name).await;
+            this.entry(reply, r);
+        });
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let this = self.this();
+        self.spawn(async move {
+            match this.shared.fs.getattr(ino.0).await {
+                Ok(a) => {
+                    this.shared.told(&a);
+                    reply.attr(&this.shared.attr_ttl, &fattr(&a))
+                }
+                Err(e) => {
+                    this.count_err(&e);
+                    reply.error(errno(&e))
+                }
+            }
+        });
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let this = self.this();
+        self.spawn(async move {
+            // A truncate through an open handle must not be undone by that handle's buffered
+            // writes: flush them first, so the truncate applies on top.
+            if size.is_some() {
+                if let Some(h) = fh.and_then(|fh| this.shared.handle(fh)) {
+                    let mut g = h.file.write().await;
+                    if let Some(f) = g.as_mut() {
+                        if let Err(e) = this.shared.fs.flush(f).await {
+                            this.count_err(&e);
+                            return reply.error(errno(&e));
+                        }
+                    }
+                }
+            }
+            let sa = SetAttr {
+                mode,
+                uid,
+                gid,
+                size,
+                atime: atime.map(time_set),
+                mtime: mtime.map(time_set),
+            };
+            match this.shared.fs.setattr(ino.0, sa).await {
+                Ok(a) => {
+                    this.shared.told(&a);
+                    reply.attr(&this.shared.attr_ttl, &fattr(&a))
+                }
+                Err(e) => {
+                    this.count_err(&e);
+                    reply.error(errno(&e))
+                }
+            }
+        });
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let this = self.this();
+        self.spawn(async move {
+            match this.shared.fs.readlink(ino.0).await {
+                Ok(t) => reply.data(&t),
+                Err(e) => {
+                    this.count_err(&e);
+                    reply.error(errno(&e))
+                }
+            }
+        });
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let this = self.this();
+        let name = name.as_bytes().to_vec();
+        let (uid, gid) = (req.uid(), req.gid());
+        self.spawn(async move {
+            let r = this
+                .shared
+                .fs
+                .mknod(parent.0, &name, mode, rdev, uid, gid)
+                .await;
+            this.entry(reply, r);
+        });
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let this = self.this();
+        let name = name.as_bytes().to_vec();
+        let (uid, gid) = (req.uid(), req.gid());
+        self.spawn(async move {
+            let r = this
+                .shared
+                .fs
+                .mkdir(parent.0, &name, mode & 0o7777, uid, gid)
+                .await;
+            this.entry(reply, r);
+        });
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let this = self.this();
+        let name = name.as_bytes().to_vec();
+        self.spawn(async move {
+            let r = this.shared.fs.unlink(parent.0, &name).await;
+            empty(&this, reply, r);
+        });
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let this = self.this();
+        let name = name.as_bytes().to_vec();
+        self.spawn(async move {
+            let r = this.shared.fs.rmdir(parent.0, &name).await;
+            empty(&this, reply, r);
+        });
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let this = self.this();
+        let name = link_name.as_bytes().to_vec();
+        let target = target.as_os_str().as_bytes().to_vec();
+        let (uid, gid) = (req.uid(), req.gid());
+        self.spawn(async move {
+            let r = this
+                .shared
+                .fs
+                .symlink(parent.0, &name, &target, uid, gid)
+                .await;
+            this.entry(reply, r);
+        });
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let this = self.this();
+        let name = name.as_bytes().to_vec();
+        let newname = newname.as_bytes().to_vec();
+        let bits = flags.bits();
+        self.spawn(async move {
+            let r = async {
+                let flags = twinfs_core::RenameFlags::from_bits(bits)?;
+                this.shared
+                    .fs
+                    .rename(parent.0, &name, newparent.0, &newname, flags)
+                    .await
+            }
+            .await;
+            empty(&this, reply, r);
+        });
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let this = self.this();
+        let newname = newname.as_bytes().to_vec();
+        self.spawn(async move {
+            let r = this.shared.fs.link(ino.0, newparent.0, &newname).await;
+            this.entry(reply, r);
+        });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let this = self.this();
+        self.spawn(async move {
+            let r = async {
+                let attr = this.shared.fs.getattr(ino.0).await?;
+                let f = this.shared.fs.open(ino.0).await?;
+                Ok::<_, FsError>((attr, f))
+            }
+            .await;
+            match r {
+                Ok((attr, f)) => {
+                    let flags = this.revalidate_for_open(&attr);
+                    let fh = this.shared.add_handle(f);
+                    reply.opened(FileHandle(fh), flags)
+                }
+                Err(e) => {
+                    this.count_err(&e);
+                    reply.error(errno(&e))
+                }
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let this = self.this();
+        self.spawn(async move {
+            let Some(h) = this.shared.handle(fh) else {
+                return reply.error(Errno::EBADF);
+            };
+            let r = {
+                let g = h.file.read().await;
+                match g.as_ref() {
+                    Some(f) => this.shared.fs.read(f, offset, size as usize).await,
+                    None => return reply.error(Errno::EBADF),
+                }
+            };
+            match r {
+                Ok(data) => {
+                    this.shared
+                        .stats
+                        .bytes_read
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    let end = offset + data.len() as u64;
+                    let sequential = h.last_read_end.swap(end, Ordering::Relaxed) == offset;
+                    reply.data(&data);
+                    if sequential && !data.is_empty() {
+                        this.read_ahead(&h, end);
+                    }
+                }
+                Err(e) => {
+                    this.count_err(&e);
+                    reply.error(errno(&e))
+                }
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        self.shared.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let Some(h) = self.shared.handle(fh) else {
+            return reply.error(Errno::EBADF);
+        };
+        // On the fuser thread: `data` is borrowed from the request buffer and copied once,
+        // into the chunk buffer.
+        let r = self.rt.block_on(async {
+            let mut g = h.file.write().await;
+            match g.as_mut() {
+                Some(f) => Some(self.shared.fs.write(f, offset, data).await),
+                None => None,
+            }
+        });
+        match r {
+            None => reply.error(Errno::EBADF),
+            Some(Ok(n)) => {
+                self.shared
+                    .stats
+                    .bytes_written
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                reply.written(n as u32)
+            }
+            Some(Err(e)) => {
+                self.count_err(&e);
+                reply.error(errno(&e))
+            }
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        let this = self.this();
+        self.spawn(async move {
+            let r = this.flush_handle(fh).await;
+            empty(&this, reply, r);
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let this = self.this();
+        self.spawn(async move {
+            let h = this
+                .shared
+                .handles
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&fh.0);
+            let Some(h) = h else {
+                return reply.error(Errno::EBADF);
+            };
+            let f = h.file.write().await.take();
+            let r = match f {
+                Some(f) => this.shared.fs.release(f).await,
+                None => Ok(()),
+            };
+            if let Err(e) = &r {
+                tracing::error!(error = %e, "release failed (buffered data may be lost)");
+            }
+            empty(&this, reply, r);
+        });
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let this = self.this();
+        self.spawn(async move {
+            let r = this.flush_handle(fh).await;
+            empty(&this, reply, r);
+        });
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let this = self.this();
+        self.spawn(async move {
+            match this.shared.fs.getattr(ino.0).await {
+                Ok(a) if a.kind == FileKind::Dir => {
+                    reply.opened(FileHandle(0), FopenFlags::empty())
+                }
+                Ok(_) => reply.error(Errno::ENOTDIR),
+                Err(e) => {
+                    this.count_err(&e);
+                    reply.error(errno(&e))
+                }
+            }
+        });
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let this = self.this();
+        self.spawn(async move {
+            // Cookies: "." is 1, ".." is 2, entries carry their name hash (≥ 16).
+            if offset == 0 && reply.add(ino, 1, FileType::Directory, ".") {
+                return reply.ok();
+            }
+            if offset <= 1 && reply.add(ino, 2, FileType::Directory, "..") {
+                return reply.ok();
+            }
+            let mut cookie = offset;
+            loop {
+                let page = match this.shared.fs.readdir(ino.0, cookie, READDIR_PAGE).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        this.count_err(&e);
+                        return reply.error(errno(&e));
+                    }
+                };
+                if page.is_empty() {
+                    return reply.ok();
+                }
+                for e in page {
+                    let name = OsStr::from_bytes(&e.name);
+                    if reply.add(INodeNo(e.ino), e.cookie, file_type(e.kind), name) {
+                        return reply.ok();
+                    }
+                    cookie = e.cookie;
+                }
+            }
+        });
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let this = self.this();
+        self.spawn(async move {
+            let ttl = this.shared.attr_ttl;
+            let dir = match this.shared.fs.getattr(ino.0).await {
+                Ok(a) => a,
+                Err(e) => return reply.error(errno(&e)),
+            };
+            if offset == 0 && reply.add(ino, 1, ".", &ttl, &fattr(&dir), Generation(0)) {
+                return reply.ok();
+            }
+            if offset <= 1 && reply.add(ino, 2, "..", &ttl, &fattr(&dir), Generation(0)) {
+                return reply.ok();
+            }
+            let mut cookie = offset;
+            loop {
+                let page = match this.shared.fs.readdir(ino.0, cookie, READDIR_PAGE).await {
+                    Ok(p) => p,
+                    Err(e) => return reply.error(errno(&e)),
+                };
+                if page.is_empty() {
+                    return reply.ok();
+                }
+                for e in page {
+                    let a = match this.shared.fs.getattr(e.ino).await {
+                        Ok(a) => a,
+                        Err(FsError::NotFound) => {
+                            cookie = e.cookie;
+                            continue;
+                        }
+                        Err(err) => return reply.error(errno(&err)),
+                    };
+                    let name = OsStr::from_bytes(&e.name);
+                    if reply.add(
+                        INodeNo(e.ino),
+                        e.cookie,
+                        name,
+                        &ttl,
+                        &fattr(&a),
+                        Generation(0),
+                    ) {
+                        return reply.ok();
+                    }
+                    this.shared.told(&a);
+                    cookie = e.cookie;
+                }
+            }
+        });
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Every namespace change is a committed etcd transaction when its request returns.
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let s = (self.shared.space)();
+        let bsize: u64 = 4096;
+        let blocks = s.total_bytes / bsize;
+        let bfree = (s.free_bytes / bsize).min(blocks);
+        reply.statfs(
+            blocks,
+            bfree,
+            bfree,
+            1 << 40,
+            1 << 40,
+            bsize as u32,
+            twinfs_core::NAME_MAX as u32,
+            bsize as u32,
+        );
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let this = self.this();
+        let name = name.as_bytes().to_vec();
+        let value = value.to_vec();
+        self.spawn(async move {
+            let r = async {
+                let how = XattrSet::from_flags(flags)?;
+                this.shared.fs.set_xattr(ino.0, &name, &value, how).await
+            }
+            .await;
+            empty(&this, reply, r);
+        });
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let this = self.this();
+        let name = name.as_bytes().to_vec();
+        self.spawn(async move {
+            let r = async {
+                let v = this.shared.fs.get_xattr(ino.0, &name).await?;
+                XattrReply::for_size(v, size)
+            }
+            .await;
+            xattr(&this, reply, r);
+        });
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let this = self.this();
+        self.spawn(async move {
+            let r = async {
+                let names = this.shared.fs.list_xattr(ino.0).await?;
+                XattrReply::for_size(Fs::xattr_list_bytes(&names), size)
+            }
+            .await;
+            xattr(&this, reply, r);
+        });
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let this = self.this();
+        let name = name.as_bytes().to_vec();
+        self.spawn(async move {
+            let r = this.shared.fs.remove_xattr(ino.0, &name).await;
+            empty(&this, reply, r);
+        });
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // Permission checks are the kernel's (default_permissions); this only answers whether
+        // the inode exists.
+        let this = self.this();
+        self.spawn(async move {
+            let r = this.shared.fs.getattr(ino.0).await.map(|_| ());
+            empty(&this, reply, r);
+        });
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let this = self.this();
+        let name = name.as_bytes().to_vec();
+        let (uid, gid) = (req.uid(), req.gid());
+        let exclusive = flags & libc::O_EXCL != 0;
+        self.spawn(async move {
+            let r = async {
+                let (attr, _created) = this
+                    .shared
+                    .fs
+                    .create(parent.0, &name, mode & 0o7777, uid, gid, exclusive)
+                    .await?;
+                let f = this.shared.fs.open(attr.ino).await?;
+                Ok::<_, FsError>((attr, f))
+            }
+            .await;
+            match r {
+                Ok((attr, f)) => {
+                    this.shared.told(&attr);
+                    let fh = this.shared.add_handle(f);
+                    reply.created(
+                        &this.shared.attr_ttl,
+                        &fattr(&attr),
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::FOPEN_KEEP_CACHE,
+                    )
+                }
+                Err(e) => {
+                    this.count_err(&e);
+                    reply.error(errno(&e))
+                }
+            }
+        });
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let this = self.this();
+        self.spawn(async move {
+            let r = async {
+                if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
+                    return Err(FsError::NotSupported("fallocate mode"));
+                }
+                if mode & libc::FALLOC_FL_KEEP_SIZE != 0 {
+                    // Space is not reserved ahead in twinfs; nothing to do.
+                    return Ok(());
+                }
+                let end = offset.checked_add(length).ok_or(FsError::FileTooBig)?;
+                // Buffered writes first, so the size compared below is the real one.
+                this.flush_handle(fh).await?;
+                let a = this.shared.fs.getattr(ino.0).await?;
+                if end > a.size {
+                    let sa = SetAttr {
+                        size: Some(end),
+                        ..Default::default()
+                    };
+                    let a = this.shared.fs.setattr(ino.0, sa).await?;
+                    this.shared.told(&a);
+                    if let Some(n) = this.shared.notifier() {
+                        let _ = n.inval_inode(INodeNo(ino.0), -1, 0);
+                    }
+                }
+                Ok(())
+            }
+            .await;
+            empty(&this, reply, r);
+        });
+    }
+}
+
+impl TwinFs {
+    async fn flush_handle(&self, fh: FileHandle) -> Result<(), FsError> {
+        let Some(h) = self.shared.handle(fh) else {
+            return Ok(());
+        };
+        let mut g = h.file.write().await;
+        match g.as_mut() {
+            Some(f) => self.shared.fs.flush(f).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Close-to-open: if the inode changed since the kernel was last told, make the kernel
+    /// drop its cached attributes and pages before this open returns.
+    fn revalidate_for_open(&self, fresh: &Attr) -> FopenFlags {
+        let before = self
+            .shared
+            .told_kernel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(fresh.ino, (fresh.size, fresh.mtime_ns));
+        match before {
+            Some(b) if b == (fresh.size, fresh.mtime_ns) => FopenFlags::FOPEN_KEEP_CACHE,
+            _ => {
+                if let Some(n) = self.shared.notifier() {
+                    // Attributes only (offset -1): a quick call that takes no inode lock, so it
+                    // is safe from inside a request. Without KEEP_CACHE the kernel drops the
+                    // file's pages itself.
+                    let _ = n.inval_inode(INodeNo(fresh.ino), -1, 0);
+                }
+                FopenFlags::empty()
+            }
+        }
+    }
+
+    /// After a sequential read ending at `end`, fetch the next chunk's block into the cache
+    /// when the reader is within the last quarter of the current chunk.
+    fn read_ahead(&self, h: &Arc<Handle_>, end: u64) {
+        let cs = self.shared.fs.chunk_size();
+        let next = end / cs + 1;
+        if end % cs < cs - cs / 4 {
+            return;
+        }
+        if h.prefetched.swap(next + 1, Ordering::Relaxed) == next + 1 {
+            return;
+        }
+        let h = h.clone();
+        let fs = self.shared.fs.clone();
+        self.rt.spawn(async move {
+            let g = h.file.read().await;
+            if let Some(f) = g.as_ref() {
+                fs.prefetch(f, next * cs).await;
+            }
+        });
+    }
+}

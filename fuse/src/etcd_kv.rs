@@ -1,0 +1,378 @@
+//! [`EtcdKv`]: the core's [`MetaKv`] over etcd's KV API.
+//!
+//! | core call | etcd request |
+//! |---|---|
+//! | `get(key)` | `Range{key}` → (value, mod_revision) |
+//! | `range(start, end, limit)` | `Range{start, range_end, limit}`; an empty `end` becomes etcd's `"\0"` (to the end of the key space); `more` from the response |
+//! | `txn(compares, ops)` | `Txn{compare: mod_revision(key) == rev for each, success: puts/deletes}` → `succeeded` |
+//!
+//! Every request is bounded by [`EtcdKv::timeout`] (5 s by default): an etcd that does not
+//! answer becomes [`KvError::Unavailable`], never a hang. Reads are idempotent, so a read that
+//! fails transiently is retried a couple of times with a short back-off inside that same bound.
+//! A transaction is **never** retried here: after a timeout or a broken connection it may or
+//! may not have committed, and only the caller (the core, which re-reads and re-compares) can
+//! find out safely.
+//!
+//! The instance remembers the revisions of its own committed write transactions (the last
+//! [`OWN_REVISIONS_KEPT`]), so the mount's etcd watch can tell its own changes from other
+//! mounts' ([`EtcdKv::is_own_revision`]).
+//!
+//! The futures use `tokio::time` and must be polled inside a tokio runtime.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use etcd_client::{CompareOp, GetOptions, KvClient};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use tokio::time::Instant;
+use twinfs_core::{Compare, KvEntry, KvError, MetaKv, RangePage, Revision, TxnOp};
+
+/// Default bound on one request (reads: including their retries).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How many of this instance's own write revisions are remembered.
+pub const OWN_REVISIONS_KEPT: usize = 4096;
+/// Extra attempts of a read after a transient failure.
+const READ_RETRIES: u32 = 2;
+/// Back-off before the first read retry (doubled for the next).
+const READ_BACKOFF: Duration = Duration::from_millis(50);
+
+/// The core's metadata store over etcd. Cheap to share (`Arc<EtcdKv>`); all methods take `&self`.
+pub struct EtcdKv {
+    kv: KvClient,
+    timeout: Duration,
+    own: Mutex<BTreeSet<Revision>>,
+    round_trips: AtomicU64,
+}
+
+impl std::fmt::Debug for EtcdKv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdKv")
+            .field("timeout", &self.timeout)
+            .field("round_trips", &self.round_trips())
+            .finish()
+    }
+}
+
+/// What went wrong with one attempt, before it is mapped to a [`KvError`].
+fn classify(e: etcd_client::Error) -> KvError {
+    use etcd_client::Error as E;
+    use tonic::Code;
+    match e {
+        E::GRpcStatus(s) => {
+            let msg = s.message().to_string();
+            let lower = msg.to_ascii_lowercase();
+            let too_large = lower.contains("too many operations")
+                || lower.contains("too large")
+                || lower.contains("larger than max");
+            match s.code() {
+                _ if too_large => KvError::TooLarge(msg),
+                Code::ResourceExhausted => KvError::TooLarge(msg),
+                Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted => {
+                    KvError::Unavailable(format!("{:?}: {msg}", s.code()))
+                }
+                // tonic reports connection-level failures as Unknown with a transport message.
+                Code::Unknown
+                    if lower.contains("transport")
+                        || lower.contains("connect")
+                        || lower.contains("broken pipe")
+                        || lower.contains("connection") =>
+                {
+                    KvError::Unavailable(msg)
+                }
+                code => KvError::Other(format!("{code:?}: {msg}")),
+            }
+        }
+        E::TransportError(t) => KvError::Unavailable(format!("transport error: {t}")),
+        E::IoError(io) => KvError::Unavailable(format!("i/o error: {io}")),
+        E::EndpointError(m) => KvError::Unavailable(format!("endpoint error: {m}")),
+        other => KvError::Other(other.to_string()),
+    }
+}
+
+fn to_i64(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl EtcdKv {
+    /// Wraps a connected client (see `twinfs_cluster::etcd::EtcdConfig::connect`).
+    pub fn new(client: etcd_client::Client) -> EtcdKv {
+        EtcdKv {
+            kv: client.kv_client(),
+            timeout: DEFAULT_TIMEOUT,
+            own: Mutex::new(BTreeSet::new()),
+            round_trips: AtomicU64::new(0),
+        }
+    }
+
+    /// Sets the bound on every request (at least 1 ms).
+    pub fn with_timeout(mut self, timeout: Duration) -> EtcdKv {
+        self.timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// The bound on every request.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Requests sent to etcd so far (retries included).
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips.load(Ordering::Relaxed)
+    }
+
+    /// True when `rev` is the revision of a write transaction this instance committed (among
+    /// the last [`OWN_REVISIONS_KEPT`]). Every event of an etcd watch carries the revision of the
+    /// transaction that caused it, so the watch can skip the mount's own changes.
+    pub fn is_own_revision(&self, rev: Revision) -> bool {
+        self.own
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&rev)
+    }
+
+    fn remember_own(&self, rev: Revision) {
+        let mut own = self.own.lock().unwrap_or_else(|e| e.into_inner());
+        own.insert(rev);
+        while own.len() > OWN_REVISIONS_KEPT {
+            own.pop_first();
+        }
+    }
+
+    /// Runs a read with retries on transient failures, all within one `timeout`.
+    async fn read<T, F, Fut>(&self, what: &str, mut attempt: F) -> Result<T, KvError>
+    where
+        F: FnMut(KvClient) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = Instant::now() + self.timeout;
+        let mut backoff = READ_BACKOFF;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            self.round_trips.fetch_add(1, Ordering::Relaxed);
+            let err = match tokio::time::timeout_at(deadline, attempt(self.kv.clone())).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => classify(e),
+                Err(_) => {
+                    return Err(KvError::Unavailable(format!(
+                        "etcd {what} did not answer within {:?}",
+                        self.timeout
+                    )))
+                }
+            };
+            let transient = matches!(err, KvError::Unavailable(_));
+            if !transient || tries > READ_RETRIES || Instant::now() + backoff >= deadline {
+                return Err(err);
+            }
+            tracing::debug!(error = %err, "etcd {what} failed; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff *= 2;
+        }
+    }
+
+    async fn get_impl(&self, key: &[u8]) -> Result<Option<(Vec<u8>, Revision)>, KvError> {
+        if key.is_empty() {
+            return Ok(None); // etcd has no empty key (and refuses to look one up)
+        }
+        let resp = self
+            .read("get", |mut kv| {
+                let key = key.to_vec();
+                async move { kv.get(key, None).await }
+            })
+            .await?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .find(|kv| kv.key() == key)
+            .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
+    }
+
+    async fn range_impl(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<RangePage, KvError> {
+        if !end.is_empty() && start >= end {
+            return Ok(RangePage::default());
+        }
+        // etcd refuses an empty key; "\0" is the smallest key that can exist.
+        let start: Vec<u8> = if start.is_empty() {
+            vec![0]
+        } else {
+            start.to_vec()
+        };
+        // An empty end means "to the end of the key space": etcd spells that "\0".
+        let end: Vec<u8> = if end.is_empty() {
+            vec![0]
+        } else {
+            end.to_vec()
+        };
+        let mut resp = self
+            .read("range", |mut kv| {
+                let start = start.clone();
+                let opts = GetOptions::new()
+                    .with_range(end.clone())
+                    .with_limit(to_i64(limit));
+                async move { kv.get(start, Some(opts)).await }
+            })
+            .await?;
+        let more = resp.more();
+        let mut entries: Vec<KvEntry> = resp
+            .take_kvs()
+            .into_iter()
+            .map(|kv| {
+                let mod_revision = kv.mod_revision();
+                let (key, value) = kv.into_key_value();
+                KvEntry {
+                    key,
+                    value,
+                    mod_revision,
+                }
+            })
+            .collect();
+        // Defensive: never hand the core more than it asked for.
+        let more = if limit != 0 && entries.len() > limit {
+            entries.truncate(limit);
+            true
+        } else {
+            more
+        };
+        Ok(RangePage { entries, more })
+    }
+
+    async fn txn_impl(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> Result<bool, KvError> {
+        // Does a successful commit certainly create a new revision? A put always does; a delete
+        // only if its key existed, which is certain when the same txn compared it to a real
+        // revision. Otherwise etcd may leave the revision unchanged, and the header's revision
+        // would be somebody else's write: not ours to claim.
+        let writes = ops.iter().any(|op| match op {
+            TxnOp::Put { .. } => true,
+            TxnOp::Delete { key } => compares.iter().any(|c| &c.key == key && c.mod_revision > 0),
+        });
+        let txn = etcd_client::Txn::new()
+            .when(
+                compares
+                    .into_iter()
+                    .map(|c| {
+                        etcd_client::Compare::mod_revision(c.key, CompareOp::Equal, c.mod_revision)
+                    })
+                    .collect::<Vec<_>>(),
+            )
+            .and_then(
+                ops.into_iter()
+                    .map(|op| match op {
+                        TxnOp::Put { key, value } => etcd_client::TxnOp::put(key, value, None),
+                        TxnOp::Delete { key } => etcd_client::TxnOp::delete(key, None),
+                    })
+                    .collect::<Vec<_>>(),
+            );
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        let mut kv = self.kv.clone();
+        // No retry: after a timeout or a transport failure the txn may have committed.
+        let resp = match tokio::time::timeout(self.timeout, kv.txn(txn)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Err(classify(e)),
+            Err(_) => {
+                return Err(KvError::Unavailable(format!(
+                    "etcd txn did not answer within {:?} (it may or may not have been applied)",
+                    self.timeout
+                )))
+            }
+        };
+        let ok = resp.succeeded();
+        if ok && writes {
+            match resp.header().map(|h| h.revision()) {
+                Some(rev) if rev > 0 => self.remember_own(rev),
+                _ => tracing::warn!("etcd txn response without a revision"),
+            }
+        }
+        Ok(ok)
+    }
+}
+
+impl MetaKv for EtcdKv {
+    fn get<'a>(
+        &'a self,
+        key: &'a [u8],
+    ) -> BoxFuture<'a, Result<Option<(Vec<u8>, Revision)>, KvError>> {
+        self.get_impl(key).boxed()
+    }
+
+    fn range<'a>(
+        &'a self,
+        start: &'a [u8],
+        end: &'a [u8],
+        limit: usize,
+    ) -> BoxFuture<'a, Result<RangePage, KvError>> {
+        self.range_impl(start, end, limit).boxed()
+    }
+
+    fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> BoxFuture<'_, Result<bool, KvError>> {
+        self.txn_impl(compares, ops).boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: tonic::Code, msg: &str) -> etcd_client::Error {
+        etcd_client::Error::GRpcStatus(tonic::Status::new(code, msg))
+    }
+
+    #[test]
+    fn errors_are_classified() {
+        use tonic::Code;
+        assert!(matches!(
+            classify(status(
+                Code::InvalidArgument,
+                "etcdserver: too many operations in txn request"
+            )),
+            KvError::TooLarge(_)
+        ));
+        assert!(matches!(
+            classify(status(
+                Code::InvalidArgument,
+                "etcdserver: request is too large"
+            )),
+            KvError::TooLarge(_)
+        ));
+        assert!(matches!(
+            classify(status(
+                Code::ResourceExhausted,
+                "grpc: received message larger than max (2000000 vs. 1572864)"
+            )),
+            KvError::TooLarge(_)
+        ));
+        assert!(matches!(
+            classify(status(Code::Unavailable, "etcdserver: leader changed")),
+            KvError::Unavailable(_)
+        ));
+        assert!(matches!(
+            classify(status(Code::Cancelled, "Timeout expired")),
+            KvError::Unavailable(_)
+        ));
+        assert!(matches!(
+            classify(status(Code::Unknown, "transport error")),
+            KvError::Unavailable(_)
+        ));
+        assert!(matches!(
+            classify(status(
+                Code::InvalidArgument,
+                "etcdserver: duplicate key given in txn request"
+            )),
+            KvError::Other(_)
+        ));
+        assert!(matches!(
+            classify(status(
+                Code::PermissionDenied,
+                "etcdserver: permission denied"
+            )),
+            KvError::Other(_)
+        ));
+    }
+}

@@ -1,0 +1,343 @@
+//! `twinfs mount`: connect to etcd and the nodes, open the volume, mount it through FUSE,
+//! serve until unmounted or signalled, then flush and leave cleanly.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use etcd_client::GetOptions;
+use fuser::{Config, MountOption, Session, SessionACL};
+use twinfs_cluster::client::{BlockClient, ClientOptions};
+use twinfs_cluster::etcd::EtcdConfig;
+use twinfs_cluster::membership::Membership;
+use twinfs_cluster::pki::Identity;
+use twinfs_core::schema::Keys;
+use twinfs_core::{BlockIo, CachedBlocks, Fs, FsOptions, MetaKv};
+
+use crate::adapter::{Shared, SpaceInfo, TwinFs};
+use crate::block_io::ClusterBlocks;
+use crate::etcd_kv::EtcdKv;
+use crate::volume;
+
+/// Everything `twinfs mount` needs.
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    pub volume: String,
+    pub mountpoint: PathBuf,
+    pub etcd: EtcdConfig,
+    /// Directory with ca.crt, tls.crt, tls.key (a client or node certificate of the cluster).
+    pub tls_dir: PathBuf,
+    /// How long the kernel may cache attributes and entries (other nodes' changes are pushed
+    /// out sooner by the etcd watch; this is the bound if the watch is cut off).
+    pub attr_ttl: Duration,
+    /// Bytes of block data cached in memory.
+    pub cache_bytes: usize,
+    /// Unflushed bytes one open file may buffer before it flushes by itself.
+    pub write_buffer_bytes: usize,
+    /// fuser worker threads (each with its own /dev/fuse fd).
+    pub fuse_threads: usize,
+    /// How long to wait for at least one live node at start.
+    pub wait_for_nodes: Duration,
+}
+
+impl MountConfig {
+    pub fn new(volume: &str, mountpoint: &Path, etcd: EtcdConfig, tls_dir: &Path) -> MountConfig {
+        MountConfig {
+            volume: volume.to_string(),
+            mountpoint: mountpoint.to_path_buf(),
+            etcd,
+            tls_dir: tls_dir.to_path_buf(),
+            attr_ttl: Duration::from_secs(1),
+            cache_bytes: 256 << 20,
+            write_buffer_bytes: 64 << 20,
+            fuse_threads: 4,
+            wait_for_nodes: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Mounts and serves until the filesystem is unmounted (`umount`, `twinfs umount`) or the
+/// process gets SIGTERM/SIGINT (then it flushes open files and unmounts). `ready` is called
+/// once the mount is live.
+pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<()> {
+    let meta = std::fs::metadata(&cfg.mountpoint)
+        .with_context(|| format!("mount point {}", cfg.mountpoint.display()))?;
+    if !meta.is_dir() {
+        bail!(
+            "mount point {} is not a directory",
+            cfg.mountpoint.display()
+        );
+    }
+    let mountpoint = cfg
+        .mountpoint
+        .canonicalize()
+        .with_context(|| format!("mount point {}", cfg.mountpoint.display()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .thread_name("twinfs-mount")
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+
+    let opened = rt.block_on(open(&cfg, &mountpoint))?;
+    let Opened {
+        shared,
+        etcd,
+        kv,
+        start_revision,
+        registration,
+    } = opened;
+
+    let fuse_cfg = {
+        let mut c = Config::default();
+        c.mount_options = vec![
+            MountOption::FSName(format!("twinfs:{}", cfg.volume)),
+            MountOption::Subtype("twinfs".into()),
+            MountOption::DefaultPermissions,
+            MountOption::NoAtime,
+            MountOption::Dev,
+            MountOption::Suid,
+        ];
+        c.acl = SessionACL::All;
+        c.n_threads = Some(cfg.fuse_threads.max(1));
+        c.clone_fd = true;
+        c
+    };
+    let session = Session::new(
+        TwinFs::new(shared.clone(), rt.handle().clone()),
+        &mountpoint,
+        &fuse_cfg,
+    )
+    .with_context(|| format!("mounting {} (is /dev/fuse usable?)", mountpoint.display()))?;
+    shared.set_notifier(session.notifier());
+    let is_own: Arc<dyn Fn(i64) -> bool + Send + Sync> = {
+        let kv = kv.clone();
+        Arc::new(move |rev| kv.is_own_revision(rev))
+    };
+    let _watch = {
+        let _guard = rt.enter();
+        crate::watch::start(
+            etcd.clone(),
+            Keys::new(&cfg.volume),
+            start_revision,
+            shared.clone(),
+            is_own,
+        )
+        .context("starting the volume watch")?
+    };
+    let bg = session.spawn().context("starting the FUSE session")?;
+    tracing::info!(volume = %cfg.volume, path = %mountpoint.display(), "mounted");
+    ready();
+
+    // Wait for the session to end (unmounted from outside) or for a signal.
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let joiner = std::thread::Builder::new()
+        .name("twinfs-session".into())
+        .spawn(move || {
+            if let Err(e) = bg.join() {
+                tracing::warn!(error = %e, "FUSE session ended with an error");
+            }
+            let _ = done_tx.send(());
+        })
+        .context("starting the session thread")?;
+    let signalled = rt.block_on(async {
+        tokio::select! {
+            _ = done_rx => false,
+            _ = shutdown_signal() => true,
+        }
+    });
+    if signalled {
+        tracing::info!("signal received: flushing open files and unmounting");
+        let failed = rt.block_on(shared.flush_all());
+        if failed > 0 {
+            tracing::error!(failed, "some open files could not be flushed");
+        }
+        if let Err(e) = unmount(&mountpoint, false) {
+            tracing::warn!(error = %e, "unmount refused (files open?); detaching lazily");
+            if let Err(e) = unmount(&mountpoint, true) {
+                tracing::error!(error = %e, "lazy unmount failed");
+            }
+        }
+        // The session ends once the kernel lets go of the connection.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !joiner.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    } else {
+        let _ = joiner.join();
+    }
+    rt.block_on(async {
+        if let Err(e) = registration.leave().await {
+            tracing::debug!(error = %e, "leaving the mount registry");
+        }
+    });
+    tracing::info!(volume = %cfg.volume, path = %mountpoint.display(), "unmounted");
+    rt.shutdown_timeout(Duration::from_secs(2));
+    Ok(())
+}
+
+struct Opened {
+    shared: Arc<Shared>,
+    etcd: etcd_client::Client,
+    kv: Arc<EtcdKv>,
+    start_revision: i64,
+    registration: volume::MountRegistration,
+}
+
+async fn open(cfg: &MountConfig, mountpoint: &Path) -> Result<Opened> {
+    let identity = Identity::load(&cfg.tls_dir)
+        .with_context(|| format!("loading the certificate in {}", cfg.tls_dir.display()))?;
+    let etcd = cfg.etcd.connect().await?;
+    let record = volume::get(&etcd, &cfg.volume).await?;
+    let membership = Membership::watch(etcd.clone()).await?;
+    if !membership
+        .wait_until(cfg.wait_for_nodes, |live| !live.is_empty())
+        .await
+    {
+        bail!(
+            "no twinfs node is alive in etcd at {:?} (waited {:?}); start one with `twinfs node`",
+            cfg.etcd.endpoints,
+            cfg.wait_for_nodes
+        );
+    }
+    let client = BlockClient::new(
+        &identity,
+        membership.clone(),
+        ClientOptions {
+            replicas: usize::from(record.replicas),
+            ..Default::default()
+        },
+    )?;
+    let blocks: Arc<dyn BlockIo> = Arc::new(CachedBlocks::new(
+        Arc::new(ClusterBlocks::new(client)),
+        cfg.cache_bytes,
+    ));
+    let kv = Arc::new(EtcdKv::new(etcd.clone()));
+    let keys = Keys::new(&cfg.volume);
+    // The revision our view starts at: the watch reports every change after it.
+    let mut c = etcd.clone();
+    let start_revision = tokio::time::timeout(
+        Duration::from_secs(5),
+        c.get(keys.prefix(), Some(GetOptions::new().with_count_only())),
+    )
+    .await
+    .context("etcd did not answer")??
+    .header()
+    .map(|h| h.revision())
+    .unwrap_or(0);
+    let sleep: twinfs_core::Sleeper =
+        Arc::new(|d| Box::pin(tokio::time::sleep(d)) as futures::future::BoxFuture<'static, ()>);
+    let fs = Fs::open_volume(
+        kv.clone() as Arc<dyn MetaKv>,
+        blocks,
+        &cfg.volume,
+        FsOptions {
+            chunk_size: record.chunk_size,
+            max_dirty_bytes: cfg.write_buffer_bytes,
+            sleep: Some(sleep),
+            ..Default::default()
+        },
+    )
+    .await
+    .with_context(|| format!("opening volume {}", cfg.volume))?;
+    let fs = Arc::new(fs);
+    // Leftovers of crashed mounts: unlinked files nobody can have open any more.
+    match fs.purge_orphans(&[]).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(purged = n, "purged orphaned inodes"),
+        Err(e) => tracing::warn!(error = %e, "purging orphans failed"),
+    }
+    let registration = volume::register_mount(&etcd, &cfg.volume, mountpoint).await?;
+    let replicas = u64::from(record.replicas.max(1));
+    let quota = record.quota_bytes;
+    let space_membership = membership.clone();
+    let space = Arc::new(move || {
+        let live = space_membership.live();
+        let total: u64 = live.iter().map(|n| n.capacity).sum::<u64>() / replicas;
+        let free: u64 = live.iter().map(|n| n.free).sum::<u64>() / replicas;
+        match quota {
+            Some(q) => SpaceInfo {
+                total_bytes: q,
+                free_bytes: free.min(q),
+            },
+            None => SpaceInfo {
+                total_bytes: total,
+                free_bytes: free.min(total),
+            },
+        }
+    });
+    let shared = Shared::new(fs, cfg.attr_ttl, space);
+    Ok(Opened {
+        shared,
+        etcd,
+        kv,
+        start_revision,
+        registration,
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            }
+        }
+        _ => futures::future::pending::<()>().await,
+    }
+}
+
+/// Unmounts `path` (lazily: detached now, released when the last user lets go).
+pub fn unmount(path: &Path, lazy: bool) -> Result<()> {
+    use nix::mount::{umount2, MntFlags};
+    let flags = if lazy {
+        MntFlags::MNT_DETACH
+    } else {
+        MntFlags::empty()
+    };
+    match umount2(path, flags) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EPERM) => {
+            // Not root: the setuid helper may unmount FUSE mounts of this user.
+            let mut cmd = std::process::Command::new("fusermount3");
+            cmd.arg("-u");
+            if lazy {
+                cmd.arg("-z");
+            }
+            let status = cmd.arg(path).status().context("running fusermount3 -u")?;
+            if !status.success() {
+                bail!("fusermount3 -u {} failed", path.display());
+            }
+            Ok(())
+        }
+        Err(nix::errno::Errno::EBUSY) => {
+            bail!("{} is busy: files are open on it", path.display())
+        }
+        Err(nix::errno::Errno::EINVAL) => bail!("{} is not a mount point", path.display()),
+        Err(e) => bail!("unmounting {}: {e}", path.display()),
+    }
+}
+
+/// Whether `path` is currently a twinfs mount point (from /proc/self/mountinfo).
+pub fn is_twinfs_mount(path: &Path) -> bool {
+    let Ok(canon) = path.canonicalize() else {
+        return false;
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = canon.to_string_lossy().replace(' ', "\\040");
+    info.lines().any(|l| {
+        let fields: Vec<&str> = l.split(' ').collect();
+        let Some(sep) = fields.iter().position(|f| *f == "-") else {
+            return false;
+        };
+        fields.get(4) == Some(&want.as_str())
+            && fields.get(sep + 1).is_some_and(|t| *t == "fuse.twinfs")
+    })
+}

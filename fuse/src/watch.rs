@@ -1,0 +1,301 @@
+//! Follows a volume's keys in etcd and pushes other mounts' changes out of this mount's caches:
+//! the core's per-handle metadata caches ([`twinfs_core::Fs::invalidate`]) and the kernel's
+//! dentry, attribute and page caches (fuser's `Notifier`).
+//!
+//! - `i/<ino>` changed by another mount → the core forgets the inode's chunk map, the kernel
+//!   forgets its attributes, and, when size or mtime changed (new data), its cached pages.
+//! - `d/<parent>/<hash>/<name>` created or deleted → the kernel forgets that dentry (positive
+//!   or negative), so the next lookup asks etcd.
+//! - Events whose revision is one of this mount's own transactions are skipped: the kernel
+//!   already knows about changes made through it.
+//!
+//! Kernel notifications are written to `/dev/fuse` by a dedicated thread, never from a tokio
+//! worker: `inval_entry` takes the directory's lock in the kernel and may wait for a request
+//! of ours in flight on that directory.
+//!
+//! The watch resumes from the last revision it processed when the stream breaks (etcd
+//! restart, leader change). If etcd compacted past that revision, the changes in between are
+//! unknown: every cached inode is invalidated, and dentries fall back to their TTL.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{EventType, GetOptions, WatchOptions};
+use fuser::INodeNo;
+use twinfs_core::schema::{decode_inode, Keys};
+
+use crate::adapter::Shared;
+
+/// One kernel cache invalidation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidation {
+    /// A dentry of `parent` appeared or disappeared.
+    Entry { parent: u64, name: Vec<u8> },
+    /// An inode's attributes changed; `data` when its contents may have too.
+    Inode { ino: u64, data: bool },
+}
+
+/// What a changed key means for the caches; `None` for keys that no cache holds.
+pub fn classify(
+    keys: &Keys,
+    key: &[u8],
+    prev: Option<&[u8]>,
+    new: Option<&[u8]>,
+) -> Option<Invalidation> {
+    let rest = key.strip_prefix(keys.prefix())?;
+    if let Some(ino_hex) = rest.strip_prefix(b"i/") {
+        let ino = parse_hex(ino_hex)?;
+        let data = match (prev, new) {
+            (Some(p), Some(n)) => match (decode_inode(key, p), decode_inode(key, n)) {
+                (Ok(p), Ok(n)) => p.size != n.size || p.mtime_ns != n.mtime_ns,
+                _ => true,
+            },
+            _ => true,
+        };
+        return Some(Invalidation::Inode { ino, data });
+    }
+    if let Some(d) = rest.strip_prefix(b"d/") {
+        // <parent:16>/<hash:16>/<name>
+        if d.len() < 35 || d[16] != b'/' || d[33] != b'/' {
+            return None;
+        }
+        let parent = parse_hex(&d[..16])?;
+        return Some(Invalidation::Entry {
+            parent,
+            name: d[34..].to_vec(),
+        });
+    }
+    None
+}
+
+fn parse_hex(s: &[u8]) -> Option<u64> {
+    if s.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(s).ok()?, 16).ok()
+}
+
+/// Messages to the notifier thread.
+enum Notice {
+    One(Invalidation),
+    /// Invalidate these inodes' attributes and pages (after a compaction).
+    Inodes(Vec<u64>),
+}
+
+/// Starts the notifier thread and the watch task. `start_revision`: the etcd revision the
+/// mount's view started from (changes after it are reported). `is_own`: whether a revision
+/// is one of this mount's own transactions.
+pub fn start(
+    client: etcd_client::Client,
+    keys: Keys,
+    start_revision: i64,
+    shared: Arc<Shared>,
+    is_own: Arc<dyn Fn(i64) -> bool + Send + Sync>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let (tx, rx) = mpsc::channel::<Notice>();
+    let notify_shared = shared.clone();
+    std::thread::Builder::new()
+        .name("twinfs-notify".into())
+        .spawn(move || notifier_loop(rx, notify_shared))?;
+    Ok(tokio::spawn(follow(
+        client,
+        keys,
+        start_revision,
+        shared,
+        is_own,
+        tx,
+    )))
+}
+
+fn notifier_loop(rx: mpsc::Receiver<Notice>, shared: Arc<Shared>) {
+    while let Ok(n) = rx.recv() {
+        let Some(notifier) = shared.notifier() else {
+            continue;
+        };
+        // Errors are expected and harmless: ENOENT when the kernel has nothing cached for
+        // the inode or dentry, ENOTCONN once unmounted.
+        match n {
+            Notice::One(Invalidation::Entry { parent, name }) => {
+                let _ = notifier.inval_entry(INodeNo(parent), OsStr::from_bytes(&name));
+            }
+            Notice::One(Invalidation::Inode { ino, data }) => {
+                let _ = notifier.inval_inode(INodeNo(ino), if data { 0 } else { -1 }, 0);
+            }
+            Notice::Inodes(inos) => {
+                for ino in inos {
+                    let _ = notifier.inval_inode(INodeNo(ino), 0, 0);
+                }
+            }
+        }
+    }
+}
+
+async fn current_revision(client: &mut etcd_client::Client, keys: &Keys) -> Option<i64> {
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.get(keys.prefix(), Some(GetOptions::new().with_count_only())),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    r.header().map(|h| h.revision())
+}
+
+async fn follow(
+    client: etcd_client::Client,
+    keys: Keys,
+    start_revision: i64,
+    shared: Arc<Shared>,
+    is_own: Arc<dyn Fn(i64) -> bool + Send + Sync>,
+    tx: mpsc::Sender<Notice>,
+) {
+    let mut revision = start_revision;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut c = client.clone();
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_prev_key()
+            .with_start_revision(revision + 1);
+        let result: Result<(), String> = async {
+            let (_watcher, mut stream) = c
+                .watch(keys.prefix().to_vec(), Some(opts))
+                .await
+                .map_err(|e| e.to_string())?;
+            while let Some(resp) = stream.message().await.map_err(|e| e.to_string())? {
+                if resp.compact_revision() > 0 {
+                    return Err(format!("compacted to {}", resp.compact_revision()));
+                }
+                if resp.canceled() {
+                    return Err(format!("cancelled: {}", resp.cancel_reason()));
+                }
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    // For deletes too, mod_revision is the revision of the change.
+                    let rev = kv.mod_revision();
+                    revision = revision.max(rev);
+                    if is_own(rev) {
+                        continue;
+                    }
+                    let prev = ev.prev_kv().map(|p| p.value());
+                    let new = match ev.event_type() {
+                        EventType::Put => Some(kv.value()),
+                        EventType::Delete => None,
+                    };
+                    if let Some(inv) = classify(&keys, kv.key(), prev, new) {
+                        if let Invalidation::Inode { ino, .. } = &inv {
+                            shared.fs.invalidate(*ino);
+                            shared.forget_told(*ino);
+                        }
+                        if tx.send(Notice::One(inv)).is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+                backoff = Duration::from_millis(100);
+            }
+            Err("watch stream ended".into())
+        }
+        .await;
+        match result {
+            Ok(()) => return,
+            Err(e) if e.starts_with("compacted") => {
+                tracing::warn!(error = %e, "volume watch fell behind a compaction; invalidating all caches");
+                shared.fs.invalidate_all();
+                let inos = shared.told_inodes();
+                for ino in &inos {
+                    shared.forget_told(*ino);
+                }
+                if tx.send(Notice::Inodes(inos)).is_err() {
+                    return;
+                }
+                let mut c = client.clone();
+                if let Some(r) = current_revision(&mut c, &keys).await {
+                    revision = r;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, revision, "volume watch broke; resuming");
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(3));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use twinfs_core::schema::{encode, FileKind, InodeRec};
+
+    fn inode(size: u64, mtime: i64, mode: u32) -> Vec<u8> {
+        encode(&InodeRec {
+            kind: FileKind::File,
+            mode,
+            uid: 0,
+            gid: 0,
+            size,
+            nlink: 1,
+            atime_ns: 0,
+            mtime_ns: mtime,
+            ctime_ns: 0,
+            rdev: 0,
+            parent: 0,
+            target: None,
+        })
+    }
+
+    #[test]
+    fn keys_map_to_the_right_invalidations() {
+        let keys = Keys::new("vol");
+        let ik = keys.inode(42);
+        // chmod only: attributes, not data
+        assert_eq!(
+            classify(
+                &keys,
+                &ik,
+                Some(&inode(5, 1, 0o644)),
+                Some(&inode(5, 1, 0o600))
+            ),
+            Some(Invalidation::Inode {
+                ino: 42,
+                data: false
+            })
+        );
+        // new content: data too
+        assert_eq!(
+            classify(
+                &keys,
+                &ik,
+                Some(&inode(5, 1, 0o644)),
+                Some(&inode(5, 2, 0o644))
+            ),
+            Some(Invalidation::Inode {
+                ino: 42,
+                data: true
+            })
+        );
+        // corrupt previous value: be safe, drop data
+        assert_eq!(
+            classify(&keys, &ik, Some(b"garbage"), Some(&inode(5, 2, 0o644))),
+            Some(Invalidation::Inode {
+                ino: 42,
+                data: true
+            })
+        );
+        let dk = keys.dirent(7, b"photo.jpg");
+        assert_eq!(
+            classify(&keys, &dk, None, Some(b"x")),
+            Some(Invalidation::Entry {
+                parent: 7,
+                name: b"photo.jpg".to_vec()
+            })
+        );
+        assert_eq!(classify(&keys, &keys.chunk(42, 0), None, None), None);
+        assert_eq!(classify(&keys, b"/twinfs/v/vol/d/short", None, None), None);
+        assert_eq!(classify(&keys, b"/twinfs/other", None, None), None);
+    }
+}

@@ -1,0 +1,161 @@
+//! `twinfs mount` and `twinfs umount`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use twinfs_fuse::mount::{self, MountConfig};
+
+use crate::{resolve_conn, ConnArgs};
+
+#[derive(Args, Clone)]
+pub struct MountArgs {
+    /// The volume to mount (see `twinfs volume list`).
+    pub volume: String,
+    /// An existing, empty directory.
+    pub dir: PathBuf,
+    /// Stay in the foreground (logs to stderr) instead of detaching into the background.
+    #[arg(short, long)]
+    pub foreground: bool,
+    /// Where a background mount writes its log (default: /var/log/twinfs/mount-VOLUME.log, or
+    /// the temporary directory when that is not writable).
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+    /// Seconds the kernel may cache attributes and directory entries. Other nodes' changes are
+    /// pushed out of the cache at once by an etcd watch; this bounds staleness if the watch is cut.
+    #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
+    pub attr_timeout: f64,
+    /// MiB of file data (blocks) cached in memory.
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    pub cache_mb: usize,
+    /// MiB one open file may buffer before it writes its blocks out by itself.
+    #[arg(long, default_value_t = 64, value_name = "MIB")]
+    pub write_buffer_mb: usize,
+    /// Threads reading FUSE requests (each with its own /dev/fuse descriptor).
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+}
+
+pub fn mount(conn: &ConnArgs, args: MountArgs) -> Result<()> {
+    if !(0.0..=3600.0).contains(&args.attr_timeout) {
+        bail!("--attr-timeout must be between 0 and 3600 seconds");
+    }
+    if args.cache_mb > 1 << 20 || args.write_buffer_mb == 0 || args.write_buffer_mb > 4096 {
+        bail!("--cache-mb must be at most 1048576 and --write-buffer-mb between 1 and 4096");
+    }
+    if mount::is_twinfs_mount(&args.dir) {
+        bail!("{} is already a twinfs mount", args.dir.display());
+    }
+    let (etcd, tls_dir) = resolve_conn(conn)?;
+    if !args.foreground {
+        return daemonize(conn, &args);
+    }
+    let mut cfg = MountConfig::new(&args.volume, &args.dir, etcd, &tls_dir);
+    cfg.attr_ttl = Duration::from_secs_f64(args.attr_timeout);
+    cfg.cache_bytes = args.cache_mb << 20;
+    cfg.write_buffer_bytes = args.write_buffer_mb << 20;
+    cfg.fuse_threads = args.threads.clamp(1, 64);
+    let volume = args.volume.clone();
+    let dir = args.dir.clone();
+    mount::run(cfg, move || {
+        // The line a background parent waits for.
+        println!("mounted volume {volume} at {}", dir.display());
+        let _ = std::io::stdout().flush();
+    })
+}
+
+fn default_log(volume: &str) -> PathBuf {
+    let dir = Path::new("/var/log/twinfs");
+    if std::fs::create_dir_all(dir).is_ok() {
+        return dir.join(format!("mount-{volume}.log"));
+    }
+    std::env::temp_dir().join(format!("twinfs-mount-{volume}.log"))
+}
+
+/// Starts this same command again with `--foreground` in its own process group, with its log
+/// in a file, and returns once it reports the mount live (or fails, with its log's last lines).
+fn daemonize(conn: &ConnArgs, args: &MountArgs) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("finding the twinfs executable")?;
+    let log = args
+        .log_file
+        .clone()
+        .unwrap_or_else(|| default_log(&args.volume));
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .with_context(|| format!("opening log file {}", log.display()))?;
+    let mut cmd = Command::new(exe);
+    if let Some(c) = &conn.cluster {
+        cmd.arg("--cluster").arg(c);
+    }
+    for e in &conn.etcd {
+        cmd.arg("--etcd").arg(e);
+    }
+    if let Some(d) = &conn.tls_dir {
+        cmd.arg("--tls-dir").arg(d);
+    }
+    cmd.arg("mount")
+        .arg(&args.volume)
+        .arg(&args.dir)
+        .arg("--foreground")
+        .arg("--attr-timeout")
+        .arg(args.attr_timeout.to_string())
+        .arg("--cache-mb")
+        .arg(args.cache_mb.to_string())
+        .arg("--write-buffer-mb")
+        .arg(args.write_buffer_mb.to_string())
+        .arg("--threads")
+        .arg(args.threads.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file)
+        .process_group(0);
+    let mut child = cmd.spawn().context("starting the mount process")?;
+    let Some(out) = child.stdout.take() else {
+        bail!("mount process has no stdout");
+    };
+    let mut line = String::new();
+    let n = BufReader::new(out).read_line(&mut line).unwrap_or(0);
+    if n > 0 && line.starts_with("mounted") {
+        println!(
+            "{} (pid {}, log {})",
+            line.trim_end(),
+            child.id(),
+            log.display()
+        );
+        return Ok(());
+    }
+    let status = child.wait().ok();
+    let tail = std::fs::read_to_string(&log)
+        .map(|s| {
+            let lines: Vec<&str> = s.lines().collect();
+            lines[lines.len().saturating_sub(5)..].join("\n")
+        })
+        .unwrap_or_default();
+    bail!(
+        "the mount process exited ({}) before mounting; last lines of {}:\n{tail}",
+        status
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "unknown status".into()),
+        log.display()
+    )
+}
+
+pub fn umount(dir: &Path, lazy: bool) -> Result<()> {
+    if !mount::is_twinfs_mount(dir) {
+        bail!("{} is not a twinfs mount", dir.display());
+    }
+    mount::unmount(dir, lazy)?;
+    // The mount process sees its session end, leaves the mount registry and exits.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while mount::is_twinfs_mount(dir) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("unmounted {}", dir.display());
+    Ok(())
+}

@@ -28,6 +28,8 @@ pub struct MountEntry {
     pub path: PathBuf,
     pub pid: u32,
     pub volume: String,
+    #[serde(default)]
+    pub log: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

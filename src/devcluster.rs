@@ -18,7 +18,7 @@ use twinfs_cluster::etcd::EtcdConfig;
 use twinfs_cluster::membership::Membership;
 use twinfs_cluster::pki::{self, CertRole};
 
-use crate::clusterfile::{ClusterFile, EtcdEntry, NodeEntry};
+use crate::clusterfile::{ClusterFile, EtcdEntry, MountEntry, NodeEntry};
 
 fn free_tcp_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -123,9 +123,25 @@ impl Drop for Started {
     }
 }
 
-pub async fn up(dir: &Path, n: usize, lease_ttl: u64) -> Result<()> {
+/// What `dev-cluster up` starts.
+pub struct UpOptions {
+    pub nodes: usize,
+    pub lease_ttl: u64,
+    /// Mounts of `volume` to start (0: no volume is created).
+    pub mounts: usize,
+    pub volume: String,
+}
+
+pub async fn up(dir: &Path, opts: &UpOptions) -> Result<()> {
+    let (n, lease_ttl) = (opts.nodes, opts.lease_ttl);
     if n == 0 || n > 64 {
         bail!("--nodes must be between 1 and 64");
+    }
+    if opts.mounts > 16 {
+        bail!("--mounts must be at most 16");
+    }
+    if opts.mounts > 0 {
+        twinfs_fuse::volume::validate_name(&opts.volume)?;
     }
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
@@ -237,6 +253,7 @@ pub async fn up(dir: &Path, n: usize, lease_ttl: u64) -> Result<()> {
         );
     }
     let live = membership.live();
+    let etcd_client = etcd_cfg.connect().await?;
     let mut entries = Vec::new();
     for (pid, addr, data_dir, tls_dir, log) in nodes {
         let id = live
@@ -253,7 +270,7 @@ pub async fn up(dir: &Path, n: usize, lease_ttl: u64) -> Result<()> {
             log,
         });
     }
-    let file = ClusterFile {
+    let mut file = ClusterFile {
         etcd: EtcdEntry {
             endpoints: vec![client_url],
             pid: etcd_pid,
@@ -266,6 +283,50 @@ pub async fn up(dir: &Path, n: usize, lease_ttl: u64) -> Result<()> {
         lease_ttl_secs: lease_ttl,
     };
     file.save(&cluster_json)?;
+
+    // A volume and M mounts of it, each its own process (as on different nodes).
+    if opts.mounts > 0 {
+        twinfs_fuse::volume::create(&etcd_client, &opts.volume, 2, None).await?;
+        for i in 0..opts.mounts {
+            let path = dir.join("mnt").join(format!("mount-{i}"));
+            fs::create_dir_all(&path)?;
+            if twinfs_fuse::mount::is_twinfs_mount(&path) {
+                let _ = twinfs_fuse::mount::unmount(&path, true);
+            }
+            let log = dir.join("mnt").join(format!("mount-{i}.log"));
+            let pid = spawn_background(
+                Command::new(&exe)
+                    .arg("--cluster")
+                    .arg(&cluster_json)
+                    .arg("mount")
+                    .arg(&opts.volume)
+                    .arg(&path)
+                    .arg("--foreground"),
+                &log,
+            )?;
+            started.pids.push(pid);
+            file.mounts.push(MountEntry {
+                path,
+                pid,
+                volume: opts.volume.clone(),
+                log: Some(log),
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for m in &file.mounts {
+            while !twinfs_fuse::mount::is_twinfs_mount(&m.path) {
+                if Instant::now() > deadline || !is_ours(m.pid, &marker) || is_zombie(m.pid) {
+                    bail!(
+                        "mount at {} did not come up; see {}",
+                        m.path.display(),
+                        m.log.as_deref().unwrap_or(Path::new("?")).display()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        file.save(&cluster_json)?;
+    }
     started.pids.clear(); // success: leave them running
     println!(
         "dev cluster up: etcd at {} and {n} nodes",
@@ -273,6 +334,14 @@ pub async fn up(dir: &Path, n: usize, lease_ttl: u64) -> Result<()> {
     );
     for node in &file.nodes {
         println!("  node {} at {} (pid {})", node.id, node.addr, node.pid);
+    }
+    for m in &file.mounts {
+        println!(
+            "  volume {} mounted at {} (pid {})",
+            m.volume,
+            m.path.display(),
+            m.pid
+        );
     }
     println!("cluster file: {}", cluster_json.display());
     println!(
@@ -291,6 +360,10 @@ pub fn down(dir: &Path) -> Result<()> {
     // Mounts first (they flush into nodes), then nodes (they deregister from etcd), then etcd.
     for m in &file.mounts {
         stop(m.pid, &marker, Duration::from_secs(15));
+        // A mount whose process died (kill -9) leaves a dead mount point behind.
+        if twinfs_fuse::mount::is_twinfs_mount(&m.path) {
+            let _ = twinfs_fuse::mount::unmount(&m.path, true);
+        }
     }
     for n in &file.nodes {
         stop(n.pid, &marker, Duration::from_secs(10));

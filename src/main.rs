@@ -201,6 +201,13 @@ enum DevClusterCmd {
         /// Lease TTL of the nodes, in seconds.
         #[arg(long, default_value_t = 10)]
         lease_ttl: u64,
+        /// Also create a volume and mount it at M mount points DIR/mnt/mount-I, each by its
+        /// own mount process (as on different nodes).
+        #[arg(long, default_value_t = 0)]
+        mounts: usize,
+        /// The volume created for --mounts.
+        #[arg(long, default_value = "uploads")]
+        volume: String,
     },
     /// Stop everything `up` started in DIR.
     Down {
@@ -375,7 +382,17 @@ fn run(cli: Cli) -> Result<()> {
                 dir,
                 nodes,
                 lease_ttl,
-            } => rt.block_on(devcluster::up(&dir, nodes, lease_ttl)),
+                mounts,
+                volume,
+            } => rt.block_on(devcluster::up(
+                &dir,
+                &devcluster::UpOptions {
+                    nodes,
+                    lease_ttl,
+                    mounts,
+                    volume,
+                },
+            )),
             DevClusterCmd::Down { dir } => devcluster::down(&dir),
         },
         Command::Mount(_) | Command::Umount { .. } => unreachable!("handled above"),

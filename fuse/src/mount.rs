@@ -159,8 +159,9 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<()> {
                 tracing::error!(error = %e, "lazy unmount failed");
             }
         }
-        // The session ends once the kernel lets go of the connection.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        // The session ends once the kernel lets go of the connection; after a lazy detach
+        // that waits for the last open file, so give it only a moment.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
         while !joiner.is_finished() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -337,7 +338,13 @@ pub fn is_twinfs_mount(path: &Path) -> bool {
         let Some(sep) = fields.iter().position(|f| *f == "-") else {
             return false;
         };
+        // "<fstype> <source>" after the separator: fuse (or fuse.twinfs) and twinfs:VOLUME.
         fields.get(4) == Some(&want.as_str())
-            && fields.get(sep + 1).is_some_and(|t| *t == "fuse.twinfs")
+            && fields
+                .get(sep + 1)
+                .is_some_and(|t| *t == "fuse" || *t == "fuse.twinfs")
+            && fields
+                .get(sep + 2)
+                .is_some_and(|s| s.starts_with("twinfs:"))
     })
 }

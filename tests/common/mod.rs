@@ -23,6 +23,9 @@ pub struct DevCluster {
     pub dir: tempfile::TempDir,
     pub json: Value,
     pub nodes: Vec<Node>,
+    /// Mount points of the volume (`--mounts`), each served by its own mount process.
+    pub mounts: Vec<PathBuf>,
+    pub mount_pids: Vec<u32>,
 }
 
 pub fn run(cmd: &mut Command) -> Output {
@@ -35,6 +38,11 @@ pub fn twinfs() -> Command {
 
 impl DevCluster {
     pub fn up(nodes: usize, lease_ttl: u64) -> DevCluster {
+        DevCluster::with_mounts(nodes, lease_ttl, 0)
+    }
+
+    /// A cluster of `nodes` nodes plus `mounts` FUSE mounts of the volume "uploads".
+    pub fn with_mounts(nodes: usize, lease_ttl: u64, mounts: usize) -> DevCluster {
         let dir = tempfile::Builder::new()
             .prefix("twinfs-test-")
             .tempdir()
@@ -47,6 +55,8 @@ impl DevCluster {
                 &nodes.to_string(),
                 "--lease-ttl",
                 &lease_ttl.to_string(),
+                "--mounts",
+                &mounts.to_string(),
                 "--dir",
             ])
             .arg(dir.path()));
@@ -72,7 +82,22 @@ impl DevCluster {
                 log: PathBuf::from(n["log"].as_str().unwrap()),
             })
             .collect();
-        DevCluster { dir, json, nodes }
+        let list = json["mounts"].as_array().cloned().unwrap_or_default();
+        let mount_paths = list
+            .iter()
+            .map(|m| PathBuf::from(m["path"].as_str().unwrap()))
+            .collect();
+        let mount_pids = list
+            .iter()
+            .map(|m| m["pid"].as_u64().unwrap() as u32)
+            .collect();
+        DevCluster {
+            dir,
+            json,
+            nodes,
+            mounts: mount_paths,
+            mount_pids,
+        }
     }
 
     pub fn cluster_file(&self) -> PathBuf {
@@ -210,6 +235,7 @@ impl Drop for DevCluster {
             .arg(self.dir.path()));
         // Belt and braces: anything still alive that this test started is killed.
         let mut pids: Vec<u32> = self.nodes.iter().map(|n| n.pid).collect();
+        pids.extend(&self.mount_pids);
         if let Some(p) = self.json["etcd"]["pid"].as_u64() {
             pids.push(p as u32);
         }
@@ -225,7 +251,24 @@ impl Drop for DevCluster {
                 }
             }
         }
+        // A mount whose process was killed leaves a dead mount point: detach it.
+        for m in &self.mounts {
+            if is_mounted(m) {
+                let _ = Command::new("umount").arg("-l").arg(m).status();
+            }
+        }
     }
+}
+
+/// Whether `path` is a mount point (per /proc/self/mountinfo).
+pub fn is_mounted(path: &Path) -> bool {
+    let want = path.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|info| {
+            info.lines()
+                .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+        })
+        .unwrap_or(false)
 }
 
 pub fn random_bytes(n: usize) -> Vec<u8> {

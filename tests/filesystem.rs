@@ -1,0 +1,339 @@
+//! The shared filesystem end to end: a real etcd, 3 real node processes and 2 real FUSE mounts
+//! of one volume, each mount its own process (as on two different nodes). What is done through
+//! one mount must be seen through the other.
+
+mod common;
+
+use std::ffi::CString;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn cluster() -> DevCluster {
+    let c = DevCluster::with_mounts(3, 10, 2);
+    assert_eq!(c.mounts.len(), 2, "two mounts listed in cluster.json");
+    for m in &c.mounts {
+        assert!(is_mounted(m), "{} is mounted", m.display());
+    }
+    c
+}
+
+fn set_xattr(path: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
+    let p = CString::new(path.as_os_str().as_bytes()).expect("path without NUL");
+    let n = CString::new(name).expect("name without NUL");
+    // SAFETY: `p` and `n` are valid NUL-terminated strings and `value` is a valid buffer of
+    // `value.len()` bytes, all alive for the duration of the call.
+    let r = unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn get_xattr(path: &Path, name: &str) -> std::io::Result<Vec<u8>> {
+    let p = CString::new(path.as_os_str().as_bytes()).expect("path without NUL");
+    let n = CString::new(name).expect("name without NUL");
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: as in set_xattr; `buf` is writable for `buf.len()` bytes.
+    let r = unsafe {
+        libc::getxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    buf.truncate(r as usize);
+    Ok(buf)
+}
+
+/// Changes to something the other mount has already looked at (so its kernel has it cached)
+/// must reach it through the etcd watch, well before the 1 s attribute/entry TTL.
+const PUSHED_WITHIN: Duration = Duration::from_millis(500);
+
+fn within<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{what}: not seen through the other mount within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn namespace_changes_through_one_mount_are_seen_through_the_other() {
+    let c = cluster();
+    let (a, b) = (&c.mounts[0], &c.mounts[1]);
+
+    // New things: no cache on B can hide them, so they must be there at once.
+    fs::write(a.join("hello.txt"), b"hello from A").unwrap();
+    fs::create_dir_all(a.join("2026/11")).unwrap();
+    fs::write(a.join("2026/11/photo.jpg"), random_bytes(300 * 1024)).unwrap();
+    std::os::unix::fs::symlink("hello.txt", a.join("link")).unwrap();
+    fs::hard_link(a.join("hello.txt"), a.join("2026/hard")).unwrap();
+    set_xattr(&a.join("hello.txt"), "user.origin", b"node-a").unwrap();
+    fs::set_permissions(a.join("2026/11/photo.jpg"), fs::Permissions::from_mode(0o640)).unwrap();
+
+    assert_eq!(fs::read(b.join("hello.txt")).unwrap(), b"hello from A");
+    assert!(b.join("2026/11").is_dir());
+    assert_eq!(
+        fs::read(b.join("2026/11/photo.jpg")).unwrap(),
+        fs::read(a.join("2026/11/photo.jpg")).unwrap()
+    );
+    assert_eq!(
+        fs::read_link(b.join("link")).unwrap(),
+        Path::new("hello.txt")
+    );
+    assert_eq!(fs::read(b.join("link")).unwrap(), b"hello from A");
+    let hb = fs::metadata(b.join("2026/hard")).unwrap();
+    assert_eq!(hb.nlink(), 2);
+    assert_eq!(hb.ino(), fs::metadata(b.join("hello.txt")).unwrap().ino());
+    assert_eq!(get_xattr(&b.join("hello.txt"), "user.origin").unwrap(), b"node-a");
+    assert_eq!(
+        fs::metadata(b.join("2026/11/photo.jpg")).unwrap().mode() & 0o7777,
+        0o640
+    );
+    let mut names: Vec<String> = fs::read_dir(b)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["2026", "hello.txt", "link"]);
+
+    // Changes to things B has cached: pushed by the watch.
+    fs::rename(a.join("hello.txt"), a.join("renamed.txt")).unwrap();
+    within("rename (old name gone)", PUSHED_WITHIN, || {
+        (!b.join("hello.txt").exists()).then_some(())
+    });
+    assert_eq!(fs::read(b.join("renamed.txt")).unwrap(), b"hello from A");
+    fs::set_permissions(a.join("renamed.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    within("chmod", PUSHED_WITHIN, || {
+        (fs::metadata(b.join("renamed.txt")).ok()?.mode() & 0o7777 == 0o600).then_some(())
+    });
+    fs::rename(a.join("2026/11"), a.join("2026/december")).unwrap();
+    within("directory rename", PUSHED_WITHIN, || {
+        (!b.join("2026/11").exists() && b.join("2026/december/photo.jpg").is_file())
+            .then_some(())
+    });
+    fs::remove_file(a.join("2026/hard")).unwrap();
+    within("unlink of a hard link", PUSHED_WITHIN, || {
+        (!b.join("2026/hard").exists()
+            && fs::metadata(b.join("renamed.txt")).ok()?.nlink() == 1)
+            .then_some(())
+    });
+    fs::remove_file(a.join("2026/december/photo.jpg")).unwrap();
+    fs::remove_dir(a.join("2026/december")).unwrap();
+    within("unlink + rmdir", PUSHED_WITHIN, || {
+        (!b.join("2026/december").exists()).then_some(())
+    });
+    assert_eq!(fs::read_dir(b.join("2026")).unwrap().count(), 0);
+
+    // And the other way round.
+    fs::write(b.join("from-b"), b"B writes too").unwrap();
+    assert_eq!(fs::read(a.join("from-b")).unwrap(), b"B writes too");
+}
+
+#[test]
+fn overwrite_is_seen_at_the_next_open_even_when_the_reader_cached_the_file() {
+    let c = cluster();
+    let (a, b) = (&c.mounts[0], &c.mounts[1]);
+    let path_a = a.join("upload.bin");
+    let path_b = b.join("upload.bin");
+    for round in 0..5u8 {
+        let content: Vec<u8> = random_bytes(64 * 1024)
+            .into_iter()
+            .map(|x| x.wrapping_add(round))
+            .collect();
+        // Same size every round: only the content (and mtime) changes.
+        fs::write(&path_a, &content).unwrap();
+        // close() returned on A: an open() on B now must see the new bytes (close-to-open),
+        // even though B read the previous version a moment ago and may still cache it.
+        let seen = fs::read(&path_b).unwrap();
+        assert!(seen == content, "round {round}: B read stale data after A's close");
+    }
+    // Growing and shrinking are seen too.
+    fs::write(&path_a, random_bytes(5 * 1024 * 1024 + 17)).unwrap();
+    assert_eq!(fs::read(&path_b).unwrap(), fs::read(&path_a).unwrap());
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&path_a)
+        .unwrap()
+        .set_len(1000)
+        .unwrap();
+    assert_eq!(fs::read(&path_b).unwrap().len(), 1000);
+}
+
+#[test]
+fn an_unlinked_file_stays_readable_through_its_open_descriptor() {
+    let c = cluster();
+    let a = &c.mounts[0];
+    let data = random_bytes(200 * 1024);
+    fs::write(a.join("doomed"), &data).unwrap();
+    let mut f = fs::File::open(a.join("doomed")).unwrap();
+    fs::remove_file(a.join("doomed")).unwrap();
+    assert!(!a.join("doomed").exists());
+    let mut back = Vec::new();
+    f.read_to_end(&mut back).unwrap();
+    assert!(back == data, "open descriptor reads the unlinked file's data");
+}
+
+#[test]
+fn one_gib_written_through_one_mount_reads_back_identical_through_the_other() {
+    let c = cluster();
+    let (a, b) = (&c.mounts[0], &c.mounts[1]);
+    const MIB: usize = 1 << 20;
+    let mut chunk = vec![0u8; MIB];
+    let mut written = blake3::Hasher::new();
+    {
+        let mut f = fs::File::create(a.join("big.bin")).unwrap();
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..1024 {
+            // xorshift: cheap, deterministic, incompressible enough
+            for w in chunk.chunks_exact_mut(8) {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                w.copy_from_slice(&state.to_le_bytes());
+            }
+            written.update(&chunk);
+            f.write_all(&chunk).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let mut f = fs::File::open(b.join("big.bin")).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 1 << 30);
+    let mut read = blake3::Hasher::new();
+    let mut total = 0usize;
+    loop {
+        let n = f.read(&mut chunk).unwrap();
+        if n == 0 {
+            break;
+        }
+        read.update(&chunk[..n]);
+        total += n;
+    }
+    assert_eq!(total, 1 << 30);
+    assert_eq!(read.finalize(), written.finalize(), "1 GiB differs");
+}
+
+#[test]
+fn the_wordpress_tree_copied_into_one_mount_compares_equal_through_the_other() {
+    let src = Path::new("/usr/share/wordpress");
+    assert!(
+        src.is_dir(),
+        "Debian's wordpress package is needed (scripts/setup.sh installs it)"
+    );
+    let c = cluster();
+    let (a, b) = (&c.mounts[0], &c.mounts[1]);
+    let out = Command::new("cp")
+        .arg("-rL")
+        .arg(src)
+        .arg(a.join("wordpress"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cp -rL: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new("diff")
+        .arg("-r")
+        .arg(src)
+        .arg(b.join("wordpress"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "diff -r found differences:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn mounts_stop_cleanly_and_bad_mounts_fail_clearly() {
+    let c = cluster();
+    let (a, b) = (&c.mounts[0], &c.mounts[1]);
+    fs::write(a.join("kept"), b"still here").unwrap();
+
+    // `twinfs umount` unmounts, and the mount process goes away by itself.
+    let out = run(c.cmd().arg("umount").arg(a));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!is_mounted(a));
+    assert!(
+        wait_for(Duration::from_secs(10), || !alive(c.mount_pids[0])).is_some(),
+        "mount process exits after umount"
+    );
+
+    // SIGTERM flushes and unmounts: data written through an open file survives.
+    let mut f = fs::File::create(b.join("open-at-sigterm")).unwrap();
+    f.write_all(b"flushed at shutdown").unwrap();
+    // SAFETY: kill(2) has no memory-safety preconditions; the PID is this test's mount.
+    unsafe {
+        libc::kill(c.mount_pids[1] as i32, libc::SIGTERM);
+    }
+    assert!(
+        wait_for(Duration::from_secs(15), || !alive(c.mount_pids[1])).is_some(),
+        "mount process exits on SIGTERM"
+    );
+    drop(f);
+    assert!(!is_mounted(b), "SIGTERM unmounted");
+
+    // Mount again (background): both files are there, with their data.
+    let out = run(c.cmd().arg("mount").arg("uploads").arg(a));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(fs::read(a.join("kept")).unwrap(), b"still here");
+    assert_eq!(
+        fs::read(a.join("open-at-sigterm")).unwrap(),
+        b"flushed at shutdown"
+    );
+    let out = run(c.cmd().arg("umount").arg(a));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A volume that does not exist, and an etcd nobody listens on: clear errors, no mount.
+    let out = run(c.cmd().arg("mount").arg("no-such-volume").arg(a));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no-such-volume"), "error names the volume: {err}");
+    assert!(!is_mounted(a));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = run(twinfs()
+        .env_remove("TWINFS_CLUSTER")
+        .arg("--etcd")
+        .arg(format!("http://127.0.0.1:{port}"))
+        .arg("--tls-dir")
+        .arg(c.client_cert_dir())
+        .arg("mount")
+        .arg("uploads")
+        .arg(a));
+    assert!(!out.status.success(), "mount without etcd must fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("etcd"), "error mentions etcd: {err}");
+    assert!(!is_mounted(a));
+}

@@ -74,9 +74,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "G" => 30,
         "T" => 40,
         "P" => 50,
-        _ => return Err(format!(
-            "{s:?} is not a size: unknown suffix; use K, M, G, T or P (powers of 1024), e.g. 10G"
-        )),
+        _ => {
+            let hint = "use K, M, G, T or P (powers of 1024), e.g. 10G";
+            return Err(format!("{s:?} is not a size: unknown suffix; {hint}"));
+        }
     };
     let bytes = n
         .checked_mul(1u64 << shift)

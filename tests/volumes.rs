@@ -1,0 +1,431 @@
+//! The volume registry through the real `twinfs` binary and a real etcd, and the etcd-backed
+//! `MetaKv` of the filesystem core against that etcd.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+use twinfs_cluster::etcd::{Client, EtcdConfig};
+use twinfs_core::{prefix_end, Compare, KvError, MetaKv, TxnOp};
+use twinfs_fuse::etcd_kv::EtcdKv;
+use twinfs_fuse::volume::{self, VolumeError};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn etcd_endpoint(c: &DevCluster) -> String {
+    c.json["etcd"]["endpoints"][0]
+        .as_str()
+        .expect("etcd endpoint in cluster.json")
+        .to_string()
+}
+
+async fn connect(endpoint: &str) -> Client {
+    EtcdConfig {
+        endpoints: vec![endpoint.to_string()],
+        ..Default::default()
+    }
+    .connect()
+    .await
+    .expect("connect to the dev cluster's etcd")
+}
+
+/// Runs `twinfs ARGS` and expects it to fail; returns its standard error.
+fn fails(c: &DevCluster, args: &[&str]) -> String {
+    let out = run(c.cmd().args(args));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "twinfs {args:?} should have failed; stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "twinfs {args:?} panicked: {stderr}"
+    );
+    stderr
+}
+
+fn json(c: &DevCluster, args: &[&str]) -> Value {
+    let out = c.ok(args);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} printed bad JSON ({e}): {out}"))
+}
+
+fn names(list: &Value) -> Vec<String> {
+    list.as_array()
+        .expect("a JSON array")
+        .iter()
+        .map(|v| v["name"].as_str().expect("name").to_string())
+        .collect()
+}
+
+#[test]
+fn volume_lifecycle_through_the_cli() {
+    let c = DevCluster::up(1, 10);
+    let rt = runtime();
+    let etcd = rt.block_on(connect(&etcd_endpoint(&c)));
+
+    // Empty registry.
+    assert!(c.ok(&["volume", "list"]).contains("no volumes"));
+    assert_eq!(
+        json(&c, &["volume", "list", "--json"]),
+        Value::Array(vec![])
+    );
+
+    // Create, and a duplicate is refused.
+    let out = c.ok(&[
+        "volume",
+        "create",
+        "uploads",
+        "--replicas",
+        "2",
+        "--quota",
+        "10G",
+    ]);
+    assert!(out.contains("created volume uploads"), "{out}");
+    let err = fails(&c, &["volume", "create", "uploads"]);
+    assert!(err.contains("volume uploads already exists"), "{err}");
+    c.ok(&["volume", "create", "media", "--replicas", "3"]);
+
+    // Bad names and settings: non-zero exit and a message that says what is wrong.
+    let long = "x".repeat(65);
+    for (name, why) in [
+        ("-x", "must not start with '.' or '-'"),
+        (".hidden", "must not start with '.' or '-'"),
+        ("a/b", "only letters, digits"),
+        ("a b", "only letters, digits"),
+        ("ünï", "only letters, digits"),
+        (long.as_str(), "at most 64"),
+    ] {
+        // "--" so that names starting with '-' reach the command as names.
+        let err = fails(&c, &["volume", "create", "--", name]);
+        assert!(err.contains("invalid volume name"), "{name:?}: {err}");
+        assert!(err.contains(why), "{name:?}: {err}");
+    }
+    for r in ["0", "6"] {
+        let err = fails(&c, &["volume", "create", "vol", "--replicas", r]);
+        assert!(err.contains("replicas must be between 1 and 5"), "{err}");
+    }
+    let err = fails(&c, &["volume", "create", "vol", "--quota", "10X"]);
+    assert!(err.contains("suffix"), "{err}");
+    let err = fails(&c, &["volume", "inspect", "nope"]);
+    assert!(err.contains("volume nope does not exist"), "{err}");
+    let err = fails(&c, &["volume", "delete", "nope"]);
+    assert!(err.contains("volume nope does not exist"), "{err}");
+
+    // List.
+    let list = json(&c, &["volume", "list", "--json"]);
+    assert_eq!(names(&list), ["media", "uploads"]);
+    let uploads = &list[1];
+    assert_eq!(uploads["replicas"], 2);
+    assert_eq!(uploads["quota_bytes"], 10u64 << 30);
+    assert_eq!(uploads["chunk_size"], twinfs_core::DEFAULT_CHUNK_SIZE);
+    assert_eq!(list[0]["replicas"], 3);
+    assert_eq!(list[0]["quota_bytes"], Value::Null);
+    let table = c.ok(&["volume", "list"]);
+    assert!(
+        table.contains("uploads") && table.contains("media"),
+        "{table}"
+    );
+    assert!(table.contains("10.0 GiB"), "{table}");
+
+    // Inspect: formatted at create time, just a root directory, no mounts.
+    let info = json(&c, &["volume", "inspect", "uploads", "--json"]);
+    assert_eq!(info["name"], "uploads");
+    assert_eq!(info["formatted"], true);
+    assert_eq!(info["inodes"], 1);
+    assert_eq!(info["dirs"], 1);
+    assert_eq!(info["files"], 0);
+    assert_eq!(info["bytes_used"], 0);
+    assert_eq!(info["mounts"], Value::Array(vec![]));
+    let text = c.ok(&["volume", "inspect", "uploads"]);
+    assert!(text.contains("replicas:    2"), "{text}");
+    assert!(text.contains("mounts:      0"), "{text}");
+
+    // A mount record blocks deletion, with a message naming the mount.
+    let reg = rt
+        .block_on(volume::register_mount(
+            &etcd,
+            "uploads",
+            Path::new("/mnt/uploads"),
+        ))
+        .expect("register a mount");
+    let err = rt
+        .block_on(volume::register_mount(
+            &etcd,
+            "nope",
+            Path::new("/mnt/nope"),
+        ))
+        .expect_err("a mount of a missing volume is refused");
+    assert_eq!(err, VolumeError::NotFound("nope".into()));
+    let info = json(&c, &["volume", "inspect", "uploads", "--json"]);
+    let mounts = info["mounts"].as_array().expect("mounts");
+    assert_eq!(mounts.len(), 1);
+    assert_eq!(mounts[0]["path"], "/mnt/uploads");
+    assert_eq!(mounts[0]["pid"], std::process::id());
+    assert_eq!(mounts[0]["id"], reg.id());
+    let err = fails(&c, &["volume", "delete", "uploads"]);
+    let pid = std::process::id();
+    assert!(err.contains("volume uploads is mounted at "), "{err}");
+    assert!(err.contains(&format!(":/mnt/uploads (pid {pid})")), "{err}");
+    assert!(err.contains("unmount it first"), "{err}");
+    // Still there, namespace intact.
+    assert_eq!(
+        json(&c, &["volume", "inspect", "uploads", "--json"])["inodes"],
+        1
+    );
+    // The record outlives several lease TTLs while the registration is kept.
+    std::thread::sleep(Duration::from_secs(12));
+    assert_eq!(
+        rt.block_on(volume::list_mounts(&etcd, "uploads"))
+            .expect("list mounts")
+            .len(),
+        1
+    );
+
+    // Unmounted: delete succeeds and takes the whole namespace with it.
+    rt.block_on(reg.leave()).expect("leave");
+    let out = c.ok(&["volume", "delete", "uploads"]);
+    assert!(out.contains("deleted volume uploads"), "{out}");
+    assert_eq!(names(&json(&c, &["volume", "list", "--json"])), ["media"]);
+    let err = fails(&c, &["volume", "inspect", "uploads"]);
+    assert!(err.contains("volume uploads does not exist"), "{err}");
+    let left = rt
+        .block_on(async {
+            let mut e = etcd.clone();
+            e.get("/twinfs/v/uploads/", Some(count_prefix())).await
+        })
+        .expect("count namespace keys");
+    assert_eq!(left.count(), 0, "namespace keys left after delete");
+    // The name can be used again.
+    c.ok(&["volume", "create", "uploads"]);
+    assert_eq!(
+        json(&c, &["volume", "inspect", "uploads", "--json"])["inodes"],
+        1
+    );
+
+    // A dropped registration (no leave) goes away by itself: delete then succeeds.
+    let reg = rt
+        .block_on(volume::register_mount(
+            &etcd,
+            "media",
+            Path::new("/mnt/media"),
+        ))
+        .expect("register");
+    fails(&c, &["volume", "delete", "media"]);
+    drop(reg);
+    let deleted = wait_for(Duration::from_secs(15), || {
+        run(c.cmd().args(["volume", "delete", "media"]))
+            .status
+            .success()
+    });
+    assert!(
+        deleted.is_some(),
+        "media still mounted after the registration was dropped"
+    );
+
+    // A corrupt record is a clear error, not a panic, and can still be deleted.
+    rt.block_on(async {
+        let mut e = etcd.clone();
+        e.put("/twinfs/volumes/broken", "{not json", None).await
+    })
+    .expect("put garbage");
+    let err = fails(&c, &["volume", "list"]);
+    assert!(
+        err.contains("corrupt record at /twinfs/volumes/broken"),
+        "{err}"
+    );
+    let err = fails(&c, &["volume", "inspect", "broken"]);
+    assert!(
+        err.contains("corrupt record at /twinfs/volumes/broken"),
+        "{err}"
+    );
+    c.ok(&["volume", "delete", "broken"]);
+    assert_eq!(names(&json(&c, &["volume", "list", "--json"])), ["uploads"]);
+}
+
+/// `GetOptions` for a count-only prefix read.
+fn count_prefix() -> etcd_client::GetOptions {
+    etcd_client::GetOptions::new()
+        .with_prefix()
+        .with_count_only()
+}
+
+fn put(key: &str, value: &str) -> TxnOp {
+    TxnOp::Put {
+        key: key.as_bytes().to_vec(),
+        value: value.as_bytes().to_vec(),
+    }
+}
+
+fn cmp(key: &str, rev: i64) -> Compare {
+    Compare {
+        key: key.as_bytes().to_vec(),
+        mod_revision: rev,
+    }
+}
+
+#[test]
+fn etcd_kv_against_real_etcd() {
+    let c = DevCluster::up(1, 10);
+    let rt = runtime();
+    let endpoint = etcd_endpoint(&c);
+    rt.block_on(async {
+        let client = connect(&endpoint).await;
+        let kv = EtcdKv::new(client.clone());
+        let trips = kv.round_trips();
+
+        // get of a missing key.
+        assert_eq!(kv.get(b"/t/a").await, Ok(None));
+
+        // mod_revision 0 = must not exist.
+        assert_eq!(
+            kv.txn(vec![cmp("/t/a", 0)], vec![put("/t/a", "1")]).await,
+            Ok(true)
+        );
+        let (v, r1) = kv.get(b"/t/a").await.unwrap().expect("a exists");
+        assert_eq!(v, b"1");
+        assert!(r1 > 0);
+        assert!(kv.is_own_revision(r1));
+        assert_eq!(
+            kv.txn(vec![cmp("/t/a", 0)], vec![put("/t/a", "x")]).await,
+            Ok(false)
+        );
+
+        // Current revision → applies; stale revision → refused, nothing written.
+        assert_eq!(
+            kv.txn(vec![cmp("/t/a", r1)], vec![put("/t/a", "2")]).await,
+            Ok(true)
+        );
+        let (v, r2) = kv.get(b"/t/a").await.unwrap().expect("a exists");
+        assert_eq!(v, b"2");
+        assert!(r2 > r1);
+        assert!(kv.is_own_revision(r2));
+        assert_eq!(
+            kv.txn(vec![cmp("/t/a", r1)], vec![put("/t/a", "3")]).await,
+            Ok(false)
+        );
+        assert_eq!(
+            kv.get(b"/t/a").await.unwrap().map(|x| x.0),
+            Some(b"2".to_vec())
+        );
+
+        // Another client's write is not ours; neither is the revision a no-op delete reports.
+        let mut raw = client.clone();
+        let foreign = raw
+            .put("/t/foreign", "f", None)
+            .await
+            .expect("raw put")
+            .header()
+            .expect("header")
+            .revision();
+        assert!(!kv.is_own_revision(foreign));
+        assert_eq!(
+            kv.txn(
+                vec![],
+                vec![TxnOp::Delete {
+                    key: b"/t/never".to_vec()
+                }]
+            )
+            .await,
+            Ok(true)
+        );
+        assert!(!kv.is_own_revision(foreign));
+
+        // A delete guarded by the key's revision is a write of ours.
+        assert_eq!(
+            kv.txn(
+                vec![cmp("/t/a", r2)],
+                vec![TxnOp::Delete {
+                    key: b"/t/a".to_vec()
+                }]
+            )
+            .await,
+            Ok(true)
+        );
+        assert_eq!(kv.get(b"/t/a").await, Ok(None));
+
+        // Paged range with `more`.
+        let ops: Vec<TxnOp> = (0..25).map(|i| put(&format!("/t/k{i:02}"), "v")).collect();
+        assert_eq!(kv.txn(vec![], ops).await, Ok(true));
+        let start = b"/t/k".to_vec();
+        let end = prefix_end(&start);
+        let mut from = start.clone();
+        let mut seen = Vec::new();
+        let mut pages = 0;
+        loop {
+            let page = kv.range(&from, &end, 10).await.expect("range");
+            pages += 1;
+            assert!(page.entries.len() <= 10);
+            seen.extend(page.entries.iter().map(|e| e.key.clone()));
+            if !page.more {
+                break;
+            }
+            from = page.entries.last().expect("a full page").key.clone();
+            from.push(0);
+        }
+        assert_eq!(pages, 3);
+        let want: Vec<Vec<u8>> = (0..25)
+            .map(|i| format!("/t/k{i:02}").into_bytes())
+            .collect();
+        assert_eq!(seen, want);
+        let all = kv.range(&start, &end, 0).await.expect("range");
+        assert_eq!(all.entries.len(), 25);
+        assert!(!all.more);
+        assert!(all
+            .entries
+            .iter()
+            .all(|e| e.mod_revision > 0 && e.value == b"v"));
+        // Empty end = to the end of the key space.
+        let tail = kv.range(b"/t/k20", b"", 0).await.expect("range");
+        assert!(tail.entries.len() >= 5);
+        let first5: Vec<Vec<u8>> = tail.entries[..5].iter().map(|e| e.key.clone()).collect();
+        assert_eq!(first5, want[20..].to_vec());
+        assert!(kv
+            .range(b"/t/k2", b"/t/k1", 0)
+            .await
+            .expect("range")
+            .entries
+            .is_empty());
+
+        // Over etcd's 128 operations per transaction: TooLarge, not a panic or a hang.
+        let ops: Vec<TxnOp> = (0..200)
+            .map(|i| put(&format!("/t/big{i:03}"), "v"))
+            .collect();
+        match kv.txn(vec![], ops).await {
+            Err(KvError::TooLarge(_)) => {}
+            other => panic!("200-op txn: {other:?}"),
+        }
+        assert!(kv.round_trips() > trips);
+
+        // An etcd that does not answer: Unavailable within the bound, for reads and txns.
+        {
+            let dead = Client::connect(["http://127.0.0.1:9"], None)
+                .await
+                .expect("connecting is lazy");
+            let kv = EtcdKv::new(dead).with_timeout(Duration::from_secs(1));
+            let t = Instant::now();
+            assert!(matches!(
+                kv.get(b"/t/a").await,
+                Err(KvError::Unavailable(_))
+            ));
+            assert!(matches!(
+                kv.txn(vec![], vec![put("/t/z", "z")]).await,
+                Err(KvError::Unavailable(_))
+            ));
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "took {:?}",
+                t.elapsed()
+            );
+        }
+    });
+}

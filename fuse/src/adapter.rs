@@ -57,6 +57,7 @@ pub struct MountStats {
 
 /// One open file: the core's handle plus the adapter's read-ahead state.
 struct Handle_ {
+    ino: u64,
     file: RwLock<Option<OpenFile>>,
     /// End offset of the last read, to recognise sequential access.
     last_read_end: AtomicU64,
@@ -135,6 +136,7 @@ impl Shared {
     fn add_handle(&self, f: OpenFile) -> u64 {
         let fh = f.fh();
         let h = Arc::new(Handle_ {
+            ino: f.ino(),
             file: RwLock::new(Some(f)),
             last_read_end: AtomicU64::new(0),
             prefetched: AtomicU64::new(0),
@@ -144,6 +146,30 @@ impl Shared {
             .unwrap_or_else(|e| e.into_inner())
             .insert(fh, h);
         fh
+    }
+
+    /// Flushes the buffered writes of every handle of this mount on `ino` except `except`, so
+    /// that what comes next (a read through another descriptor, a truncate) sees them and
+    /// is ordered after them, as on a local filesystem. Cheap when there are none.
+    async fn flush_inode(&self, ino: u64, except: Option<u64>) -> Result<(), FsError> {
+        if !self.fs.has_unflushed_writes(ino, except) {
+            return Ok(());
+        }
+        let others: Vec<Arc<Handle_>> = self
+            .handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(fh, h)| h.ino == ino && Some(**fh) != except)
+            .map(|(_, h)| h.clone())
+            .collect();
+        for h in others {
+            let mut g = h.file.write().await;
+            if let Some(f) = g.as_mut() {
+                self.fs.flush(f).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Flushes every open file (before an unmount). Returns how many failed.
@@ -378,17 +404,13 @@ impl Filesystem for TwinFs {
     ) {
         let this = self.this();
         self.spawn(async move {
-            // A truncate through an open handle must not be undone by that handle's buffered
-            // writes: flush them first, so the truncate applies on top.
+            // A truncate must not be undone by writes buffered before it (through this handle
+            // or any other of this mount): flush them first, so the truncate applies on top.
             if size.is_some() {
-                if let Some(h) = fh.and_then(|fh| this.shared.handle(fh)) {
-                    let mut g = h.file.write().await;
-                    if let Some(f) = g.as_mut() {
-                        if let Err(e) = this.shared.fs.flush(f).await {
-                            this.count_err(&e);
-                            return reply.error(errno(&e));
-                        }
-                    }
+                let _ = fh;
+                if let Err(e) = this.shared.flush_inode(ino.0, None).await {
+                    this.count_err(&e);
+                    return reply.error(errno(&e));
                 }
             }
             let sa = SetAttr {
@@ -556,12 +578,12 @@ impl Filesystem for TwinFs {
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let this = self.this();
         self.spawn(async move {
-            let r = async {
-                let attr = this.shared.fs.getattr(ino.0).await?;
-                let f = this.shared.fs.open(ino.0).await?;
-                Ok::<_, FsError>((attr, f))
-            }
-            .await;
+            let r = this
+                .shared
+                .fs
+                .open_attr(ino.0)
+                .await
+                .map(|(f, attr)| (attr, f));
             match r {
                 Ok((attr, f)) => {
                     let flags = this.revalidate_for_open(&attr);
@@ -592,6 +614,11 @@ impl Filesystem for TwinFs {
             let Some(h) = this.shared.handle(fh) else {
                 return reply.error(Errno::EBADF);
             };
+            // Writes buffered through other descriptors of this mount must be visible.
+            if let Err(e) = this.shared.flush_inode(h.ino, Some(fh.0)).await {
+                this.count_err(&e);
+                return reply.error(errno(&e));
+            }
             let r = {
                 let g = h.file.read().await;
                 match g.as_ref() {
@@ -954,7 +981,7 @@ impl Filesystem for TwinFs {
                     .fs
                     .create(parent.0, &name, mode & 0o7777, uid, gid, exclusive)
                     .await?;
-                let f = this.shared.fs.open(attr.ino).await?;
+                let f = this.shared.fs.open_created(&attr)?;
                 Ok::<_, FsError>((attr, f))
             }
             .await;

@@ -24,10 +24,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use etcd_client::{CompareOp, GetOptions, KvClient};
+use etcd_client::{CompareOp, DeleteOptions, GetOptions, KvClient, TxnOpResponse};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use tokio::time::Instant;
+use twinfs_core::kv::Versioned;
 use twinfs_core::{Compare, KvEntry, KvError, MetaKv, RangePage, Revision, TxnOp};
 
 /// Default bound on one request (reads: including their retries).
@@ -252,6 +253,7 @@ impl EtcdKv {
         let writes = ops.iter().any(|op| match op {
             TxnOp::Put { .. } => true,
             TxnOp::Delete { key } => compares.iter().any(|c| &c.key == key && c.mod_revision > 0),
+            TxnOp::DeleteRange { .. } => false,
         });
         let txn = etcd_client::Txn::new()
             .when(
@@ -267,6 +269,14 @@ impl EtcdKv {
                     .map(|op| match op {
                         TxnOp::Put { key, value } => etcd_client::TxnOp::put(key, value, None),
                         TxnOp::Delete { key } => etcd_client::TxnOp::delete(key, None),
+                        TxnOp::DeleteRange { start, end } => etcd_client::TxnOp::delete(
+                            start,
+                            Some(DeleteOptions::new().with_range(if end.is_empty() {
+                                vec![0]
+                            } else {
+                                end
+                            })),
+                        ),
                     })
                     .collect::<Vec<_>>(),
             );
@@ -294,7 +304,52 @@ impl EtcdKv {
     }
 }
 
+impl EtcdKv {
+    async fn get_many_impl(&self, keys: &[Vec<u8>]) -> Result<Vec<Versioned>, KvError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let resp = self
+            .read("get_many", |mut kv| {
+                let ops: Vec<etcd_client::TxnOp> = keys
+                    .iter()
+                    .map(|k| etcd_client::TxnOp::get(k.clone(), None))
+                    .collect();
+                async move { kv.txn(etcd_client::Txn::new().and_then(ops)).await }
+            })
+            .await?;
+        let replies = resp.op_responses();
+        if replies.len() != keys.len() {
+            return Err(KvError::Other(format!(
+                "etcd answered {} of {} reads",
+                replies.len(),
+                keys.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(keys.len());
+        for (key, r) in keys.iter().zip(replies) {
+            match r {
+                TxnOpResponse::Get(g) => out.push(
+                    g.kvs()
+                        .iter()
+                        .find(|kv| kv.key() == key.as_slice())
+                        .map(|kv| (kv.value().to_vec(), kv.mod_revision())),
+                ),
+                _ => return Err(KvError::Other("etcd answered a read with a write".into())),
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl MetaKv for EtcdKv {
+    fn get_many<'a>(
+        &'a self,
+        keys: &'a [Vec<u8>],
+    ) -> BoxFuture<'a, Result<Vec<Versioned>, KvError>> {
+        self.get_many_impl(keys).boxed()
+    }
+
     fn get<'a>(
         &'a self,
         key: &'a [u8],

@@ -129,6 +129,11 @@ impl OpenFile {
 impl Fs {
     /// Opens regular file `ino` for reading and writing.
     pub async fn open(&self, ino: u64) -> FsResult<OpenFile> {
+        Ok(self.open_attr(ino).await?.0)
+    }
+
+    /// Opens regular file `ino` and returns its attributes as read for the open (one read).
+    pub async fn open_attr(&self, ino: u64) -> FsResult<(OpenFile, crate::fs::Attr)> {
         let (rec, _) = self.get_inode(ino).await?;
         match rec.kind {
             FileKind::File => {}
@@ -138,25 +143,39 @@ impl Fs {
         if rec.nlink == 0 && !self.is_open_locally(ino) {
             return Err(FsError::NotFound);
         }
+        Ok((self.new_handle(ino), self.local_attr(ino, &rec)))
+    }
+
+    /// Opens a regular file this instance has just created (no need to read it back).
+    pub fn open_created(&self, attr: &crate::fs::Attr) -> FsResult<OpenFile> {
+        if attr.kind != FileKind::File {
+            return Err(FsError::Invalid("not a regular file"));
+        }
+        Ok(self.new_handle(attr.ino))
+    }
+
+    fn new_handle(&self, ino: u64) -> OpenFile {
         *self
             .open_counts
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(ino)
             .or_insert(0) += 1;
-        Ok(OpenFile {
+        OpenFile {
             fh: self.next_fh.fetch_add(1, Ordering::Relaxed),
             ino,
             dirty: BTreeMap::new(),
             dirty_bytes: 0,
             meta: std::sync::Mutex::new(None),
-        })
+        }
     }
 
     /// Flushes `h` and closes it. When it was the last handle on this instance to an inode
     /// whose last link is gone, the inode is purged.
     pub async fn release(&self, mut h: OpenFile) -> FsResult<()> {
         let flushed = self.flush(&mut h).await;
+        // Whatever could not be flushed is dropped with the handle.
+        self.set_unflushed(h.ino, h.fh, 0);
         let last = {
             let mut counts = self.open_counts.lock().unwrap_or_else(|e| e.into_inner());
             match counts.get_mut(&h.ino) {
@@ -170,7 +189,7 @@ impl Fs {
                 }
             }
         };
-        if last {
+        if last && self.take_pending_orphan(h.ino) {
             if let Some((rec, _)) = self.get_inode_opt(h.ino).await? {
                 if rec.nlink == 0 {
                     self.purge(h.ino).await?;
@@ -202,6 +221,7 @@ impl Fs {
             src = rest;
             pos += n as u64;
         }
+        self.set_unflushed(h.ino, h.fh, h.pending_end(cs));
         if h.dirty_bytes > self.opts.max_dirty_bytes {
             self.flush(h).await?;
         }
@@ -223,7 +243,18 @@ impl Fs {
 
     async fn get_chunk(&self, ino: u64, idx: u64) -> FsResult<Option<(ChunkRec, Revision)>> {
         let key = self.keys.chunk(ino, idx);
-        match self.kv.get(&key).await? {
+        let v = self.kv.get(&key).await?;
+        self.decode_chunk(ino, idx, v)
+    }
+
+    fn decode_chunk(
+        &self,
+        ino: u64,
+        idx: u64,
+        v: Option<(Vec<u8>, Revision)>,
+    ) -> FsResult<Option<(ChunkRec, Revision)>> {
+        let key = self.keys.chunk(ino, idx);
+        match v {
             None => Ok(None),
             Some((v, rev)) => {
                 let rec: ChunkRec = decode(&key, &v)?;
@@ -386,7 +417,20 @@ impl Fs {
             let mut stored: HashMap<u64, (Revision, BlockHash, u32)> = HashMap::new();
             let mut attempt = 0;
             loop {
-                let (mut rec, rev) = self.get_inode(h.ino).await?;
+                // The inode and every chunk record of the batch, in one round trip.
+                let ikey = self.keys.inode(h.ino);
+                let mut keys = vec![ikey.clone()];
+                keys.extend(batch.iter().map(|&idx| self.keys.chunk(h.ino, idx)));
+                let got = self.kv.get_many(&keys).await?;
+                let mut got = got.into_iter();
+                let (mut rec, rev) = match got.next().flatten() {
+                    Some((v, rev)) => (crate::schema::decode_inode(&ikey, &v)?, rev),
+                    None => return Err(FsError::NotFound),
+                };
+                let mut current: HashMap<u64, Option<(ChunkRec, Revision)>> = HashMap::new();
+                for (&idx, v) in batch.iter().zip(got) {
+                    current.insert(idx, self.decode_chunk(h.ino, idx, v)?);
+                }
                 if rec.kind != FileKind::File {
                     return Err(FsError::Invalid("not a regular file"));
                 }
@@ -399,7 +443,7 @@ impl Fs {
                 let mut uploads: Vec<(u64, Revision, Vec<u8>)> = Vec::new();
                 for &idx in batch {
                     let Some(d) = h.dirty.get(&idx) else { continue };
-                    let cur = self.get_chunk(h.ino, idx).await?;
+                    let cur = current.remove(&idx).flatten();
                     let crev = cur.as_ref().map_or(0, |(_, r)| *r);
                     new_size = new_size.max(idx * cs + d.data.len() as u64);
                     match stored.get(&idx) {
@@ -457,7 +501,6 @@ impl Fs {
                 rec.size = new_size;
                 rec.mtime_ns = now;
                 rec.ctime_ns = now;
-                let ikey = self.keys.inode(h.ino);
                 txn.cmp(ikey.clone(), rev);
                 txn.put(ikey, encode(&rec));
                 if self.commit(txn).await? {
@@ -471,6 +514,7 @@ impl Fs {
                     h.dirty_bytes = h.dirty_bytes.saturating_sub(d.data.len());
                 }
             }
+            self.set_unflushed(h.ino, h.fh, h.pending_end(cs));
         }
         Ok(())
     }

@@ -104,7 +104,7 @@ impl Attr {
         self.kind.type_bits() | self.perm
     }
 
-    fn from_rec(ino: u64, r: &InodeRec) -> Attr {
+    pub(crate) fn from_rec(ino: u64, r: &InodeRec) -> Attr {
         Attr {
             ino,
             kind: r.kind,
@@ -236,6 +236,9 @@ pub(crate) struct NewNode {
 pub(crate) struct Txn {
     compares: BTreeMap<Vec<u8>, Revision>,
     ops: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Inodes whose last link this transaction removes and that nobody here has open: the
+    /// same transaction deletes the inode, its chunk map and its xattrs (no orphan record).
+    purges: Vec<u64>,
     /// Set when the same key was read twice with different revisions: a conflict already.
     stale: bool,
 }
@@ -263,6 +266,11 @@ pub(crate) struct Stage {
 }
 
 impl Stage {
+    /// Adds an inode read elsewhere (e.g. in a batched read) without marking it dirty.
+    fn insert(&mut self, ino: u64, rec: InodeRec, rev: Revision) {
+        self.inodes.entry(ino).or_insert((rec, rev, false));
+    }
+
     async fn load(&mut self, fs: &Fs, ino: u64) -> FsResult<&mut InodeRec> {
         if !self.inodes.contains_key(&ino) {
             let (rec, rev) = fs.get_inode(ino).await?;
@@ -325,6 +333,12 @@ pub struct Fs {
     /// generation they were filled at.
     generations: Mutex<HashMap<u64, u64>>,
     generation_seq: AtomicU64,
+    /// Inodes whose last link went while open here: purged at their last release.
+    pending_orphans: Mutex<std::collections::HashSet<u64>>,
+    /// Where the unflushed writes of this instance's open handles end: inode → handle → end
+    /// offset. Attributes handed out include them (size = max(committed, buffered end)), so a
+    /// `stat` after a buffered `write` shows the new size, as POSIX requires.
+    unflushed: Mutex<HashMap<u64, HashMap<u64, u64>>>,
 }
 
 pub(crate) fn now_ns() -> i64 {
@@ -464,6 +478,8 @@ impl Fs {
             next_fh: AtomicU64::new(1),
             generations: Mutex::new(HashMap::new()),
             generation_seq: AtomicU64::new(0),
+            pending_orphans: Mutex::new(std::collections::HashSet::new()),
+            unflushed: Mutex::new(HashMap::new()),
         })
     }
 
@@ -524,9 +540,18 @@ impl Fs {
         Ok(())
     }
 
-    pub(crate) async fn commit(&self, txn: Txn) -> FsResult<bool> {
+    pub(crate) async fn commit(&self, mut txn: Txn) -> FsResult<bool> {
         if txn.stale {
             return Ok(false);
+        }
+        let mut ranges = Vec::new();
+        for ino in std::mem::take(&mut txn.purges) {
+            txn.ops.insert(self.keys.inode(ino), None);
+            txn.ops.remove(&self.keys.orphan(ino));
+            for prefix in [self.keys.chunks(ino), self.keys.xattrs(ino)] {
+                let end = prefix_end(&prefix);
+                ranges.push(TxnOp::DeleteRange { start: prefix, end });
+            }
         }
         if txn.ops.len() > self.opts.max_txn_ops || txn.compares.len() > self.opts.max_txn_ops {
             return Err(FsError::Corrupt(format!(
@@ -540,7 +565,7 @@ impl Fs {
             .into_iter()
             .map(|(key, mod_revision)| Compare { key, mod_revision })
             .collect();
-        let ops = txn
+        let mut ops: Vec<TxnOp> = txn
             .ops
             .into_iter()
             .map(|(key, v)| match v {
@@ -548,6 +573,7 @@ impl Fs {
                 None => TxnOp::Delete { key },
             })
             .collect();
+        ops.extend(ranges);
         Ok(self.kv.txn(compares, ops).await?)
     }
 
@@ -631,31 +657,86 @@ impl Fs {
         }
     }
 
-    /// Drops one link of `ino` (staged). Returns true when that was the last one: the inode is
-    /// then marked as an orphan (nlink 0, `o/<ino>`), to be purged now or at last release.
-    fn drop_link(&self, stage: &mut Stage, txn: &mut Txn, ino: u64, now: i64) -> FsResult<bool> {
+    /// Drops one link of `ino` (staged). When that was the last one, the inode goes: at once,
+    /// in the same transaction, when nobody here has it open; otherwise it becomes an orphan
+    /// (nlink 0, `o/<ino>`) purged at the last [`Fs::release`].
+    fn drop_link(&self, stage: &mut Stage, txn: &mut Txn, ino: u64, now: i64) -> FsResult<()> {
         let rec = stage.get(ino)?;
         rec.ctime_ns = now;
         if rec.kind != FileKind::Dir && rec.nlink > 1 {
             rec.nlink -= 1;
-            return Ok(false);
+            return Ok(());
         }
         rec.nlink = 0;
-        let owner = if self.is_open_locally(ino) {
-            self.instance
+        if self.is_open_locally(ino) {
+            txn.put(
+                self.keys.orphan(ino),
+                encode(&OrphanRec {
+                    owner: self.instance,
+                }),
+            );
+            self.pending_orphans
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(ino);
         } else {
-            0
-        };
-        txn.put(self.keys.orphan(ino), encode(&OrphanRec { owner }));
-        Ok(true)
+            txn.purges.push(ino);
+        }
+        Ok(())
     }
 
-    /// After a committed unlink/rmdir/rename that orphaned `ino`: purge it unless it is open
-    /// here. A failed purge leaves the orphan record for [`Fs::purge_orphans`].
-    async fn after_orphaned(&self, ino: u64) {
-        if !self.is_open_locally(ino) {
-            let _ = self.purge(ino).await;
+    /// Records where handle `fh`'s unflushed writes to `ino` end (0 = it has none).
+    pub(crate) fn set_unflushed(&self, ino: u64, fh: u64, end: u64) {
+        let mut m = self.unflushed.lock().unwrap_or_else(|e| e.into_inner());
+        if end == 0 {
+            if let Some(per) = m.get_mut(&ino) {
+                per.remove(&fh);
+                if per.is_empty() {
+                    m.remove(&ino);
+                }
+            }
+        } else {
+            m.entry(ino).or_default().insert(fh, end);
         }
+    }
+
+    /// Where the unflushed writes of this instance's handles to `ino` end (0 = none).
+    fn unflushed_end(&self, ino: u64) -> u64 {
+        let m = self.unflushed.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(&ino)
+            .and_then(|per| per.values().copied().max())
+            .unwrap_or(0)
+    }
+
+    /// Whether a handle of this instance other than `fh` holds unflushed writes to `ino`.
+    /// The FUSE layer flushes those before a read through `fh` (same-node read-after-write
+    /// across file descriptors) and before a truncate.
+    pub fn has_unflushed_writes(&self, ino: u64, except_fh: Option<u64>) -> bool {
+        let m = self.unflushed.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(&ino)
+            .is_some_and(|per| per.keys().any(|fh| Some(*fh) != except_fh))
+    }
+
+    /// The attributes of `ino` as this instance sees them: the committed record, with the size
+    /// extended to the end of its handles' unflushed writes.
+    pub(crate) fn local_attr(&self, ino: u64, rec: &InodeRec) -> Attr {
+        let mut a = Attr::from_rec(ino, rec);
+        if a.kind == FileKind::File {
+            let end = self.unflushed_end(ino);
+            if end > a.size {
+                a.size = end;
+                a.blocks = end.div_ceil(512);
+            }
+        }
+        a
+    }
+
+    /// Whether `ino` was orphaned while open here (to be purged at its last release).
+    pub(crate) fn take_pending_orphan(&self, ino: u64) -> bool {
+        self.pending_orphans
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&ino)
     }
 
     // ----- namespace ------------------------------------------------------------------------
@@ -663,16 +744,19 @@ impl Fs {
     /// Attributes of `ino`.
     pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
         let (rec, _) = self.get_inode(ino).await?;
-        Ok(Attr::from_rec(ino, &rec))
+        Ok(self.local_attr(ino, &rec))
     }
 
-    /// The entry `name` of directory `parent`.
+    /// The entry `name` of directory `parent`: one batched read of the entry and the parent
+    /// (so a miss costs one round trip), then the child's inode.
     pub async fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
         check_name(name)?;
+        let dkey = self.keys.dirent(parent, name);
         for _ in 0..self.opts.max_retries {
-            match self.get_dirent(parent, name).await? {
+            let (dirent, parent_rec) = self.read_dirent_and_parent(parent, name).await?;
+            match dirent {
                 None => {
-                    let (p, _) = self.get_inode(parent).await?;
+                    let (p, _) = parent_rec.ok_or(FsError::NotFound)?;
                     return Err(if p.kind == FileKind::Dir {
                         FsError::NotFound
                     } else {
@@ -680,10 +764,10 @@ impl Fs {
                     });
                 }
                 Some((d, drev)) => match self.get_inode_opt(d.ino).await? {
-                    Some((rec, _)) => return Ok(Attr::from_rec(d.ino, &rec)),
+                    Some((rec, _)) => return Ok(self.local_attr(d.ino, &rec)),
                     None => {
                         // Either a concurrent unlink (retry) or a dangling entry (corrupt).
-                        match self.get_dirent(parent, name).await? {
+                        match self.kv.get(&dkey).await? {
                             Some((_, r)) if r == drev => {
                                 return Err(FsError::Corrupt(format!(
                                     "entry points to missing inode {}",
@@ -699,6 +783,40 @@ impl Fs {
         Err(FsError::Contention(self.opts.max_retries))
     }
 
+    /// The entry `name` of `parent` and `parent`'s inode, read together in one round trip.
+    #[allow(clippy::type_complexity)]
+    async fn read_dirent_and_parent(
+        &self,
+        parent: u64,
+        name: &[u8],
+    ) -> FsResult<(Option<(DirentRec, Revision)>, Option<(InodeRec, Revision)>)> {
+        let keys = [self.keys.dirent(parent, name), self.keys.inode(parent)];
+        let got = self.kv.get_many(&keys).await?;
+        let mut it = got.into_iter();
+        let dirent = match it.next().flatten() {
+            Some((v, rev)) => Some((decode::<DirentRec>(&keys[0], &v)?, rev)),
+            None => None,
+        };
+        let parent_rec = match it.next().flatten() {
+            Some((v, rev)) => Some((decode_inode(&keys[1], &v)?, rev)),
+            None => None,
+        };
+        Ok((dirent, parent_rec))
+    }
+
+    /// Stages `parent` (read in the same round trip as its entry `name`) and returns the entry.
+    async fn stage_dir_and_entry(
+        &self,
+        stage: &mut Stage,
+        parent: u64,
+        name: &[u8],
+    ) -> FsResult<Option<(DirentRec, Revision)>> {
+        let (dirent, parent_rec) = self.read_dirent_and_parent(parent, name).await?;
+        let (rec, rev) = parent_rec.ok_or(FsError::NotFound)?;
+        stage.insert(parent, rec, rev);
+        Ok(dirent)
+    }
+
     pub(crate) async fn make_node(&self, parent: u64, name: &[u8], node: NewNode) -> FsResult<Attr> {
         check_name(name)?;
         let ino = self.alloc_ino().await?;
@@ -707,6 +825,7 @@ impl Fs {
             let mut stage = Stage::default();
             let mut txn = Txn::default();
             let now = now_ns();
+            let existing = self.stage_dir_and_entry(&mut stage, parent, name).await?;
             let p = self.load_dir(&mut stage, parent).await?;
             // A set-group-ID directory gives new nodes its group, and new subdirectories
             // its set-group-ID bit (as ext4 and every Linux filesystem do).
@@ -725,7 +844,7 @@ impl Fs {
             p.mtime_ns = now;
             p.ctime_ns = now;
             let dkey = self.keys.dirent(parent, name);
-            if self.kv.get(&dkey).await?.is_some() {
+            if existing.is_some() {
                 return Err(FsError::Exists);
             }
             let rec = InodeRec {
@@ -903,26 +1022,21 @@ impl Fs {
             let mut stage = Stage::default();
             let mut txn = Txn::default();
             let now = now_ns();
+            let entry = self.stage_dir_and_entry(&mut stage, parent, name).await?;
             let p = self.load_dir(&mut stage, parent).await?;
             p.mtime_ns = now;
             p.ctime_ns = now;
             let dkey = self.keys.dirent(parent, name);
-            let (d, drev) = self
-                .get_dirent(parent, name)
-                .await?
-                .ok_or(FsError::NotFound)?;
+            let (d, drev) = entry.ok_or(FsError::NotFound)?;
             if d.kind == FileKind::Dir {
                 return Err(FsError::IsDir);
             }
             stage.load(self, d.ino).await?;
             txn.cmp(dkey.clone(), drev);
             txn.del(dkey);
-            let orphaned = self.drop_link(&mut stage, &mut txn, d.ino, now)?;
+            self.drop_link(&mut stage, &mut txn, d.ino, now)?;
             stage.into_txn(self, &mut txn);
             if self.commit(txn).await? {
-                if orphaned {
-                    self.after_orphaned(d.ino).await;
-                }
                 return Ok(());
             }
             self.backoff(&mut attempt).await?;
@@ -937,15 +1051,13 @@ impl Fs {
             let mut stage = Stage::default();
             let mut txn = Txn::default();
             let now = now_ns();
+            let entry = self.stage_dir_and_entry(&mut stage, parent, name).await?;
             let p = self.load_dir(&mut stage, parent).await?;
             p.mtime_ns = now;
             p.ctime_ns = now;
             p.nlink = p.nlink.saturating_sub(1).max(2);
             let dkey = self.keys.dirent(parent, name);
-            let (d, drev) = self
-                .get_dirent(parent, name)
-                .await?
-                .ok_or(FsError::NotFound)?;
+            let (d, drev) = entry.ok_or(FsError::NotFound)?;
             if d.kind != FileKind::Dir {
                 return Err(FsError::NotDir);
             }
@@ -960,7 +1072,6 @@ impl Fs {
             self.drop_link(&mut stage, &mut txn, d.ino, now)?;
             stage.into_txn(self, &mut txn);
             if self.commit(txn).await? {
-                self.after_orphaned(d.ino).await;
                 return Ok(());
             }
             self.backoff(&mut attempt).await?;
@@ -997,7 +1108,7 @@ impl Fs {
             let kind = stage.peek(ino)?.kind;
             txn.cmp(dkey.clone(), 0);
             txn.put(dkey, encode(&DirentRec { ino, kind }));
-            let attr = Attr::from_rec(ino, stage.peek(ino)?);
+            let attr = self.local_attr(ino, stage.peek(ino)?);
             stage.into_txn(self, &mut txn);
             if self.commit(txn).await? {
                 return Ok(attr);
@@ -1083,7 +1194,6 @@ impl Fs {
                     return Ok(());
                 }
             }
-            let mut orphan = None;
             stage.load(self, sd.ino).await?.ctime_ns = now;
             match dst {
                 Some((dd, _)) if flags.exchange => {
@@ -1121,9 +1231,7 @@ impl Fs {
                             let np = stage.get(newparent)?;
                             np.nlink = np.nlink.saturating_sub(1);
                         }
-                        if self.drop_link(&mut stage, &mut txn, dd.ino, now)? {
-                            orphan = Some(dd.ino);
-                        }
+                        self.drop_link(&mut stage, &mut txn, dd.ino, now)?;
                     }
                     txn.del(skey);
                     txn.put(dkey, encode(&sd));
@@ -1156,9 +1264,6 @@ impl Fs {
                 txn.compares.remove(&k);
             }
             if self.commit(txn).await? {
-                if let Some(ino) = orphan {
-                    self.after_orphaned(ino).await;
-                }
                 return Ok(());
             }
             self.backoff(&mut attempt).await?;
@@ -1252,7 +1357,7 @@ impl Fs {
             txn.cmp(key.clone(), rev);
             txn.put(key, encode(&rec));
             if self.commit(txn).await? {
-                return Ok(Attr::from_rec(ino, &rec));
+                return Ok(self.local_attr(ino, &rec));
             }
             self.backoff(&mut attempt).await?;
         }

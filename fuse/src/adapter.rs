@@ -34,6 +34,8 @@ use twinfs_core::{Attr, FileKind, Fs, FsError, OpenFile, SetAttr, TimeSet, Xattr
 const MAX_WRITE: u32 = 1 << 20;
 /// Kernel read-ahead window.
 const MAX_READAHEAD: u32 = 1 << 20;
+/// Chunks fetched ahead of a sequential reader.
+const READ_AHEAD_CHUNKS: u64 = 2;
 /// Entries fetched from etcd per readdir request.
 const READDIR_PAGE: usize = 256;
 
@@ -395,7 +397,7 @@ impl Filesystem for TwinFs {
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
-        fh: Option<FileHandle>,
+        _fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
@@ -407,7 +409,6 @@ impl Filesystem for TwinFs {
             // A truncate must not be undone by writes buffered before it (through this handle
             // or any other of this mount): flush them first, so the truncate applies on top.
             if size.is_some() {
-                let _ = fh;
                 if let Err(e) = this.shared.flush_inode(ino.0, None).await {
                     this.count_err(&e);
                     return reply.error(errno(&e));
@@ -1083,24 +1084,27 @@ impl TwinFs {
         }
     }
 
-    /// After a sequential read ending at `end`, fetch the next chunk's block into the cache
-    /// when the reader is within the last quarter of the current chunk.
+    /// After a sequential read ending at `end`, fetch the blocks of the next
+    /// [`READ_AHEAD_CHUNKS`] chunks into the block cache, so the reader never waits for the
+    /// network at a chunk boundary.
     fn read_ahead(&self, h: &Arc<Handle_>, end: u64) {
         let cs = self.shared.fs.chunk_size();
-        let next = end / cs + 1;
-        if end % cs < cs - cs / 4 {
+        let first = end / cs + 1;
+        let last = first + READ_AHEAD_CHUNKS - 1;
+        // `prefetched` holds one past the highest chunk already asked for.
+        let prev = h.prefetched.fetch_max(last + 1, Ordering::Relaxed);
+        if prev > last {
             return;
         }
-        if h.prefetched.swap(next + 1, Ordering::Relaxed) == next + 1 {
-            return;
+        for idx in first.max(prev)..=last {
+            let h = h.clone();
+            let fs = self.shared.fs.clone();
+            self.rt.spawn(async move {
+                let g = h.file.read().await;
+                if let Some(f) = g.as_ref() {
+                    fs.prefetch(f, idx * cs).await;
+                }
+            });
         }
-        let h = h.clone();
-        let fs = self.shared.fs.clone();
-        self.rt.spawn(async move {
-            let g = h.file.read().await;
-            if let Some(f) = g.as_ref() {
-                fs.prefetch(f, next * cs).await;
-            }
-        });
     }
 }

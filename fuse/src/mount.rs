@@ -237,6 +237,9 @@ async fn open(cfg: &MountConfig, mountpoint: &Path) -> Result<Opened> {
             chunk_size: record.chunk_size,
             max_dirty_bytes: cfg.write_buffer_bytes,
             sleep: Some(sleep),
+            spawn: Some(Arc::new(|f| {
+                tokio::spawn(f);
+            })),
             ..Default::default()
         },
     )

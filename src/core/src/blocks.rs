@@ -96,9 +96,14 @@ pub struct CachedBlocks {
     inner: std::sync::Arc<dyn BlockIo>,
     budget: usize,
     state: Mutex<LruState>,
+    /// Fetches in flight: concurrent reads of one block (the kernel's parallel read-ahead
+    /// requests, a prefetch and the read it anticipated) share one transfer.
+    inflight: Mutex<HashMap<BlockHash, SharedFetch>>,
     hits: AtomicU64,
     misses: AtomicU64,
 }
+
+type SharedFetch = futures::future::Shared<BoxFuture<'static, Result<Bytes, BlockError>>>;
 
 #[derive(Default)]
 struct LruState {
@@ -148,6 +153,7 @@ impl CachedBlocks {
             inner,
             budget,
             state: Mutex::new(LruState::default()),
+            inflight: Mutex::new(HashMap::new()),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }
@@ -190,7 +196,22 @@ impl BlockIo for CachedBlocks {
                 return Ok(b);
             }
             self.misses.fetch_add(1, Ordering::Relaxed);
-            let data = self.inner.get(hash).await?;
+            let fetch = {
+                let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+                inflight
+                    .entry(hash)
+                    .or_insert_with(|| {
+                        let inner = self.inner.clone();
+                        async move { inner.get(hash).await }.boxed().shared()
+                    })
+                    .clone()
+            };
+            let result = fetch.await;
+            self.inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&hash);
+            let data = result?;
             if self.budget > 0 {
                 self.lock().insert(hash, data.clone(), self.budget);
             }

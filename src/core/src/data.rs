@@ -5,9 +5,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use twinfs_cluster::BlockHash;
 
+use crate::blocks::BlockError;
 use crate::error::{FsError, FsResult};
 use crate::fs::{now_ns, Fs, Txn, MAX_FILE_SIZE};
 use crate::kv::{prefix_end, Revision};
@@ -33,14 +34,31 @@ const MAX_READ: usize = 64 << 20;
 /// Unflushed writes to one chunk: `data` holds the written bytes at their offsets within the
 /// chunk; `ranges` (sorted, disjoint, non-adjacent) says which bytes of `data` were written —
 /// the gaps are filled from the chunk's committed content at flush time.
-#[derive(Debug, Default, Clone)]
+#[derive(Default, Clone)]
 struct DirtyChunk {
     data: Vec<u8>,
     ranges: Vec<(usize, usize)>,
+    /// The block of `data`, being stored in the background since the chunk was filled
+    /// completely (dropped by any later write to the chunk).
+    upload: Option<PendingUpload>,
+}
+
+type PendingUpload =
+    futures::future::Shared<futures::future::BoxFuture<'static, Result<BlockHash, BlockError>>>;
+
+impl std::fmt::Debug for DirtyChunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirtyChunk")
+            .field("len", &self.data.len())
+            .field("ranges", &self.ranges)
+            .field("uploading", &self.upload.is_some())
+            .finish()
+    }
 }
 
 impl DirtyChunk {
     fn write(&mut self, off: usize, bytes: &[u8]) {
+        self.upload = None;
         let end = off + bytes.len();
         if self.data.len() < end {
             self.data.resize(end, 0);
@@ -215,9 +233,29 @@ impl Fs {
             let n = ((cs - pos % cs) as usize).min(src.len());
             let (piece, rest) = src.split_at(n);
             let chunk = h.dirty.entry(idx).or_default();
+            if chunk.data.capacity() == 0 && within == 0 && self.opts.spawn.is_some() {
+                // A writer starting at a chunk's beginning usually fills it: one allocation.
+                chunk.data.reserve_exact(cs as usize);
+            }
             let before = chunk.data.len();
             chunk.write(within, piece);
             h.dirty_bytes += chunk.data.len() - before;
+            if let Some(spawn) = &self.opts.spawn {
+                if chunk.data.len() as u64 == cs && chunk.covers(0, cs as usize) {
+                    // Full: its block cannot depend on the committed content. Store it now.
+                    let blocks = self.blocks.clone();
+                    let data = Bytes::from(chunk.data.clone());
+                    let upload = async move { blocks.put(data).await }.boxed().shared();
+                    let driver = upload.clone();
+                    spawn(
+                        async move {
+                            let _ = driver.await;
+                        }
+                        .boxed(),
+                    );
+                    chunk.upload = Some(upload);
+                }
+            }
             src = rest;
             pos += n as u64;
         }
@@ -282,8 +320,7 @@ impl Fs {
         {
             let guard = h.meta.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(m) = guard.as_ref() {
-                if m.generation == generation && (first..=last).all(|i| m.chunks.contains_key(&i))
-                {
+                if m.generation == generation && (first..=last).all(|i| m.chunks.contains_key(&i)) {
                     let view = m.chunks.range(first..=last).map(|(k, v)| (*k, v.clone()));
                     return Ok((m.size, view.collect()));
                 }
@@ -299,7 +336,8 @@ impl Fs {
         let mut end = self.keys.chunk(h.ino, upto);
         end.push(0);
         let page = self.kv.range(&start, &end, 0).await?;
-        let mut fetched: BTreeMap<u64, Option<ChunkRec>> = (first..=upto).map(|i| (i, None)).collect();
+        let mut fetched: BTreeMap<u64, Option<ChunkRec>> =
+            (first..=upto).map(|i| (i, None)).collect();
         for e in page.entries {
             let idx = self.keys.parse_chunk(h.ino, &e.key)?;
             let c: ChunkRec = decode(&e.key, &e.value)?;
@@ -446,14 +484,32 @@ impl Fs {
                     let cur = current.remove(&idx).flatten();
                     let crev = cur.as_ref().map_or(0, |(_, r)| *r);
                     new_size = new_size.max(idx * cs + d.data.len() as u64);
+                    if let Some(up) = d.upload.clone() {
+                        // A full chunk stored in the background: its block is the content
+                        // whatever the committed base is.
+                        let len = u32::try_from(d.data.len())
+                            .map_err(|_| FsError::Corrupt("chunk too large".into()))?;
+                        match up.await {
+                            Ok(hash) => {
+                                refs.push((idx, crev, Some((hash, len))));
+                                continue;
+                            }
+                            Err(e) => {
+                                // Store it again at the next flush.
+                                if let Some(dm) = h.dirty.get_mut(&idx) {
+                                    dm.upload = None;
+                                }
+                                return Err(e.into());
+                            }
+                        }
+                    }
                     match stored.get(&idx) {
                         Some(&(r, hash, len)) if r == crev => {
                             refs.push((idx, crev, Some((hash, len))));
                         }
                         _ => {
                             let base_len = cur.as_ref().map_or(0, |(c, _)| c.len as usize);
-                            let content = if d.covers(0, d.data.len()) && d.data.len() >= base_len
-                            {
+                            let content = if d.covers(0, d.data.len()) && d.data.len() >= base_len {
                                 d.data.clone()
                             } else {
                                 let mut base = match &cur {
@@ -484,7 +540,9 @@ impl Fs {
                         Some(k) => k,
                         None => match stored.get(&idx) {
                             Some(&(_, hash, len)) => (hash, len),
-                            None => return Err(FsError::Corrupt("internal: block not stored".into())),
+                            None => {
+                                return Err(FsError::Corrupt("internal: block not stored".into()))
+                            }
                         },
                     };
                     let ckey = self.keys.chunk(h.ino, idx);

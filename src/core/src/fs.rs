@@ -36,6 +36,11 @@ pub const MAX_LINKS: u32 = 65_000;
 /// between conflicting transactions. The core itself never blocks.
 pub type Sleeper = Arc<dyn Fn(Duration) -> BoxFuture<'static, ()> + Send + Sync>;
 
+/// Runs a future in the background (tokio's `spawn` in production). With one, a chunk that a
+/// writer has filled completely is stored at once, while the writer goes on with the next
+/// one; without (the tests' executor), every block is stored at flush.
+pub type Spawner = Arc<dyn Fn(BoxFuture<'static, ()>) + Send + Sync>;
+
 /// Tunables of one [`Fs`] instance.
 #[derive(Clone)]
 pub struct FsOptions {
@@ -52,6 +57,8 @@ pub struct FsOptions {
     pub ino_batch: u64,
     /// Back-off between attempts; `None` retries at once.
     pub sleep: Option<Sleeper>,
+    /// Background execution for eager block uploads; `None` stores every block at flush.
+    pub spawn: Option<Spawner>,
 }
 
 impl Default for FsOptions {
@@ -63,6 +70,7 @@ impl Default for FsOptions {
             max_retries: 50,
             ino_batch: 1024,
             sleep: None,
+            spawn: None,
         }
     }
 }
@@ -453,9 +461,7 @@ impl Fs {
                 },
                 TxnOp::Put {
                     key: keys.counter(),
-                    value: encode(&CounterRec {
-                        next: ROOT_INO + 1,
-                    }),
+                    value: encode(&CounterRec { next: ROOT_INO + 1 }),
                 },
             ];
             if kv.txn(compares, ops).await? {
@@ -553,7 +559,9 @@ impl Fs {
                 ranges.push(TxnOp::DeleteRange { start: prefix, end });
             }
         }
-        if txn.ops.len() > self.opts.max_txn_ops || txn.compares.len() > self.opts.max_txn_ops {
+        if txn.ops.len() + ranges.len() > self.opts.max_txn_ops
+            || txn.compares.len() > self.opts.max_txn_ops
+        {
             return Err(FsError::Corrupt(format!(
                 "internal: transaction of {} ops / {} compares exceeds the limit",
                 txn.ops.len(),
@@ -589,7 +597,11 @@ impl Fs {
         self.get_inode_opt(ino).await?.ok_or(FsError::NotFound)
     }
 
-    async fn get_dirent(&self, parent: u64, name: &[u8]) -> FsResult<Option<(DirentRec, Revision)>> {
+    async fn get_dirent(
+        &self,
+        parent: u64,
+        name: &[u8],
+    ) -> FsResult<Option<(DirentRec, Revision)>> {
         let key = self.keys.dirent(parent, name);
         match self.kv.get(&key).await? {
             None => Ok(None),
@@ -817,7 +829,12 @@ impl Fs {
         Ok(dirent)
     }
 
-    pub(crate) async fn make_node(&self, parent: u64, name: &[u8], node: NewNode) -> FsResult<Attr> {
+    pub(crate) async fn make_node(
+        &self,
+        parent: u64,
+        name: &[u8],
+        node: NewNode,
+    ) -> FsResult<Attr> {
         check_name(name)?;
         let ino = self.alloc_ino().await?;
         let mut attempt = 0;
@@ -830,7 +847,11 @@ impl Fs {
             // A set-group-ID directory gives new nodes its group, and new subdirectories
             // its set-group-ID bit (as ext4 and every Linux filesystem do).
             let (gid, perm) = if p.mode & libc::S_ISGID != 0 {
-                let sgid = if node.kind == FileKind::Dir { libc::S_ISGID } else { 0 };
+                let sgid = if node.kind == FileKind::Dir {
+                    libc::S_ISGID
+                } else {
+                    0
+                };
                 (p.gid, node.perm | sgid)
             } else {
                 (node.gid, node.perm)
@@ -858,7 +879,11 @@ impl Fs {
                 mtime_ns: now,
                 ctime_ns: now,
                 rdev: node.rdev,
-                parent: if node.kind == FileKind::Dir { parent } else { 0 },
+                parent: if node.kind == FileKind::Dir {
+                    parent
+                } else {
+                    0
+                },
                 target: node.target.clone(),
             };
             txn.cmp(dkey.clone(), 0);
@@ -1174,12 +1199,14 @@ impl Fs {
                 return Err(FsError::NotFound);
             }
             if parent != newparent {
-                if sd.kind == FileKind::Dir && self.is_ancestor(&mut stage, sd.ino, newparent).await?
+                if sd.kind == FileKind::Dir
+                    && self.is_ancestor(&mut stage, sd.ino, newparent).await?
                 {
                     return Err(FsError::Invalid("rename of a directory into itself"));
                 }
                 if let Some((dd, _)) = &dst {
-                    if dd.kind == FileKind::Dir && self.is_ancestor(&mut stage, dd.ino, parent).await?
+                    if dd.kind == FileKind::Dir
+                        && self.is_ancestor(&mut stage, dd.ino, parent).await?
                     {
                         return Err(if flags.exchange {
                             FsError::Invalid("exchange with an ancestor")

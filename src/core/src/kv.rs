@@ -44,11 +44,19 @@ pub struct Compare {
 /// A write inside a transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TxnOp {
-    Put { key: Vec<u8>, value: Vec<u8> },
-    Delete { key: Vec<u8> },
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        key: Vec<u8>,
+    },
     /// Deletes every key in `[start, end)` (etcd's DeleteRange with a range_end): one small
     /// operation however many keys it removes.
-    DeleteRange { start: Vec<u8>, end: Vec<u8> },
+    DeleteRange {
+        start: Vec<u8>,
+        end: Vec<u8>,
+    },
 }
 
 impl TxnOp {
@@ -254,7 +262,8 @@ impl MemKv {
         let bytes: usize = ops.iter().map(TxnOp::encoded_len).sum::<usize>()
             + compares.iter().map(|c| c.key.len() + 16).sum::<usize>();
         self.max_ops_seen.fetch_max(n_ops as u64, Ordering::Relaxed);
-        self.max_bytes_seen.fetch_max(bytes as u64, Ordering::Relaxed);
+        self.max_bytes_seen
+            .fetch_max(bytes as u64, Ordering::Relaxed);
         if n_ops > self.max_ops {
             return Err(KvError::TooLarge(format!(
                 "{n_ops} operations (limit {})",
@@ -351,7 +360,10 @@ impl MetaKv for MemKv {
         keys: &'a [Vec<u8>],
     ) -> BoxFuture<'a, Result<Vec<Versioned>, KvError>> {
         let r = if keys.len() > self.max_ops {
-            Err(KvError::TooLarge(format!("{} keys in one read", keys.len())))
+            Err(KvError::TooLarge(format!(
+                "{} keys in one read",
+                keys.len()
+            )))
         } else {
             let st = self.lock();
             Ok(keys.iter().map(|k| st.map.get(k).cloned()).collect())

@@ -95,11 +95,9 @@ pub use blocks::{BlockError, BlockIo, CachedBlocks, MemBlocks};
 pub use data::OpenFile;
 pub use error::{FsError, FsResult};
 pub use fs::{
-    Attr, DirEntry, Fs, FsOptions, RenameFlags, SetAttr, Sleeper, TimeSet, XattrReply, XattrSet,
-    DEFAULT_CHUNK_SIZE, MAX_FILE_SIZE, NAME_MAX, ROOT_INO,
+    Attr, DirEntry, Fs, FsOptions, RenameFlags, SetAttr, Sleeper, Spawner, TimeSet, XattrReply,
+    XattrSet, DEFAULT_CHUNK_SIZE, MAX_FILE_SIZE, NAME_MAX, ROOT_INO,
 };
-pub use kv::{
-    prefix_end, Compare, KvEntry, KvError, MemKv, MetaKv, RangePage, Revision, TxnOp,
-};
+pub use kv::{prefix_end, Compare, KvEntry, KvError, MemKv, MetaKv, RangePage, Revision, TxnOp};
 pub use schema::FileKind;
 pub use twinfs_cluster::BlockHash;

@@ -152,9 +152,8 @@ pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 /// Decodes a value written by [`encode`]; anything else is [`FsError::Corrupt`] (EIO).
 pub fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> FsResult<T> {
     match value.split_first() {
-        Some((&VALUE_V1, body)) => serde_json::from_slice(body).map_err(|e| {
-            FsError::Corrupt(format!("{}: {e}", String::from_utf8_lossy(key)))
-        }),
+        Some((&VALUE_V1, body)) => serde_json::from_slice(body)
+            .map_err(|e| FsError::Corrupt(format!("{}: {e}", String::from_utf8_lossy(key)))),
         Some((v, _)) => Err(FsError::Corrupt(format!(
             "{}: unknown value version {v}",
             String::from_utf8_lossy(key)

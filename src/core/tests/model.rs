@@ -225,7 +225,11 @@ impl Model {
                         return Err(libc::EINVAL);
                     }
                     if d == Some(MNode::Dir) && is_under(sp, dst) {
-                        return Err(if exchange { libc::EINVAL } else { libc::ENOTEMPTY });
+                        return Err(if exchange {
+                            libc::EINVAL
+                        } else {
+                            libc::ENOTEMPTY
+                        });
                     }
                 }
                 if src == dst {
@@ -345,14 +349,24 @@ fn errno(e: twinfs_core::FsError) -> i32 {
 }
 
 impl Sut {
-    fn new() -> Sut {
+    /// `eager`: full chunks are stored in the background as soon as they are written (as in
+    /// production), on a thread per upload; otherwise every block is stored at flush.
+    fn new(eager: bool) -> Sut {
         let kv = Arc::new(MemKv::new());
         let blocks = Arc::new(MemBlocks::new());
+        let spawn: Option<twinfs_core::Spawner> = if eager {
+            Some(Arc::new(|f| {
+                std::thread::spawn(move || block_on(f));
+            }))
+        } else {
+            None
+        };
         let opts = FsOptions {
             chunk_size: CHUNK,
             max_dirty_bytes: 1 << 20,
             // Small transactions so multi-transaction paths run too.
             max_txn_ops: 8,
+            spawn,
             ..FsOptions::default()
         };
         let a = block_on(Fs::open_volume(
@@ -579,9 +593,9 @@ fn check(model: &Model, sut: &Sut) {
     assert_eq!(orphans, open_unlinked, "orphan records");
 }
 
-fn run(ops: Vec<Op>) {
+fn run(ops: Vec<Op>, eager: bool) {
     let mut model = Model::default();
-    let mut sut = Sut::new();
+    let mut sut = Sut::new(eager);
     for (i, op) in ops.iter().enumerate() {
         let got = block_on(sut.apply(op));
         let want_read = if let Op::Read(slot, off, len) = op {
@@ -614,8 +628,8 @@ fn run(ops: Vec<Op>) {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
     #[test]
-    fn core_matches_model(ops in prop::collection::vec(op(), 1..80)) {
-        run(ops);
+    fn core_matches_model(ops in prop::collection::vec(op(), 1..80), eager in any::<bool>()) {
+        run(ops, eager);
     }
 }
 
@@ -623,7 +637,7 @@ proptest! {
 #[test]
 fn model_fixed_sequence() {
     let p = |s: &'static str| -> Path { s.split('/').collect() };
-    run(vec![
+    let ops = vec![
         Op::Mkdir(p("a")),
         Op::Mkdir(p("a/b")),
         Op::Create(p("a/b/c"), true),
@@ -651,5 +665,7 @@ fn model_fixed_sequence() {
         Op::Rmdir(p("b")),
         Op::Rmdir(p("b/b")),
         Op::Rename(p("a"), p("b/b"), 1),
-    ]);
+    ];
+    run(ops.clone(), false);
+    run(ops, true);
 }

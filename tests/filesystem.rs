@@ -50,14 +50,7 @@ fn get_xattr(path: &Path, name: &str) -> std::io::Result<Vec<u8>> {
     let n = CString::new(name).expect("name without NUL");
     let mut buf = vec![0u8; 4096];
     // SAFETY: as in set_xattr; `buf` is writable for `buf.len()` bytes.
-    let r = unsafe {
-        libc::getxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
+    let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     if r < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -95,7 +88,11 @@ fn namespace_changes_through_one_mount_are_seen_through_the_other() {
     std::os::unix::fs::symlink("hello.txt", a.join("link")).unwrap();
     fs::hard_link(a.join("hello.txt"), a.join("2026/hard")).unwrap();
     set_xattr(&a.join("hello.txt"), "user.origin", b"node-a").unwrap();
-    fs::set_permissions(a.join("2026/11/photo.jpg"), fs::Permissions::from_mode(0o640)).unwrap();
+    fs::set_permissions(
+        a.join("2026/11/photo.jpg"),
+        fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
 
     assert_eq!(fs::read(b.join("hello.txt")).unwrap(), b"hello from A");
     assert!(b.join("2026/11").is_dir());
@@ -111,7 +108,10 @@ fn namespace_changes_through_one_mount_are_seen_through_the_other() {
     let hb = fs::metadata(b.join("2026/hard")).unwrap();
     assert_eq!(hb.nlink(), 2);
     assert_eq!(hb.ino(), fs::metadata(b.join("hello.txt")).unwrap().ino());
-    assert_eq!(get_xattr(&b.join("hello.txt"), "user.origin").unwrap(), b"node-a");
+    assert_eq!(
+        get_xattr(&b.join("hello.txt"), "user.origin").unwrap(),
+        b"node-a"
+    );
     assert_eq!(
         fs::metadata(b.join("2026/11/photo.jpg")).unwrap().mode() & 0o7777,
         0o640
@@ -135,13 +135,11 @@ fn namespace_changes_through_one_mount_are_seen_through_the_other() {
     });
     fs::rename(a.join("2026/11"), a.join("2026/december")).unwrap();
     within("directory rename", PUSHED_WITHIN, || {
-        (!b.join("2026/11").exists() && b.join("2026/december/photo.jpg").is_file())
-            .then_some(())
+        (!b.join("2026/11").exists() && b.join("2026/december/photo.jpg").is_file()).then_some(())
     });
     fs::remove_file(a.join("2026/hard")).unwrap();
     within("unlink of a hard link", PUSHED_WITHIN, || {
-        (!b.join("2026/hard").exists()
-            && fs::metadata(b.join("renamed.txt")).ok()?.nlink() == 1)
+        (!b.join("2026/hard").exists() && fs::metadata(b.join("renamed.txt")).ok()?.nlink() == 1)
             .then_some(())
     });
     fs::remove_file(a.join("2026/december/photo.jpg")).unwrap();
@@ -172,7 +170,10 @@ fn overwrite_is_seen_at_the_next_open_even_when_the_reader_cached_the_file() {
         // close() returned on A: an open() on B now must see the new bytes (close-to-open),
         // even though B read the previous version a moment ago and may still cache it.
         let seen = fs::read(&path_b).unwrap();
-        assert!(seen == content, "round {round}: B read stale data after A's close");
+        assert!(
+            seen == content,
+            "round {round}: B read stale data after A's close"
+        );
     }
     // Growing and shrinking are seen too.
     fs::write(&path_a, random_bytes(5 * 1024 * 1024 + 17)).unwrap();
@@ -197,7 +198,10 @@ fn an_unlinked_file_stays_readable_through_its_open_descriptor() {
     assert!(!a.join("doomed").exists());
     let mut back = Vec::new();
     f.read_to_end(&mut back).unwrap();
-    assert!(back == data, "open descriptor reads the unlinked file's data");
+    assert!(
+        back == data,
+        "open descriptor reads the unlinked file's data"
+    );
 }
 
 #[test]
@@ -280,7 +284,11 @@ fn mounts_stop_cleanly_and_bad_mounts_fail_clearly() {
 
     // `twinfs umount` unmounts, and the mount process goes away by itself.
     let out = run(c.cmd().arg("umount").arg(a));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!is_mounted(a));
     assert!(
         wait_for(Duration::from_secs(10), || !alive(c.mount_pids[0])).is_some(),
@@ -303,20 +311,31 @@ fn mounts_stop_cleanly_and_bad_mounts_fail_clearly() {
 
     // Mount again (background): both files are there, with their data.
     let out = run(c.cmd().arg("mount").arg("uploads").arg(a));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(fs::read(a.join("kept")).unwrap(), b"still here");
     assert_eq!(
         fs::read(a.join("open-at-sigterm")).unwrap(),
         b"flushed at shutdown"
     );
     let out = run(c.cmd().arg("umount").arg(a));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // A volume that does not exist, and an etcd nobody listens on: clear errors, no mount.
     let out = run(c.cmd().arg("mount").arg("no-such-volume").arg(a));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("no-such-volume"), "error names the volume: {err}");
+    assert!(
+        err.contains("no-such-volume"),
+        "error names the volume: {err}"
+    );
     assert!(!is_mounted(a));
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

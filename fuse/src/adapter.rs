@@ -344,6 +344,9 @@ impl Filesystem for TwinFs {
             InitFlags::FUSE_AUTO_INVAL_DATA,
             // Lookups and readdirs of one directory may run in parallel.
             InitFlags::FUSE_PARALLEL_DIROPS,
+            // Listings carry attributes: `ls -l`, `tar`, `rsync` need no lookup per name.
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_ASYNC_DIO,
             InitFlags::FUSE_BIG_WRITES,
             InitFlags::FUSE_MAX_PAGES,
@@ -819,33 +822,44 @@ impl Filesystem for TwinFs {
         let this = self.this();
         self.spawn(async move {
             let ttl = this.shared.attr_ttl;
-            let dir = match this.shared.fs.getattr(ino.0).await {
-                Ok(a) => a,
-                Err(e) => return reply.error(errno(&e)),
-            };
-            if offset == 0 && reply.add(ino, 1, ".", &ttl, &fattr(&dir), Generation(0)) {
-                return reply.ok();
-            }
-            if offset <= 1 && reply.add(ino, 2, "..", &ttl, &fattr(&dir), Generation(0)) {
-                return reply.ok();
+            if offset <= 1 {
+                // "." and ".." carry the directory's own attributes (the kernel ignores them
+                // for caching; they only need to be well-formed).
+                let dir = match this.shared.fs.getattr(ino.0).await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        this.count_err(&e);
+                        return reply.error(errno(&e));
+                    }
+                };
+                if offset == 0 && reply.add(ino, 1, ".", &ttl, &fattr(&dir), Generation(0)) {
+                    return reply.ok();
+                }
+                if reply.add(ino, 2, "..", &ttl, &fattr(&dir), Generation(0)) {
+                    return reply.ok();
+                }
             }
             let mut cookie = offset;
             loop {
-                let page = match this.shared.fs.readdir(ino.0, cookie, READDIR_PAGE).await {
+                let page = match this
+                    .shared
+                    .fs
+                    .readdir_plus(ino.0, cookie, READDIR_PAGE)
+                    .await
+                {
                     Ok(p) => p,
-                    Err(e) => return reply.error(errno(&e)),
+                    Err(e) => {
+                        this.count_err(&e);
+                        return reply.error(errno(&e));
+                    }
                 };
                 if page.is_empty() {
                     return reply.ok();
                 }
-                for e in page {
-                    let a = match this.shared.fs.getattr(e.ino).await {
-                        Ok(a) => a,
-                        Err(FsError::NotFound) => {
-                            cookie = e.cookie;
-                            continue;
-                        }
-                        Err(err) => return reply.error(errno(&err)),
+                for (e, attr) in page {
+                    let Some(a) = attr else {
+                        cookie = e.cookie;
+                        continue;
                     };
                     let name = OsStr::from_bytes(&e.name);
                     if reply.add(

@@ -350,10 +350,7 @@ impl MetaKv for EtcdKv {
         self.get_many_impl(keys).boxed()
     }
 
-    fn get<'a>(
-        &'a self,
-        key: &'a [u8],
-    ) -> BoxFuture<'a, Result<Option<(Vec<u8>, Revision)>, KvError>> {
+    fn get<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<Versioned, KvError>> {
         self.get_impl(key).boxed()
     }
 

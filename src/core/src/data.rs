@@ -14,6 +14,10 @@ use crate::fs::{now_ns, Fs, Txn, MAX_FILE_SIZE};
 use crate::kv::{prefix_end, Revision};
 use crate::schema::{decode, encode, ChunkRec, FileKind};
 
+/// A chunk to reference at commit: index, the revision its record was read at, and its block
+/// when already known (else it is among the blocks being stored).
+type ChunkRef = (u64, Revision, Option<(BlockHash, u32)>);
+
 /// Blocks stored concurrently by one flush.
 const PUTS_IN_FLIGHT: usize = 4;
 
@@ -477,7 +481,7 @@ impl Fs {
                 // Phase 1: the content of each dirty chunk whose block is not stored yet
                 // (read-modify-write when partly overwritten); phase 2: store those blocks,
                 // several in flight at once; phase 3: reference them all in one transaction.
-                let mut refs: Vec<(u64, Revision, Option<(BlockHash, u32)>)> = Vec::new();
+                let mut refs: Vec<ChunkRef> = Vec::new();
                 let mut uploads: Vec<(u64, Revision, Vec<u8>)> = Vec::new();
                 for &idx in batch {
                     let Some(d) = h.dirty.get(&idx) else { continue };
@@ -703,6 +707,44 @@ impl Fs {
 #[cfg(test)]
 mod tests {
     use super::DirtyChunk;
+    use crate::{Fs, FsOptions, MemBlocks, MemKv, ROOT_INO};
+    use futures::executor::block_on;
+    use std::sync::Arc;
+
+    /// `stat` after a buffered write shows the new size (pjdfstest open::interact_2gb, fsx's
+    /// size checks), on this instance only, until the flush commits it for everyone.
+    #[test]
+    fn attributes_include_unflushed_writes() {
+        block_on(async {
+            let kv = Arc::new(MemKv::new());
+            let blocks = Arc::new(MemBlocks::new());
+            let opts = FsOptions {
+                chunk_size: 16,
+                ..FsOptions::default()
+            };
+            let a = Fs::open_volume(kv.clone(), blocks.clone(), "v", opts.clone())
+                .await
+                .unwrap();
+            let b = Fs::open_volume(kv, blocks, "v", opts).await.unwrap();
+            let (f, _) = a.create(ROOT_INO, b"f", 0o644, 0, 0, true).await.unwrap();
+            let mut h1 = a.open(f.ino).await.unwrap();
+            let mut h2 = a.open(f.ino).await.unwrap();
+            a.write(&mut h1, 40, b"abc").await.unwrap();
+            a.write(&mut h2, 5, b"x").await.unwrap();
+            assert_eq!(a.getattr(f.ino).await.unwrap().size, 43);
+            assert_eq!(a.lookup(ROOT_INO, b"f").await.unwrap().size, 43);
+            assert_eq!(b.getattr(f.ino).await.unwrap().size, 0);
+            assert!(a.has_unflushed_writes(f.ino, Some(h2.fh())));
+            a.flush(&mut h1).await.unwrap();
+            assert!(!a.has_unflushed_writes(f.ino, Some(h2.fh())));
+            assert!(a.has_unflushed_writes(f.ino, None));
+            assert_eq!(b.getattr(f.ino).await.unwrap().size, 43);
+            a.release(h2).await.unwrap();
+            assert!(!a.has_unflushed_writes(f.ino, None));
+            a.release(h1).await.unwrap();
+            assert_eq!(a.getattr(f.ino).await.unwrap().size, 43);
+        });
+    }
 
     #[test]
     fn dirty_chunk_ranges_merge() {

@@ -280,9 +280,9 @@ impl Stage {
     }
 
     async fn load(&mut self, fs: &Fs, ino: u64) -> FsResult<&mut InodeRec> {
-        if !self.inodes.contains_key(&ino) {
+        if let std::collections::btree_map::Entry::Vacant(slot) = self.inodes.entry(ino) {
             let (rec, rev) = fs.get_inode(ino).await?;
-            self.inodes.insert(ino, (rec, rev, false));
+            slot.insert((rec, rev, false));
         }
         self.get(ino)
     }
@@ -303,9 +303,9 @@ impl Stage {
     }
     /// Loads without marking dirty (for checks only).
     async fn look(&mut self, fs: &Fs, ino: u64) -> FsResult<&InodeRec> {
-        if !self.inodes.contains_key(&ino) {
+        if let std::collections::btree_map::Entry::Vacant(slot) = self.inodes.entry(ino) {
             let (rec, rev) = fs.get_inode(ino).await?;
-            self.inodes.insert(ino, (rec, rev, false));
+            slot.insert((rec, rev, false));
         }
         self.peek(ino)
     }

@@ -108,10 +108,7 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 /// `Compare::mod_revision(key, Equal, rev)` and Put/Delete in the success branch).
 pub trait MetaKv: Send + Sync {
     /// The value and mod_revision of `key`, if it exists.
-    fn get<'a>(
-        &'a self,
-        key: &'a [u8],
-    ) -> BoxFuture<'a, Result<Option<(Vec<u8>, Revision)>, KvError>>;
+    fn get<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<Versioned, KvError>>;
 
     /// Keys in `[start, end)` in ascending order, at most `limit` of them (0 = no limit).
     /// An empty `end` means "to the end of the key space". Use [`prefix_end`] for prefix scans.
@@ -134,6 +131,7 @@ pub trait MetaKv: Send + Sync {
 }
 
 type Hook = Box<dyn FnOnce(&MemKv) + Send>;
+type EntryIter<'a> = Box<dyn Iterator<Item = (&'a Vec<u8>, &'a (Vec<u8>, Revision))> + 'a>;
 
 #[derive(Default)]
 struct MemState {
@@ -224,7 +222,7 @@ impl MemKv {
     pub fn range_sync(&self, start: &[u8], end: &[u8], limit: usize) -> RangePage {
         let st = self.lock();
         let mut page = RangePage::default();
-        let iter: Box<dyn Iterator<Item = (&Vec<u8>, &(Vec<u8>, Revision))>> = if end.is_empty() {
+        let iter: EntryIter<'_> = if end.is_empty() {
             Box::new(st.map.range(start.to_vec()..))
         } else if start >= end {
             return page;
@@ -335,10 +333,7 @@ impl MemKv {
 }
 
 impl MetaKv for MemKv {
-    fn get<'a>(
-        &'a self,
-        key: &'a [u8],
-    ) -> BoxFuture<'a, Result<Option<(Vec<u8>, Revision)>, KvError>> {
+    fn get<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<Versioned, KvError>> {
         futures::future::ready(Ok(self.get_sync(key))).boxed()
     }
 

@@ -348,7 +348,7 @@ mod tests {
         let (h, n) = keys.parse_dirent(7, &k).unwrap();
         assert_eq!(n, b"hello");
         assert_eq!(h, name_hash(b"hello"));
-        assert!(h >= 16 && h < (1 << 62));
+        assert!((16..(1 << 62)).contains(&h));
         assert!(keys.parse_dirent(7, &keys.dir(7)).is_err());
         assert_eq!(keys.parse_chunk(3, &keys.chunk(3, 99)).unwrap(), 99);
     }

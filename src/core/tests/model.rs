@@ -103,7 +103,7 @@ fn is_under(p: &[&str], anc: &[&str]) -> bool {
 impl Model {
     fn resolve_parent(&self, p: &Path) -> R {
         for i in 1..p.len() {
-            match self.tree.get(&p[..i].to_vec()) {
+            match self.tree.get(&p[..i]) {
                 None => return Err(libc::ENOENT),
                 Some(MNode::File(_)) => return Err(libc::ENOTDIR),
                 Some(MNode::Dir) => {}

@@ -10,7 +10,8 @@
 //! ```
 //!
 //! Durability of a put: write to `tmp/`, fsync the file, rename into `blocks/ab/`, fsync that
-//! directory, then commit the index entry. Only then is the put acknowledged.
+//! directory, then commit the index entry (without waiting for the index's own fsync: the
+//! index is rebuilt from the files on open). Only then is the put acknowledged.
 //!
 //! The files are the truth and the index is derived from them: `open` reconciles the two (an
 //! entry whose file is gone is dropped; a file without an entry, left by a crash between the
@@ -221,7 +222,12 @@ impl BlockStore {
             let _ = fs::remove_file(&tmp);
             return Err(io_or_nospace(e));
         }
-        let txn = self.index.begin_write().map_err(StoreError::index)?;
+        let mut txn = self.index.begin_write().map_err(StoreError::index)?;
+        // The file is durable already (fsync, rename, fsync of the directory) and the index is
+        // derived from the files: `open` re-indexes any block file a crash left unindexed. So
+        // the index commit need not wait for its own fsync: it saved one disk flush per put,
+        // a third of a small file's write latency on this VM's disk.
+        txn.set_durability(redb::Durability::Eventual);
         let inserted = {
             let mut table = txn.open_table(BLOCKS).map_err(StoreError::index)?;
             let previous = table

@@ -342,7 +342,95 @@ impl EtcdKv {
     }
 }
 
+impl EtcdKv {
+    async fn get_many_and_range_impl(
+        &self,
+        keys: &[Vec<u8>],
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<(Vec<Versioned>, RangePage), KvError> {
+        let start: Vec<u8> = if start.is_empty() {
+            vec![0]
+        } else {
+            start.to_vec()
+        };
+        let end: Vec<u8> = if end.is_empty() {
+            vec![0]
+        } else {
+            end.to_vec()
+        };
+        let resp = self
+            .read("get_many_and_range", |mut kv| {
+                let mut ops: Vec<etcd_client::TxnOp> = keys
+                    .iter()
+                    .map(|k| etcd_client::TxnOp::get(k.clone(), None))
+                    .collect();
+                ops.push(etcd_client::TxnOp::get(
+                    start.clone(),
+                    Some(
+                        GetOptions::new()
+                            .with_range(end.clone())
+                            .with_limit(to_i64(limit)),
+                    ),
+                ));
+                async move { kv.txn(etcd_client::Txn::new().and_then(ops)).await }
+            })
+            .await?;
+        let replies = resp.op_responses();
+        if replies.len() != keys.len() + 1 {
+            return Err(KvError::Other(format!(
+                "etcd answered {} of {} reads",
+                replies.len(),
+                keys.len() + 1
+            )));
+        }
+        let mut values = Vec::with_capacity(keys.len());
+        let mut page = RangePage::default();
+        for (i, r) in replies.into_iter().enumerate() {
+            let TxnOpResponse::Get(g) = r else {
+                return Err(KvError::Other("etcd answered a read with a write".into()));
+            };
+            if let Some(key) = keys.get(i) {
+                values.push(
+                    g.kvs()
+                        .iter()
+                        .find(|kv| kv.key() == key.as_slice())
+                        .map(|kv| (kv.value().to_vec(), kv.mod_revision())),
+                );
+            } else {
+                page.more = g.more();
+                page.entries = g
+                    .kvs()
+                    .iter()
+                    .map(|kv| KvEntry {
+                        key: kv.key().to_vec(),
+                        value: kv.value().to_vec(),
+                        mod_revision: kv.mod_revision(),
+                    })
+                    .collect();
+                if limit != 0 && page.entries.len() > limit {
+                    page.entries.truncate(limit);
+                    page.more = true;
+                }
+            }
+        }
+        Ok((values, page))
+    }
+}
+
 impl MetaKv for EtcdKv {
+    fn get_many_and_range<'a>(
+        &'a self,
+        keys: &'a [Vec<u8>],
+        start: &'a [u8],
+        end: &'a [u8],
+        limit: usize,
+    ) -> BoxFuture<'a, Result<(Vec<Versioned>, RangePage), KvError>> {
+        self.get_many_and_range_impl(keys, start, end, limit)
+            .boxed()
+    }
+
     fn get_many<'a>(
         &'a self,
         keys: &'a [Vec<u8>],

@@ -12,7 +12,7 @@ use crate::blocks::BlockError;
 use crate::error::{FsError, FsResult};
 use crate::fs::{now_ns, Fs, Txn, MAX_FILE_SIZE};
 use crate::kv::{prefix_end, Revision};
-use crate::schema::{decode, encode, ChunkRec, FileKind};
+use crate::schema::{decode, encode, ChunkRec, FileKind, InodeRec};
 
 /// A chunk to reference at commit: index, the revision its record was read at, and its block
 /// when already known (else it is among the blocks being stored).
@@ -156,7 +156,10 @@ impl Fs {
 
     /// Opens regular file `ino` and returns its attributes as read for the open (one read).
     pub async fn open_attr(&self, ino: u64) -> FsResult<(OpenFile, crate::fs::Attr)> {
-        let (rec, _) = self.get_inode(ino).await?;
+        // The inode and the first chunk records together: the first read then needs no
+        // metadata round trip of its own.
+        let generation = self.generation(ino);
+        let (rec, chunks) = self.read_view(ino, 0, CHUNK_MAP_PAGE - 1).await?;
         match rec.kind {
             FileKind::File => {}
             FileKind::Dir => return Err(FsError::IsDir),
@@ -165,7 +168,15 @@ impl Fs {
         if rec.nlink == 0 && !self.is_open_locally(ino) {
             return Err(FsError::NotFound);
         }
-        Ok((self.new_handle(ino), self.local_attr(ino, &rec)))
+        let h = self.new_handle(ino);
+        if rec.kind == FileKind::File {
+            *h.meta.lock().unwrap_or_else(|e| e.into_inner()) = Some(MetaCache {
+                generation,
+                size: rec.size,
+                chunks,
+            });
+        }
+        Ok((h, self.local_attr(ino, &rec)))
     }
 
     /// Opens a regular file this instance has just created (no need to read it back).
@@ -311,6 +322,42 @@ impl Fs {
         }
     }
 
+    /// The inode and its chunk records `[first, upto]` (holes as `None`), read as one
+    /// snapshot in one round trip: a flush committing in between cannot pair a new size with
+    /// an old chunk map (which would read as zeros).
+    async fn read_view(
+        &self,
+        ino: u64,
+        first: u64,
+        upto: u64,
+    ) -> FsResult<(InodeRec, BTreeMap<u64, Option<ChunkRec>>)> {
+        let cs = self.chunk_size;
+        let ikey = self.keys.inode(ino);
+        let start = self.keys.chunk(ino, first);
+        let mut end = self.keys.chunk(ino, upto);
+        end.push(0);
+        let keys = [ikey];
+        let (values, page) = self.kv.get_many_and_range(&keys, &start, &end, 0).await?;
+        let rec = match values.into_iter().next().flatten() {
+            Some((v, _)) => crate::schema::decode_inode(&keys[0], &v)?,
+            None => return Err(FsError::NotFound),
+        };
+        let mut fetched: BTreeMap<u64, Option<ChunkRec>> =
+            (first..=upto).map(|i| (i, None)).collect();
+        for e in page.entries {
+            let idx = self.keys.parse_chunk(ino, &e.key)?;
+            let c: ChunkRec = decode(&e.key, &e.value)?;
+            if u64::from(c.len) > cs || c.len == 0 {
+                return Err(FsError::Corrupt(format!(
+                    "chunk {idx} of inode {ino}: bad length {}",
+                    c.len
+                )));
+            }
+            fetched.insert(idx, Some(c));
+        }
+        Ok((rec, fetched))
+    }
+
     /// The committed size of `h`'s file and the records of chunks `[first, last]`, from the
     /// handle's cache when the inode has not been invalidated since, else from the store
     /// (one inode read and one chunk-map range read of at least [`CHUNK_MAP_PAGE`] chunks).
@@ -330,29 +377,8 @@ impl Fs {
                 }
             }
         }
-        let (rec, _) = self.get_inode(h.ino).await?;
-        let cs = self.chunk_size;
-        let last_chunk = rec.size.div_ceil(cs).saturating_sub(1);
-        let upto = last
-            .max(first.saturating_add(CHUNK_MAP_PAGE - 1))
-            .min(last_chunk.max(last));
-        let start = self.keys.chunk(h.ino, first);
-        let mut end = self.keys.chunk(h.ino, upto);
-        end.push(0);
-        let page = self.kv.range(&start, &end, 0).await?;
-        let mut fetched: BTreeMap<u64, Option<ChunkRec>> =
-            (first..=upto).map(|i| (i, None)).collect();
-        for e in page.entries {
-            let idx = self.keys.parse_chunk(h.ino, &e.key)?;
-            let c: ChunkRec = decode(&e.key, &e.value)?;
-            if u64::from(c.len) > cs || c.len == 0 {
-                return Err(FsError::Corrupt(format!(
-                    "chunk {idx} of inode {}: bad length {}",
-                    h.ino, c.len
-                )));
-            }
-            fetched.insert(idx, Some(c));
-        }
+        let upto = last.max(first.saturating_add(CHUNK_MAP_PAGE - 1));
+        let (rec, fetched) = self.read_view(h.ino, first, upto).await?;
         let view: BTreeMap<u64, Option<ChunkRec>> = fetched
             .range(first..=last)
             .map(|(k, v)| (*k, v.clone()))

@@ -128,6 +128,16 @@ pub trait MetaKv: Send + Sync {
         &'a self,
         keys: &'a [Vec<u8>],
     ) -> BoxFuture<'a, Result<Vec<Versioned>, KvError>>;
+
+    /// Keys and one range `[start, end)` (at most `limit` entries, 0 = all) read at one
+    /// revision, in one round trip: a consistent snapshot of, say, an inode and its chunk map.
+    fn get_many_and_range<'a>(
+        &'a self,
+        keys: &'a [Vec<u8>],
+        start: &'a [u8],
+        end: &'a [u8],
+        limit: usize,
+    ) -> BoxFuture<'a, Result<(Vec<Versioned>, RangePage), KvError>>;
 }
 
 type Hook = Box<dyn FnOnce(&MemKv) + Send>;
@@ -221,6 +231,10 @@ impl MemKv {
 
     pub fn range_sync(&self, start: &[u8], end: &[u8], limit: usize) -> RangePage {
         let st = self.lock();
+        Self::range_in(&st, start, end, limit)
+    }
+
+    fn range_in(st: &MemState, start: &[u8], end: &[u8], limit: usize) -> RangePage {
         let mut page = RangePage::default();
         let iter: EntryIter<'_> = if end.is_empty() {
             Box::new(st.map.range(start.to_vec()..))
@@ -362,6 +376,28 @@ impl MetaKv for MemKv {
         } else {
             let st = self.lock();
             Ok(keys.iter().map(|k| st.map.get(k).cloned()).collect())
+        };
+        futures::future::ready(r).boxed()
+    }
+
+    fn get_many_and_range<'a>(
+        &'a self,
+        keys: &'a [Vec<u8>],
+        start: &'a [u8],
+        end: &'a [u8],
+        limit: usize,
+    ) -> BoxFuture<'a, Result<(Vec<Versioned>, RangePage), KvError>> {
+        let r = if keys.len() + 1 > self.max_ops {
+            Err(KvError::TooLarge(format!(
+                "{} keys in one read",
+                keys.len()
+            )))
+        } else {
+            // One lock for both: the same snapshot, as etcd's read-only txn gives.
+            let st = self.lock();
+            let values = keys.iter().map(|k| st.map.get(k).cloned()).collect();
+            let page = Self::range_in(&st, start, end, limit);
+            Ok((values, page))
         };
         futures::future::ready(r).boxed()
     }

@@ -267,10 +267,7 @@ fn put(key: &str, value: &str) -> TxnOp {
 }
 
 fn cmp(key: &str, rev: i64) -> Compare {
-    Compare {
-        key: key.as_bytes().to_vec(),
-        mod_revision: rev,
-    }
+    Compare::key(key.as_bytes().to_vec(), rev)
 }
 
 #[test]

@@ -260,7 +260,16 @@ impl EtcdKv {
                 compares
                     .into_iter()
                     .map(|c| {
-                        etcd_client::Compare::mod_revision(c.key, CompareOp::Equal, c.mod_revision)
+                        let cmp = etcd_client::Compare::mod_revision(
+                            c.key,
+                            CompareOp::Equal,
+                            c.mod_revision,
+                        );
+                        if c.range_end.is_empty() {
+                            cmp
+                        } else {
+                            cmp.with_range(c.range_end)
+                        }
                     })
                     .collect::<Vec<_>>(),
             )

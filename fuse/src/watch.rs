@@ -57,6 +57,11 @@ pub fn classify(
         };
         return Some(Invalidation::Inode { ino, data });
     }
+    if let Some(ino_hex) = rest.strip_prefix(b"t/") {
+        // A directory's times: its attributes only.
+        let ino = parse_hex(ino_hex)?;
+        return Some(Invalidation::Inode { ino, data: false });
+    }
     if let Some(d) = rest.strip_prefix(b"d/") {
         // <parent:16>/<hash:16>/<name>
         if d.len() < 35 || d[16] != b'/' || d[33] != b'/' {

@@ -11,8 +11,8 @@ use crate::blocks::BlockIo;
 use crate::error::{FsError, FsResult};
 use crate::kv::{prefix_end, Compare, MetaKv, Revision, TxnOp};
 use crate::schema::{
-    decode, decode_inode, decode_raw, encode, encode_raw, CounterRec, DirentRec, FileKind,
-    InodeRec, Keys, OrphanRec, VolumeRec,
+    decode, decode_inode, decode_raw, encode, encode_raw, CounterRec, DirTimesRec, DirentRec,
+    FileKind, InodeRec, Keys, OrphanRec, VolumeRec,
 };
 
 /// The root directory's inode number (FUSE's `FUSE_ROOT_ID`).
@@ -29,6 +29,8 @@ pub const SYMLINK_MAX: usize = 4095;
 pub const XATTR_SIZE_MAX: usize = 64 * 1024;
 /// Largest file size (2^60 bytes keeps every offset well inside i64).
 pub const MAX_FILE_SIZE: u64 = 1 << 60;
+/// Operations a namespace transaction may need, whatever `max_txn_ops` is (etcd allows 128).
+pub const NAMESPACE_TXN_OPS: usize = 16;
 /// Most hard links to one inode.
 pub const MAX_LINKS: u32 = 65_000;
 
@@ -247,6 +249,8 @@ pub(crate) struct Txn {
     /// Inodes whose last link this transaction removes and that nobody here has open: the
     /// same transaction deletes the inode, its chunk map and its xattrs (no orphan record).
     purges: Vec<u64>,
+    /// "No key in [start, end)" compares (an empty directory stays empty).
+    empty_ranges: Vec<(Vec<u8>, Vec<u8>)>,
     /// Set when the same key was read twice with different revisions: a conflict already.
     stale: bool,
 }
@@ -264,6 +268,10 @@ impl Txn {
     }
     pub fn del(&mut self, key: Vec<u8>) {
         self.ops.insert(key, None);
+    }
+    /// The transaction applies only if no key exists in `[start, end)` when it commits.
+    pub fn cmp_empty(&mut self, start: Vec<u8>, end: Vec<u8>) {
+        self.empty_ranges.push((start, end));
     }
 }
 
@@ -294,6 +302,13 @@ impl Stage {
             }
             None => Err(FsError::Corrupt(format!("inode {ino} not staged"))),
         }
+    }
+    /// Mutable access without marking the inode dirty (only for values that are not written).
+    fn peek_mut_clean(&mut self, ino: u64) -> FsResult<&mut InodeRec> {
+        self.inodes
+            .get_mut(&ino)
+            .map(|(r, _, _)| r)
+            .ok_or_else(|| FsError::Corrupt(format!("inode {ino} not staged")))
     }
     fn peek(&self, ino: u64) -> FsResult<&InodeRec> {
         self.inodes
@@ -441,14 +456,8 @@ impl Fs {
                 target: None,
             };
             let compares = vec![
-                Compare {
-                    key: keys.volume(),
-                    mod_revision: 0,
-                },
-                Compare {
-                    key: keys.inode(ROOT_INO),
-                    mod_revision: 0,
-                },
+                Compare::key(keys.volume(), 0),
+                Compare::key(keys.inode(ROOT_INO), 0),
             ];
             let ops = vec![
                 TxnOp::Put {
@@ -553,14 +562,18 @@ impl Fs {
         let mut ranges = Vec::new();
         for ino in std::mem::take(&mut txn.purges) {
             txn.ops.insert(self.keys.inode(ino), None);
+            txn.ops.insert(self.keys.dir_times(ino), None);
             txn.ops.remove(&self.keys.orphan(ino));
             for prefix in [self.keys.chunks(ino), self.keys.xattrs(ino)] {
                 let end = prefix_end(&prefix);
                 ranges.push(TxnOp::DeleteRange { start: prefix, end });
             }
         }
-        if txn.ops.len() + ranges.len() > self.opts.max_txn_ops
-            || txn.compares.len() > self.opts.max_txn_ops
+        // Data operations batch to `max_txn_ops`; a namespace operation is a fixed handful of
+        // keys (a rename replacing a directory: ~12), allowed whatever that option says.
+        let limit = self.opts.max_txn_ops.max(NAMESPACE_TXN_OPS);
+        if txn.ops.len() + ranges.len() > limit
+            || txn.compares.len() + txn.empty_ranges.len() > limit
         {
             return Err(FsError::Corrupt(format!(
                 "internal: transaction of {} ops / {} compares exceeds the limit",
@@ -571,7 +584,12 @@ impl Fs {
         let compares = txn
             .compares
             .into_iter()
-            .map(|(key, mod_revision)| Compare { key, mod_revision })
+            .map(|(key, mod_revision)| Compare::key(key, mod_revision))
+            .chain(
+                std::mem::take(&mut txn.empty_ranges)
+                    .into_iter()
+                    .map(|(start, end)| Compare::range_empty(start, end)),
+            )
             .collect();
         let mut ops: Vec<TxnOp> = txn
             .ops
@@ -619,6 +637,60 @@ impl Fs {
             return Err(FsError::NotFound);
         }
         Ok(rec)
+    }
+
+    /// Records that `dir`'s entries changed at `now`: a blind write of `t/<dir>`, so that
+    /// concurrent entry changes in one directory do not conflict on its inode.
+    fn touch_dir(&self, txn: &mut Txn, dir: u64, now: i64) {
+        txn.put(
+            self.keys.dir_times(dir),
+            encode(&DirTimesRec {
+                mtime_ns: now,
+                ctime_ns: now,
+            }),
+        );
+    }
+
+    /// Makes `dir`'s emptiness part of the transaction: it commits only if `dir` has no entry.
+    fn cmp_dir_empty(&self, txn: &mut Txn, dir: u64) {
+        let start = self.keys.dir(dir);
+        let end = prefix_end(&start);
+        txn.cmp_empty(start, end);
+    }
+
+    /// An inode record as applications see it: a directory's times come from `t/<ino>`.
+    fn with_dir_times(
+        &self,
+        ino: u64,
+        mut rec: InodeRec,
+        times: Option<&[u8]>,
+    ) -> FsResult<InodeRec> {
+        if rec.kind == FileKind::Dir {
+            if let Some(v) = times {
+                let t: DirTimesRec = decode(&self.keys.dir_times(ino), v)?;
+                rec.mtime_ns = t.mtime_ns;
+                rec.ctime_ns = rec.ctime_ns.max(t.ctime_ns);
+            }
+        }
+        Ok(rec)
+    }
+
+    /// `ino`'s record with directory times applied, in one round trip.
+    async fn get_inode_for_attr(&self, ino: u64) -> FsResult<Option<InodeRec>> {
+        let keys = [self.keys.inode(ino), self.keys.dir_times(ino)];
+        let mut got = self.kv.get_many(&keys).await?.into_iter();
+        let (inode, times) = (got.next().flatten(), got.next().flatten());
+        match inode {
+            None => Ok(None),
+            Some((v, _)) => {
+                let rec = decode_inode(&keys[0], &v)?;
+                Ok(Some(self.with_dir_times(
+                    ino,
+                    rec,
+                    times.as_ref().map(|(t, _)| t.as_slice()),
+                )?))
+            }
+        }
     }
 
     async fn dir_is_empty(&self, ino: u64) -> FsResult<bool> {
@@ -755,7 +827,10 @@ impl Fs {
 
     /// Attributes of `ino`.
     pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
-        let (rec, _) = self.get_inode(ino).await?;
+        let rec = self
+            .get_inode_for_attr(ino)
+            .await?
+            .ok_or(FsError::NotFound)?;
         Ok(self.local_attr(ino, &rec))
     }
 
@@ -775,8 +850,8 @@ impl Fs {
                         FsError::NotDir
                     });
                 }
-                Some((d, drev)) => match self.get_inode_opt(d.ino).await? {
-                    Some((rec, _)) => return Ok(self.local_attr(d.ino, &rec)),
+                Some((d, drev)) => match self.get_inode_for_attr(d.ino).await? {
+                    Some(rec) => return Ok(self.local_attr(d.ino, &rec)),
                     None => {
                         // Either a concurrent unlink (retry) or a dangling entry (corrupt).
                         match self.kv.get(&dkey).await? {
@@ -843,7 +918,20 @@ impl Fs {
             let mut txn = Txn::default();
             let now = now_ns();
             let existing = self.stage_dir_and_entry(&mut stage, parent, name).await?;
-            let p = self.load_dir(&mut stage, parent).await?;
+            // The parent is compared, not rewritten, unless its link count changes (mkdir):
+            // creates of files in one directory from many nodes then never conflict.
+            let p = if node.kind == FileKind::Dir {
+                self.load_dir(&mut stage, parent).await?
+            } else {
+                let p = stage.look(self, parent).await?;
+                if p.kind != FileKind::Dir {
+                    return Err(FsError::NotDir);
+                }
+                if p.nlink == 0 {
+                    return Err(FsError::NotFound);
+                }
+                stage.peek_mut_clean(parent)?
+            };
             // A set-group-ID directory gives new nodes its group, and new subdirectories
             // its set-group-ID bit (as ext4 and every Linux filesystem do).
             let (gid, perm) = if p.mode & libc::S_ISGID != 0 {
@@ -861,9 +949,10 @@ impl Fs {
                     return Err(FsError::TooManyLinks);
                 }
                 p.nlink += 1;
+                p.mtime_ns = now;
+                p.ctime_ns = now;
             }
-            p.mtime_ns = now;
-            p.ctime_ns = now;
+            self.touch_dir(&mut txn, parent, now);
             let dkey = self.keys.dirent(parent, name);
             if existing.is_some() {
                 return Err(FsError::Exists);
@@ -1048,9 +1137,11 @@ impl Fs {
             let mut txn = Txn::default();
             let now = now_ns();
             let entry = self.stage_dir_and_entry(&mut stage, parent, name).await?;
-            let p = self.load_dir(&mut stage, parent).await?;
-            p.mtime_ns = now;
-            p.ctime_ns = now;
+            let p = stage.look(self, parent).await?;
+            if p.kind != FileKind::Dir {
+                return Err(FsError::NotDir);
+            }
+            self.touch_dir(&mut txn, parent, now);
             let dkey = self.keys.dirent(parent, name);
             let (d, drev) = entry.ok_or(FsError::NotFound)?;
             if d.kind == FileKind::Dir {
@@ -1081,17 +1172,19 @@ impl Fs {
             p.mtime_ns = now;
             p.ctime_ns = now;
             p.nlink = p.nlink.saturating_sub(1).max(2);
+            self.touch_dir(&mut txn, parent, now);
             let dkey = self.keys.dirent(parent, name);
             let (d, drev) = entry.ok_or(FsError::NotFound)?;
             if d.kind != FileKind::Dir {
                 return Err(FsError::NotDir);
             }
-            // Every change to a directory's entries also rewrites the directory's inode, so
-            // comparing that inode's revision makes this emptiness check atomic.
             stage.load(self, d.ino).await?;
             if !self.dir_is_empty(d.ino).await? {
                 return Err(FsError::NotEmpty);
             }
+            // Entries are added without rewriting the directory's inode, so the emptiness
+            // seen above is re-checked by etcd at commit.
+            self.cmp_dir_empty(&mut txn, d.ino);
             txn.cmp(dkey.clone(), drev);
             txn.del(dkey);
             self.drop_link(&mut stage, &mut txn, d.ino, now)?;
@@ -1123,9 +1216,14 @@ impl Fs {
             }
             rec.nlink += 1;
             rec.ctime_ns = now;
-            let p = self.load_dir(&mut stage, newparent).await?;
-            p.mtime_ns = now;
-            p.ctime_ns = now;
+            let p = stage.look(self, newparent).await?;
+            if p.kind != FileKind::Dir {
+                return Err(FsError::NotDir);
+            }
+            if p.nlink == 0 {
+                return Err(FsError::NotFound);
+            }
+            self.touch_dir(&mut txn, newparent, now);
             let dkey = self.keys.dirent(newparent, newname);
             if self.kv.get(&dkey).await?.is_some() {
                 return Err(FsError::Exists);
@@ -1255,6 +1353,7 @@ impl Fs {
                             if !self.dir_is_empty(dd.ino).await? {
                                 return Err(FsError::NotEmpty);
                             }
+                            self.cmp_dir_empty(&mut txn, dd.ino);
                             let np = stage.get(newparent)?;
                             np.nlink = np.nlink.saturating_sub(1);
                         }
@@ -1275,6 +1374,7 @@ impl Fs {
                 rec.mtime_ns = now;
                 rec.ctime_ns = now;
                 rec.nlink = rec.nlink.max(2);
+                self.touch_dir(&mut txn, p, now);
             }
             // Ancestors walked only for the loop check are compared, not rewritten; a very deep
             // tree could exceed the compare limit, so drop the farthest ones if needed.
@@ -1352,12 +1452,27 @@ impl Fs {
     ) -> FsResult<Vec<(DirEntry, Option<Attr>)>> {
         let entries = self.readdir(dir, cookie, limit).await?;
         let mut out = Vec::with_capacity(entries.len());
-        for batch in entries.chunks(64) {
-            let keys: Vec<Vec<u8>> = batch.iter().map(|e| self.keys.inode(e.ino)).collect();
+        for batch in entries.chunks(32) {
+            // Each entry's inode and, for directories, its times: one round trip.
+            let mut keys: Vec<Vec<u8>> = Vec::with_capacity(batch.len() * 2);
+            for e in batch {
+                keys.push(self.keys.inode(e.ino));
+                keys.push(self.keys.dir_times(e.ino));
+            }
             let got = self.kv.get_many(&keys).await?;
-            for ((e, key), v) in batch.iter().zip(&keys).zip(got) {
-                let attr = match v {
-                    Some((v, _)) => Some(Attr::from_rec(e.ino, &decode_inode(key, &v)?)),
+            let mut got = got.into_iter();
+            for e in batch {
+                let (inode, times) = (got.next().flatten(), got.next().flatten());
+                let attr = match inode {
+                    Some((v, _)) => {
+                        let rec = decode_inode(&self.keys.inode(e.ino), &v)?;
+                        let rec = self.with_dir_times(
+                            e.ino,
+                            rec,
+                            times.as_ref().map(|(t, _)| t.as_slice()),
+                        )?;
+                        Some(self.local_attr(e.ino, &rec))
+                    }
                     None => None,
                 };
                 out.push((e.clone(), attr));
@@ -1382,7 +1497,13 @@ impl Fs {
         }
         let mut attempt = 0;
         loop {
-            let (mut rec, rev) = self.get_inode(ino).await?;
+            let keys = [self.keys.inode(ino), self.keys.dir_times(ino)];
+            let mut got = self.kv.get_many(&keys).await?.into_iter();
+            let (inode, times) = (got.next().flatten(), got.next().flatten());
+            let (mut rec, rev) = match inode {
+                Some((v, rev)) => (decode_inode(&keys[0], &v)?, rev),
+                None => return Err(FsError::NotFound),
+            };
             let now = now_ns();
             if let Some(m) = sa.mode {
                 rec.mode = m & 0o7777;
@@ -1408,8 +1529,21 @@ impl Fs {
             let mut txn = Txn::default();
             txn.cmp(key.clone(), rev);
             txn.put(key, encode(&rec));
+            let shown = if rec.kind == FileKind::Dir && sa.mtime.is_some() {
+                // A directory's times live in t/<ino>: set them there.
+                txn.put(
+                    keys[1].clone(),
+                    encode(&DirTimesRec {
+                        mtime_ns: rec.mtime_ns,
+                        ctime_ns: now,
+                    }),
+                );
+                rec.clone()
+            } else {
+                self.with_dir_times(ino, rec.clone(), times.as_ref().map(|(t, _)| t.as_slice()))?
+            };
             if self.commit(txn).await? {
-                return Ok(self.local_attr(ino, &rec));
+                return Ok(self.local_attr(ino, &shown));
             }
             self.backoff(&mut attempt).await?;
         }

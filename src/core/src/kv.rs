@@ -39,6 +39,30 @@ pub struct RangePage {
 pub struct Compare {
     pub key: Vec<u8>,
     pub mod_revision: Revision,
+    /// When not empty, the compare covers every key in `[key, range_end)`: each must have
+    /// this mod_revision, and an empty range compares as one missing key (revision 0). So
+    /// `mod_revision: 0` over a range means "the range is empty" (etcd's range compare).
+    pub range_end: Vec<u8>,
+}
+
+impl Compare {
+    /// `key`'s mod_revision must be `mod_revision` (0 = must not exist).
+    pub fn key(key: Vec<u8>, mod_revision: Revision) -> Compare {
+        Compare {
+            key,
+            mod_revision,
+            range_end: Vec::new(),
+        }
+    }
+
+    /// No key may exist in `[start, end)`.
+    pub fn range_empty(start: Vec<u8>, end: Vec<u8>) -> Compare {
+        Compare {
+            key: start,
+            mod_revision: 0,
+            range_end: end,
+        }
+    }
 }
 
 /// A write inside a transaction.
@@ -310,8 +334,19 @@ impl MemKv {
         self.txns.fetch_add(1, Ordering::Relaxed);
         let mut st = self.lock();
         for c in &compares {
-            let cur = st.map.get(&c.key).map(|(_, r)| *r).unwrap_or(0);
-            if cur != c.mod_revision {
+            let holds = if c.range_end.is_empty() {
+                st.map.get(&c.key).map(|(_, r)| *r).unwrap_or(0) == c.mod_revision
+            } else {
+                let page = Self::range_in(&st, &c.key, &c.range_end, 0);
+                if page.entries.is_empty() {
+                    c.mod_revision == 0
+                } else {
+                    page.entries
+                        .iter()
+                        .all(|e| e.mod_revision == c.mod_revision)
+                }
+            };
+            if !holds {
                 self.failed.fetch_add(1, Ordering::Relaxed);
                 return Ok(false);
             }
@@ -412,10 +447,7 @@ mod tests {
         let kv = MemKv::new();
         assert!(kv
             .txn_sync(
-                vec![Compare {
-                    key: b"a".to_vec(),
-                    mod_revision: 0
-                }],
+                vec![Compare::key(b"a".to_vec(), 0)],
                 vec![TxnOp::Put {
                     key: b"a".to_vec(),
                     value: b"1".to_vec()
@@ -427,10 +459,7 @@ mod tests {
         // must-not-exist now fails
         assert!(!kv
             .txn_sync(
-                vec![Compare {
-                    key: b"a".to_vec(),
-                    mod_revision: 0
-                }],
+                vec![Compare::key(b"a".to_vec(), 0)],
                 vec![TxnOp::Delete { key: b"a".to_vec() }]
             )
             .unwrap());

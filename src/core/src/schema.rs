@@ -100,6 +100,16 @@ impl ChunkRec {
     }
 }
 
+/// `t/<ino>`: a directory's modification and change times since its entries last changed.
+/// Written without a compare by every operation that adds or removes an entry, so concurrent
+/// creates in one directory do not conflict on the directory's inode; readers take `mtime`
+/// from here and `ctime` as the later of this and the inode's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirTimesRec {
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+}
+
 /// `o/<ino>`: an inode whose last link is gone and whose data is still to be purged.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrphanRec {
@@ -234,6 +244,9 @@ impl Keys {
     }
     pub fn inode(&self, ino: u64) -> Vec<u8> {
         self.with(&format!("i/{ino:016x}"))
+    }
+    pub fn dir_times(&self, ino: u64) -> Vec<u8> {
+        self.with(&format!("t/{ino:016x}"))
     }
     pub fn orphan(&self, ino: u64) -> Vec<u8> {
         self.with(&format!("o/{ino:016x}"))

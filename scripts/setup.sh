@@ -4,13 +4,18 @@
 #   protobuf-compiler protoc, needed to build the etcd client
 #   fuse3             fusermount3 and /etc/fuse.conf for FUSE mounts
 #   fio, bindfs       benchmarks (bench/)
+#   wordpress         the source tree (/usr/share/wordpress) that bench/fs_bench.sh copies (W3);
+#                     pulls in apache2, php and mariadb-client (apache2 starts where systemd runs)
+#   libacl1-dev       needed to build pjdfstest (conformance tests, scripts/conformance.sh)
+# and, with cargo, the conformance tools at pinned versions: pjdfstest (POSIX conformance) and
+# fsx (file-data exerciser). Each is skipped when already installed at that version.
 # Usage: scripts/setup.sh [--no-build]   (--no-build: install packages only, as CI does)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=1; [ "${1:-}" = "--no-build" ] && build=0
 
 need=()
-for pkg in etcd-server etcd-client protobuf-compiler fuse3 fio bindfs pkg-config; do
+for pkg in etcd-server etcd-client protobuf-compiler fuse3 fio bindfs wordpress pkg-config libacl1-dev; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -27,6 +32,18 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
+
+# Conformance tools (scripts/conformance.sh), pinned. `cargo install` puts them in ~/.cargo/bin.
+PJDFSTEST_VERSION=0.2.2
+FSX_VERSION=0.3.2
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+install_tool() { # crate version
+  if "$1" --version 2>/dev/null | grep -qx "$1 $2"; then return 0; fi
+  echo "==> cargo install $1 $2"
+  cargo install --locked --quiet --version "$2" "$1"
+}
+install_tool pjdfstest "$PJDFSTEST_VERSION"
+install_tool fsx "$FSX_VERSION"
 
 [ $build -eq 1 ] || exit 0
 echo "==> building twinfs (release)"

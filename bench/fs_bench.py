@@ -272,8 +272,38 @@ def step_w5(a, b, _run):
     got = len(os.listdir(pa))
     if got != n:
         raise RuntimeError(f"parallel create: {got} entries listed, expected {n}")
+
+    def parallel(dirs_for):
+        """PROCS processes creating names[k::PROCS] in dirs_for(k); returns ops/s."""
+        targets = [dirs_for(k) for k in range(procs)]
+        for d in targets:
+            os.makedirs(d, exist_ok=True)
+        barrier, q = ctx.Barrier(procs + 1), ctx.Queue()
+        ps = [ctx.Process(target=_create_part, args=(targets[k], names[k::procs], barrier, q))
+              for k in range(procs)]
+        for p in ps:
+            p.start()
+        barrier.wait(timeout=60)
+        t0 = now()
+        errs = [q.get(timeout=P["STEP_TIMEOUT"]) for _ in ps]
+        secs = now() - t0
+        for p in ps:
+            p.join()
+        errs = [e for e in errs if e]
+        if errs:
+            raise RuntimeError(f"parallel create: {errs[:3]}")
+        return n / secs
+
+    # Each process its own directory (one kernel serialises creates within a directory), and
+    # one directory shared by processes on both mounts (as pods on two nodes uploading into
+    # the same month's folder).
+    par_dirs = parallel(lambda k: os.path.join(wa, "pardirs", f"d{k}"))
+    os.makedirs(os.path.join(wa, "parmounts"))
+    wait_for(lambda: os.path.isdir(os.path.join(wb, "parmounts")), "parmounts on the read side")
+    par_mounts = parallel(lambda k: os.path.join(wa if k % 2 == 0 else wb, "parmounts"))
     return {"create": n / create_s, "stat": n / stat_s, "unlink": n / unlink_s, "stat_missing": missing,
-            "left_on_read_side": left, "par_create": n / par_s, "procs": procs}
+            "left_on_read_side": left, "par_create": n / par_s, "procs": procs,
+            "par_create_dirs": par_dirs, "par_create_mounts": par_mounts}
 
 
 # ---------------------------------------------------------------- W6/W7: cross-mount visibility
@@ -527,7 +557,11 @@ def cmd_report(args):
         (f"W5 create {p['EMPTY']:,} empty files in one directory, 1 process", "ops/s", True, lambda s: get(s, "w5", "create")),
         ("W5 stat them through the other mount", "ops/s", True, lambda s: get(s, "w5", "stat")),
         ("W5 unlink them", "ops/s", True, lambda s: get(s, "w5", "unlink")),
-        (f"W5 create {p['EMPTY']:,} empty files, {p['PROCS']} processes", "ops/s", True, lambda s: get(s, "w5", "par_create")),
+        (f"W5 create {p['EMPTY']:,} empty files, {p['PROCS']} processes, one directory of one mount", "ops/s", True, lambda s: get(s, "w5", "par_create")),
+        (f"W5 create, {p['PROCS']} processes each in its own directory", "ops/s", True,
+         lambda s: get(s, "w5", "par_create_dirs")),
+        (f"W5 create, {p['PROCS']} processes over both mounts, one directory", "ops/s", True,
+         lambda s: get(s, "w5", "par_create_mounts")),
         (f"W5 scaling: {p['PROCS']} processes / 1 process", "×", None,
          lambda s: (get(s, "w5", "par_create") / get(s, "w5", "create")) if isinstance(get(s, "w5", "create"), float) else get(s, "w5", "create")),
         (f"W6 new file ({p['LAT_KB']} KiB) visible with full content on the other mount, median of {p['TRIES']}", "ms", False, lambda s: lat(s, "w6", "median_ms")),

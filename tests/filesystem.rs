@@ -356,3 +356,60 @@ fn mounts_stop_cleanly_and_bad_mounts_fail_clearly() {
     assert!(err.contains("etcd"), "error mentions etcd: {err}");
     assert!(!is_mounted(a));
 }
+
+/// The etcd watch that pushes changes between mounts resumes by itself after etcd restarts.
+#[test]
+fn invalidation_survives_an_etcd_restart() {
+    let c = cluster();
+    let (a, b) = (&c.mounts[0], &c.mounts[1]);
+    fs::write(a.join("before"), b"v1").unwrap();
+    assert_eq!(fs::read(b.join("before")).unwrap(), b"v1");
+
+    // Restart etcd with the very same command line (same data directory and ports).
+    let pid = c.json["etcd"]["pid"].as_u64().unwrap() as u32;
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    // SAFETY: kill(2) has no memory-safety preconditions; the PID is this test's etcd.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGTERM);
+    }
+    assert!(wait_for(Duration::from_secs(10), || !alive(pid)).is_some());
+    let log = fs::File::create(c.dir.path().join("etcd-restarted.log")).unwrap();
+    let _etcd = KillOnDrop(
+        Command::new(&args[0])
+            .args(&args[1..])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    // The mounts find etcd again by themselves: a rename through A reaches B's cache.
+    let ok = wait_for(Duration::from_secs(20), || {
+        fs::rename(a.join("before"), a.join("after")).is_ok()
+    });
+    assert!(ok.is_some(), "mount A works again after the etcd restart");
+    within("rename after etcd restart", Duration::from_secs(5), || {
+        (!b.join("before").exists() && b.join("after").exists()).then_some(())
+    });
+    // And a change to a file whose attributes B has cached is pushed to B's kernel within
+    // half the attribute TTL: the size B's `stat` reports changes without an open.
+    assert_eq!(fs::metadata(b.join("after")).unwrap().len(), 2);
+    fs::write(a.join("after"), b"version two").unwrap();
+    within("size change after etcd restart", PUSHED_WITHIN, || {
+        (fs::metadata(b.join("after")).ok()?.len() == 11).then_some(())
+    });
+}
+
+/// A process this test started, killed when the test ends however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -35,7 +35,7 @@ const MAX_WRITE: u32 = 1 << 20;
 /// Kernel read-ahead window.
 const MAX_READAHEAD: u32 = 1 << 20;
 /// Chunks fetched ahead of a sequential reader.
-const READ_AHEAD_CHUNKS: u64 = 2;
+const READ_AHEAD_CHUNKS: u64 = 4;
 /// Entries fetched from etcd per readdir request.
 const READDIR_PAGE: usize = 256;
 

@@ -399,10 +399,10 @@ impl Fs {
 
     /// Reads up to `len` bytes at `offset`: committed data overlaid with this handle's own
     /// unflushed writes; holes read as zeros; short at end of file.
-    pub async fn read(&self, h: &OpenFile, offset: u64, len: usize) -> FsResult<Vec<u8>> {
+    pub async fn read(&self, h: &OpenFile, offset: u64, len: usize) -> FsResult<Bytes> {
         let cs = self.chunk_size;
         if len == 0 {
-            return Ok(Vec::new());
+            return Ok(Bytes::new());
         }
         let want_end = offset.saturating_add(len.min(MAX_READ) as u64);
         let first = offset / cs;
@@ -410,9 +410,21 @@ impl Fs {
         let (committed_size, chunks) = self.committed_view(h, first, last).await?;
         let size = committed_size.max(h.pending_end(cs));
         if offset >= size {
-            return Ok(Vec::new());
+            return Ok(Bytes::new());
         }
         let end = size.min(want_end);
+        // The common case, a read inside one committed block with nothing buffered over it:
+        // a slice of the (cached, verified) block, no copy.
+        if first == (end - 1) / cs && !h.dirty.contains_key(&first) {
+            if let Some(Some(c)) = chunks.get(&first) {
+                let bytes = self.fetch_chunk(c).await?;
+                let a = (offset - first * cs) as usize;
+                let b = (end - first * cs) as usize;
+                if b <= bytes.len() {
+                    return Ok(bytes.slice(a..b));
+                }
+            }
+        }
         let mut out = vec![0u8; (end - offset) as usize];
         let mut pos = offset;
         while pos < end {
@@ -452,7 +464,7 @@ impl Fs {
             }
             pos = cstart + b as u64;
         }
-        Ok(out)
+        Ok(Bytes::from(out))
     }
 
     /// Warms the block cache with the chunk holding `offset` (read-ahead). Errors are ignored:

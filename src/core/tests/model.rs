@@ -478,7 +478,9 @@ impl Sut {
             }
             Op::Read(slot, off, len) => {
                 if let Some(h) = self.handles[*slot].as_ref() {
-                    return Ok(Some(self.a.read(h, *off, *len).await.map_err(errno)?));
+                    return Ok(Some(
+                        self.a.read(h, *off, *len).await.map_err(errno)?.to_vec(),
+                    ));
                 }
             }
             Op::Flush(slot) => {
@@ -510,7 +512,7 @@ impl Sut {
                     let mut content = Vec::new();
                     if e.kind == FileKind::File {
                         let h = self.b.open(e.ino).await.unwrap();
-                        content = self.b.read(&h, 0, 1 << 20).await.unwrap();
+                        content = self.b.read(&h, 0, 1 << 20).await.unwrap().to_vec();
                         self.b.release(h).await.unwrap();
                         assert_eq!(attr.size, content.len() as u64);
                     }

@@ -19,8 +19,8 @@
 //!
 //! The futures use `tokio::time` and must be polled inside a tokio runtime.
 
-use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -46,7 +46,24 @@ pub struct EtcdKv {
     timeout: Duration,
     own: Mutex<BTreeSet<Revision>>,
     round_trips: AtomicU64,
+    /// Highest revision of this instance's own committed writes.
+    last_own: AtomicI64,
+    cache: Mutex<WatchCache>,
 }
+
+/// Inode and entry values as the volume's watch last reported them (see [`EtcdKv::cached`]).
+#[derive(Default)]
+struct WatchCache {
+    map: HashMap<Vec<u8>, (Vec<u8>, Revision)>,
+    /// Every change up to this revision has been applied.
+    applied: Revision,
+    /// False until the watch runs, and after anything that may have made it miss a change.
+    valid: bool,
+    hits: u64,
+}
+
+/// Entries the watch cache holds before it starts over (~100 MB at worst).
+const CACHE_MAX_ENTRIES: usize = 250_000;
 
 impl std::fmt::Debug for EtcdKv {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -105,6 +122,8 @@ impl EtcdKv {
             timeout: DEFAULT_TIMEOUT,
             own: Mutex::new(BTreeSet::new()),
             round_trips: AtomicU64::new(0),
+            last_own: AtomicI64::new(0),
+            cache: Mutex::new(WatchCache::default()),
         }
     }
 
@@ -122,6 +141,54 @@ impl EtcdKv {
     /// Requests sent to etcd so far (retries included).
     pub fn round_trips(&self) -> u64 {
         self.round_trips.load(Ordering::Relaxed)
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, WatchCache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The watch reports one change (`None`: deleted) at `rev`. Called for every event of the
+    /// volume's inode and entry keys, this instance's own included, in revision order.
+    pub fn cache_apply(&self, key: &[u8], value: Option<&[u8]>, rev: Revision) {
+        let mut c = self.cache();
+        match value {
+            Some(v) => {
+                if c.map.len() >= CACHE_MAX_ENTRIES {
+                    c.map.clear();
+                }
+                c.map.insert(key.to_vec(), (v.to_vec(), rev));
+            }
+            None => {
+                c.map.remove(key);
+            }
+        }
+        c.applied = c.applied.max(rev);
+    }
+
+    /// The watch reports a change at `rev` to a key the cache does not hold.
+    pub fn cache_advance(&self, rev: Revision) {
+        let mut c = self.cache();
+        c.applied = c.applied.max(rev);
+    }
+
+    /// The watch is (again) following every change from revision `from` on: cached values
+    /// are trusted from now on.
+    pub fn cache_start(&self, from: Revision) {
+        let mut c = self.cache();
+        c.applied = c.applied.max(from);
+        c.valid = true;
+    }
+
+    /// The watch broke or fell behind: forget everything until it follows again.
+    pub fn cache_reset(&self) {
+        let mut c = self.cache();
+        c.map.clear();
+        c.valid = false;
+    }
+
+    /// Lookups answered from the watch cache so far.
+    pub fn cache_hits(&self) -> u64 {
+        self.cache().hits
     }
 
     /// True when `rev` is the revision of a write transaction this instance committed (among
@@ -294,18 +361,27 @@ impl EtcdKv {
         // No retry: after a timeout or a transport failure the txn may have committed.
         let resp = match tokio::time::timeout(self.timeout, kv.txn(txn)).await {
             Ok(Ok(r)) => r,
-            Ok(Err(e)) => return Err(classify(e)),
+            Ok(Err(e)) => {
+                // It may have been applied at a revision we will never learn: the watch cache
+                // can no longer promise to include our own writes.
+                self.cache_reset();
+                return Err(classify(e));
+            }
             Err(_) => {
+                self.cache_reset();
                 return Err(KvError::Unavailable(format!(
                     "etcd txn did not answer within {:?} (it may or may not have been applied)",
                     self.timeout
-                )))
+                )));
             }
         };
         let ok = resp.succeeded();
         if ok && writes {
             match resp.header().map(|h| h.revision()) {
-                Some(rev) if rev > 0 => self.remember_own(rev),
+                Some(rev) if rev > 0 => {
+                    self.last_own.fetch_max(rev, Ordering::Relaxed);
+                    self.remember_own(rev)
+                }
                 _ => tracing::warn!("etcd txn response without a revision"),
             }
         }
@@ -429,6 +505,22 @@ impl EtcdKv {
 }
 
 impl MetaKv for EtcdKv {
+    /// From the watch cache, only while it follows etcd and has applied this instance's own
+    /// last write (so a mount always reads its own writes); at most a watch delay behind
+    /// other mounts' changes, like the kernel caches the same watch invalidates.
+    fn cached(&self, key: &[u8]) -> Versioned {
+        let own = self.last_own.load(Ordering::Relaxed);
+        let mut c = self.cache();
+        if !c.valid || c.applied < own {
+            return None;
+        }
+        let hit = c.map.get(key).cloned();
+        if hit.is_some() {
+            c.hits += 1;
+        }
+        hit
+    }
+
     fn get_many_and_range<'a>(
         &'a self,
         keys: &'a [Vec<u8>],

@@ -111,10 +111,6 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<()> {
     )
     .with_context(|| format!("mounting {} (is /dev/fuse usable?)", mountpoint.display()))?;
     shared.set_notifier(session.notifier());
-    let is_own: Arc<dyn Fn(i64) -> bool + Send + Sync> = {
-        let kv = kv.clone();
-        Arc::new(move |rev| kv.is_own_revision(rev))
-    };
     let _watch = {
         let _guard = rt.enter();
         crate::watch::start(
@@ -122,7 +118,7 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<()> {
             Keys::new(&cfg.volume),
             start_revision,
             shared.clone(),
-            is_own,
+            kv.clone(),
         )
         .context("starting the volume watch")?
     };

@@ -28,6 +28,7 @@ use fuser::INodeNo;
 use twinfs_core::schema::{decode_inode, Keys};
 
 use crate::adapter::Shared;
+use crate::etcd_kv::EtcdKv;
 
 /// One kernel cache invalidation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,7 +99,7 @@ pub fn start(
     keys: Keys,
     start_revision: i64,
     shared: Arc<Shared>,
-    is_own: Arc<dyn Fn(i64) -> bool + Send + Sync>,
+    kv: Arc<EtcdKv>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let (tx, rx) = mpsc::channel::<Notice>();
     let notify_shared = shared.clone();
@@ -110,7 +111,7 @@ pub fn start(
         keys,
         start_revision,
         shared,
-        is_own,
+        kv,
         tx,
     )))
 }
@@ -154,7 +155,7 @@ async fn follow(
     keys: Keys,
     start_revision: i64,
     shared: Arc<Shared>,
-    is_own: Arc<dyn Fn(i64) -> bool + Send + Sync>,
+    cache: Arc<EtcdKv>,
     tx: mpsc::Sender<Notice>,
 ) {
     let mut revision = start_revision;
@@ -170,6 +171,8 @@ async fn follow(
                 .watch(keys.prefix().to_vec(), Some(opts))
                 .await
                 .map_err(|e| e.to_string())?;
+            // Following again from `revision`: the metadata cache may serve what it holds.
+            cache.cache_start(revision);
             while let Some(resp) = stream.message().await.map_err(|e| e.to_string())? {
                 if resp.compact_revision() > 0 {
                     return Err(format!("compacted to {}", resp.compact_revision()));
@@ -182,7 +185,17 @@ async fn follow(
                     // For deletes too, mod_revision is the revision of the change.
                     let rev = kv.mod_revision();
                     revision = revision.max(rev);
-                    if is_own(rev) {
+                    let rest = kv.key().strip_prefix(keys.prefix()).unwrap_or_default();
+                    if rest.starts_with(b"i/") || rest.starts_with(b"d/") {
+                        let value = match ev.event_type() {
+                            EventType::Put => Some(kv.value()),
+                            EventType::Delete => None,
+                        };
+                        cache.cache_apply(kv.key(), value, rev);
+                    } else {
+                        cache.cache_advance(rev);
+                    }
+                    if cache.is_own_revision(rev) {
                         continue;
                     }
                     let prev = ev.prev_kv().map(|p| p.value());
@@ -205,6 +218,8 @@ async fn follow(
             Err("watch stream ended".into())
         }
         .await;
+        // Changes may be missed until the watch follows again.
+        cache.cache_reset();
         match result {
             Ok(()) => return,
             Err(e) if e.starts_with("compacted") => {

@@ -827,6 +827,14 @@ impl Fs {
 
     /// Attributes of `ino`.
     pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        let ikey = self.keys.inode(ino);
+        if let Some((v, _)) = self.kv.cached(&ikey) {
+            if let Ok(rec) = decode_inode(&ikey, &v) {
+                if rec.kind != FileKind::Dir {
+                    return Ok(self.local_attr(ino, &rec));
+                }
+            }
+        }
         let rec = self
             .get_inode_for_attr(ino)
             .await?
@@ -838,6 +846,9 @@ impl Fs {
     /// (so a miss costs one round trip), then the child's inode.
     pub async fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
         check_name(name)?;
+        if let Some(a) = self.lookup_cached(parent, name) {
+            return Ok(a);
+        }
         let dkey = self.keys.dirent(parent, name);
         for _ in 0..self.opts.max_retries {
             let (dirent, parent_rec) = self.read_dirent_and_parent(parent, name).await?;
@@ -868,6 +879,25 @@ impl Fs {
             }
         }
         Err(FsError::Contention(self.opts.max_retries))
+    }
+
+    /// A lookup answered from the store's watch-fed cache, when the entry and its inode are
+    /// both there (regular files and other non-directories: a directory's times may live in a
+    /// key the cache cannot vouch for). Anything odd falls back to etcd.
+    fn lookup_cached(&self, parent: u64, name: &[u8]) -> Option<Attr> {
+        let dkey = self.keys.dirent(parent, name);
+        let (dv, _) = self.kv.cached(&dkey)?;
+        let d: DirentRec = decode(&dkey, &dv).ok()?;
+        if d.kind == FileKind::Dir {
+            return None;
+        }
+        let ikey = self.keys.inode(d.ino);
+        let (iv, _) = self.kv.cached(&ikey)?;
+        let rec = decode_inode(&ikey, &iv).ok()?;
+        if rec.nlink == 0 || rec.kind != d.kind {
+            return None;
+        }
+        Some(self.local_attr(d.ino, &rec))
     }
 
     /// The entry `name` of `parent` and `parent`'s inode, read together in one round trip.

@@ -153,6 +153,14 @@ pub trait MetaKv: Send + Sync {
         keys: &'a [Vec<u8>],
     ) -> BoxFuture<'a, Result<Vec<Versioned>, KvError>>;
 
+    /// `key`'s value from a local cache that is at most a moment behind the store (the
+    /// mount's etcd watch feeds it), or `None` when not cached. Only for answers an
+    /// application may get from a cache anyway (lookup, getattr), never for reads that decide
+    /// a transaction. The default has no cache.
+    fn cached(&self, _key: &[u8]) -> Versioned {
+        None
+    }
+
     /// Keys and one range `[start, end)` (at most `limit` entries, 0 = all) read at one
     /// revision, in one round trip: a consistent snapshot of, say, an inode and its chunk map.
     fn get_many_and_range<'a>(

@@ -17,6 +17,7 @@
 //! | `d/<parent>/<hash>/<name>` | [`schema::DirentRec`] | one key per directory entry: child ino + kind |
 //! | `c/<ino>/<index>` | [`schema::ChunkRec`] | chunk `index` of a file: block hash + length |
 //! | `x/<ino>/<name>` | raw bytes | one key per extended attribute |
+//! | `t/<ino>` | [`schema::DirTimesRec`] | a directory's mtime/ctime since its entries last changed, written without a compare (see below) |
 //! | `o/<ino>` | [`schema::OrphanRec`] | inode with no links left whose data is still to be purged |
 //!
 //! * **Directory entries** carry `<hash>`, a 62-bit BLAKE3 hash of the name (≥ 16), between the
@@ -48,9 +49,13 @@
 //!   compared on its `mod_revision` (0 = must not exist), and the writes apply only if none
 //!   changed. On a failed compare the whole operation is re-read and retried, at most
 //!   `max_retries` (50) times with a back-off supplied by the runtime, then `EAGAIN`.
-//! * Every change to a directory's entries also rewrites the directory's inode (mtime/ctime,
-//!   nlink). Comparing the directory inode's revision therefore makes "is this directory empty"
-//!   (rmdir, rename over a directory) and "does this name exist" race-free across nodes.
+//! * A change to a directory's entries compares the directory's inode (it still exists, it is
+//!   still a directory) and rewrites it only when the directory's link count changes (mkdir,
+//!   rmdir, rename of a directory). Its mtime/ctime go to `t/<dir>` without a compare, so
+//!   creates and unlinks of files in one directory from many nodes never conflict. Readers take
+//!   a directory's mtime from `t/<dir>` when present, and its ctime as the later of both.
+//!   "Is this directory empty" (rmdir, rename over a directory) is re-checked by the
+//!   transaction itself: a range compare that no key exists under `d/<dir>/`.
 //! * Likewise every change of a file's chunk map rewrites its inode (size/mtime), so a flush
 //!   and a truncate on different nodes cannot interleave silently.
 //! * Transactions stay small: at most `max_txn_ops` (64, under etcd's default 128) puts/deletes

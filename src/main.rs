@@ -395,7 +395,9 @@ fn run(cli: Cli) -> Result<()> {
             )),
             DevClusterCmd::Down { dir } => devcluster::down(&dir),
         },
-        Command::Mount(_) | Command::Umount { .. } => unreachable!("handled above"),
+        Command::Mount(_) | Command::Umount { .. } => {
+            anyhow::bail!("internal error: mount commands are dispatched before the runtime starts")
+        }
     }
 }
 

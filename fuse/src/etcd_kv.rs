@@ -147,28 +147,26 @@ impl EtcdKv {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The watch reports one change (`None`: deleted) at `rev`. Called for every event of the
-    /// volume's inode and entry keys, this instance's own included, in revision order.
-    pub fn cache_apply(&self, key: &[u8], value: Option<&[u8]>, rev: Revision) {
+    /// The watch reports the changes of one response, in revision order (`None`: deleted;
+    /// keys the cache does not hold are left out), up to revision `upto`. Applied under one
+    /// lock, and the revision gate moves only after all of them: a reader never sees half of
+    /// a transaction's changes as "caught up" (an inode still old while its chunks are new).
+    pub fn cache_apply(&self, changes: &[(Vec<u8>, Option<Vec<u8>>, Revision)], upto: Revision) {
         let mut c = self.cache();
-        match value {
-            Some(v) => {
-                if c.map.len() >= CACHE_MAX_ENTRIES {
-                    c.map.clear();
+        for (key, value, rev) in changes {
+            match value {
+                Some(v) => {
+                    if c.map.len() >= CACHE_MAX_ENTRIES {
+                        c.map.clear();
+                    }
+                    c.map.insert(key.clone(), (v.clone(), *rev));
                 }
-                c.map.insert(key.to_vec(), (v.to_vec(), rev));
-            }
-            None => {
-                c.map.remove(key);
+                None => {
+                    c.map.remove(key);
+                }
             }
         }
-        c.applied = c.applied.max(rev);
-    }
-
-    /// The watch reports a change at `rev` to a key the cache does not hold.
-    pub fn cache_advance(&self, rev: Revision) {
-        let mut c = self.cache();
-        c.applied = c.applied.max(rev);
+        c.applied = c.applied.max(upto);
     }
 
     /// The watch is (again) following every change from revision `from` on: cached values

@@ -180,6 +180,11 @@ async fn follow(
                 if resp.canceled() {
                     return Err(format!("cancelled: {}", resp.cancel_reason()));
                 }
+                // The cache takes the whole response at once (before any kernel notice of
+                // it goes out), so readers see each transaction entirely or not at all.
+                let mut changes = Vec::new();
+                let mut notices = Vec::new();
+                let mut upto = 0;
                 for ev in resp.events() {
                     let Some(kv) = ev.kv() else { continue };
                     // For deletes too, mod_revision is the revision of the change.
@@ -188,13 +193,12 @@ async fn follow(
                     let rest = kv.key().strip_prefix(keys.prefix()).unwrap_or_default();
                     if rest.starts_with(b"i/") || rest.starts_with(b"d/") {
                         let value = match ev.event_type() {
-                            EventType::Put => Some(kv.value()),
+                            EventType::Put => Some(kv.value().to_vec()),
                             EventType::Delete => None,
                         };
-                        cache.cache_apply(kv.key(), value, rev);
-                    } else {
-                        cache.cache_advance(rev);
+                        changes.push((kv.key().to_vec(), value, rev));
                     }
+                    upto = upto.max(rev);
                     if cache.is_own_revision(rev) {
                         continue;
                     }
@@ -204,13 +208,19 @@ async fn follow(
                         EventType::Delete => None,
                     };
                     if let Some(inv) = classify(&keys, kv.key(), prev, new) {
-                        if let Invalidation::Inode { ino, .. } = &inv {
-                            shared.fs.invalidate(*ino);
-                            shared.forget_told(*ino);
-                        }
-                        if tx.send(Notice::One(inv)).is_err() {
-                            return Ok(());
-                        }
+                        notices.push(inv);
+                    }
+                }
+                // Caches first, then the kernel: a kernel that re-asks at once must get the
+                // new values.
+                cache.cache_apply(&changes, upto);
+                for inv in notices {
+                    if let Invalidation::Inode { ino, .. } = &inv {
+                        shared.fs.invalidate(*ino);
+                        shared.forget_told(*ino);
+                    }
+                    if tx.send(Notice::One(inv)).is_err() {
+                        return Ok(());
                     }
                 }
                 backoff = Duration::from_millis(100);

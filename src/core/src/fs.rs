@@ -947,7 +947,25 @@ impl Fs {
             let mut stage = Stage::default();
             let mut txn = Txn::default();
             let now = now_ns();
-            let existing = self.stage_dir_and_entry(&mut stage, parent, name).await?;
+            // First try: the parent as the watch cache knows it, and no read of the entry at
+            // all: the transaction compares both (parent unchanged, name absent), so a stale
+            // cache or an existing name only makes it fail, and the retry reads etcd.
+            let cached_parent = if attempt == 0 && node.kind != FileKind::Dir {
+                self.kv
+                    .cached(&self.keys.inode(parent))
+                    .and_then(|(v, rev)| {
+                        Some((decode_inode(&self.keys.inode(parent), &v).ok()?, rev))
+                    })
+            } else {
+                None
+            };
+            let existing = match cached_parent {
+                Some((rec, rev)) => {
+                    stage.insert(parent, rec, rev);
+                    None
+                }
+                None => self.stage_dir_and_entry(&mut stage, parent, name).await?,
+            };
             // The parent is compared, not rewritten, unless its link count changes (mkdir):
             // creates of files in one directory from many nodes then never conflict.
             let p = if node.kind == FileKind::Dir {

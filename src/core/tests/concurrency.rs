@@ -109,3 +109,128 @@ fn utimens_on_a_directory_sticks_and_later_creates_move_it_again() {
     block_on(b.unlink(dir.ino, b"x")).unwrap();
     assert!(block_on(a.getattr(dir.ino)).unwrap().mtime_ns > past);
 }
+
+type Snapshot = std::collections::HashMap<Vec<u8>, (Vec<u8>, i64)>;
+
+/// A store whose cache answers from a snapshot taken earlier: as stale as a cache can be.
+struct StaleCache {
+    inner: Arc<MemKv>,
+    snapshot: std::sync::Mutex<Snapshot>,
+}
+
+impl StaleCache {
+    fn freeze(&self) {
+        let all = self.inner.scan_prefix(b"");
+        let mut s = self.snapshot.lock().unwrap();
+        s.clear();
+        for e in all {
+            s.insert(e.key, (e.value, e.mod_revision));
+        }
+    }
+}
+
+impl twinfs_core::MetaKv for StaleCache {
+    fn get<'a>(
+        &'a self,
+        key: &'a [u8],
+    ) -> futures::future::BoxFuture<'a, Result<twinfs_core::kv::Versioned, twinfs_core::KvError>>
+    {
+        self.inner.get(key)
+    }
+    fn range<'a>(
+        &'a self,
+        start: &'a [u8],
+        end: &'a [u8],
+        limit: usize,
+    ) -> futures::future::BoxFuture<'a, Result<twinfs_core::RangePage, twinfs_core::KvError>> {
+        self.inner.range(start, end, limit)
+    }
+    fn txn(
+        &self,
+        compares: Vec<twinfs_core::Compare>,
+        ops: Vec<twinfs_core::TxnOp>,
+    ) -> futures::future::BoxFuture<'_, Result<bool, twinfs_core::KvError>> {
+        self.inner.txn(compares, ops)
+    }
+    fn get_many<'a>(
+        &'a self,
+        keys: &'a [Vec<u8>],
+    ) -> futures::future::BoxFuture<'a, Result<Vec<twinfs_core::kv::Versioned>, twinfs_core::KvError>>
+    {
+        self.inner.get_many(keys)
+    }
+    fn get_many_and_range<'a>(
+        &'a self,
+        keys: &'a [Vec<u8>],
+        start: &'a [u8],
+        end: &'a [u8],
+        limit: usize,
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<(Vec<twinfs_core::kv::Versioned>, twinfs_core::RangePage), twinfs_core::KvError>,
+    > {
+        self.inner.get_many_and_range(keys, start, end, limit)
+    }
+    fn cached(&self, key: &[u8]) -> twinfs_core::kv::Versioned {
+        self.snapshot.lock().unwrap().get(key).cloned()
+    }
+}
+
+#[test]
+fn a_stale_metadata_cache_never_makes_a_wrong_answer() {
+    let mem = Arc::new(MemKv::new());
+    let kv = Arc::new(StaleCache {
+        inner: mem.clone(),
+        snapshot: Default::default(),
+    });
+    let blocks = Arc::new(MemBlocks::new());
+    let a = block_on(Fs::open_volume(
+        kv.clone(),
+        blocks.clone(),
+        "v",
+        FsOptions::default(),
+    ))
+    .unwrap();
+    let b = block_on(Fs::open_volume(
+        mem.clone(),
+        blocks,
+        "v",
+        FsOptions::default(),
+    ))
+    .unwrap();
+    let dir = block_on(a.mkdir(ROOT_INO, b"d", 0o755, 0, 0)).unwrap();
+    kv.freeze();
+    // After the snapshot: B changes the directory (chmod) and creates a name in it.
+    let sa = twinfs_core::SetAttr {
+        mode: Some(0o700),
+        ..Default::default()
+    };
+    block_on(b.setattr(dir.ino, sa)).unwrap();
+    block_on(b.create(dir.ino, b"taken", 0o644, 0, 0, true)).unwrap();
+    // A's creates start from the stale parent; etcd's compares catch it and the retry reads.
+    let failed_before = mem.stats().failed_txns;
+    block_on(a.create(dir.ino, b"new", 0o644, 0, 0, true)).unwrap();
+    assert!(
+        mem.stats().failed_txns > failed_before,
+        "the first attempt used the (stale) cached parent"
+    );
+    assert_eq!(
+        block_on(a.create(dir.ino, b"taken", 0o644, 0, 0, true)).map(|_| ()),
+        Err(FsError::Exists)
+    );
+    let (existing, created) = block_on(a.create(dir.ino, b"taken", 0o644, 0, 0, false)).unwrap();
+    assert!(!created);
+    assert_eq!(
+        existing.ino,
+        block_on(b.lookup(dir.ino, b"taken")).unwrap().ino
+    );
+    // A directory removed after the snapshot: no create inside it.
+    block_on(b.unlink(dir.ino, b"taken")).unwrap();
+    block_on(b.unlink(dir.ino, b"new")).unwrap();
+    block_on(b.rmdir(ROOT_INO, b"d")).unwrap();
+    assert_eq!(
+        block_on(a.create(dir.ino, b"ghost", 0o644, 0, 0, true)).map(|_| ()),
+        Err(FsError::NotFound)
+    );
+    assert!(block_on(b.readdir(ROOT_INO, 0, 10)).unwrap().is_empty());
+}

@@ -62,6 +62,9 @@ struct WatchCache {
     hits: u64,
 }
 
+/// One change reported by the watch: key, new value (`None`: deleted), revision.
+pub type CacheChange = (Vec<u8>, Option<Vec<u8>>, Revision);
+
 /// Entries the watch cache holds before it starts over (~100 MB at worst).
 const CACHE_MAX_ENTRIES: usize = 250_000;
 
@@ -151,7 +154,7 @@ impl EtcdKv {
     /// keys the cache does not hold are left out), up to revision `upto`. Applied under one
     /// lock, and the revision gate moves only after all of them: a reader never sees half of
     /// a transaction's changes as "caught up" (an inode still old while its chunks are new).
-    pub fn cache_apply(&self, changes: &[(Vec<u8>, Option<Vec<u8>>, Revision)], upto: Revision) {
+    pub fn cache_apply(&self, changes: &[CacheChange], upto: Revision) {
         let mut c = self.cache();
         for (key, value, rev) in changes {
             match value {

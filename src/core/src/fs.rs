@@ -61,6 +61,10 @@ pub struct FsOptions {
     pub sleep: Option<Sleeper>,
     /// Background execution for eager block uploads; `None` stores every block at flush.
     pub spawn: Option<Spawner>,
+    /// Answer lookup and getattr of files from [`MetaKv::cached`]. Off by default: with it on,
+    /// `tests/filesystem.rs` saw a reader read stale data once after the writer's close (in
+    /// 1 of about 10 runs), which breaks close-to-open; the cause is not found yet.
+    pub cached_lookups: bool,
 }
 
 impl Default for FsOptions {
@@ -73,6 +77,7 @@ impl Default for FsOptions {
             ino_batch: 1024,
             sleep: None,
             spawn: None,
+            cached_lookups: false,
         }
     }
 }
@@ -828,7 +833,12 @@ impl Fs {
     /// Attributes of `ino`.
     pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
         let ikey = self.keys.inode(ino);
-        if let Some((v, _)) = self.kv.cached(&ikey) {
+        let cached = if self.opts.cached_lookups {
+            self.kv.cached(&ikey)
+        } else {
+            None
+        };
+        if let Some((v, _)) = cached {
             if let Ok(rec) = decode_inode(&ikey, &v) {
                 if rec.kind != FileKind::Dir {
                     return Ok(self.local_attr(ino, &rec));
@@ -846,8 +856,10 @@ impl Fs {
     /// (so a miss costs one round trip), then the child's inode.
     pub async fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
         check_name(name)?;
-        if let Some(a) = self.lookup_cached(parent, name) {
-            return Ok(a);
+        if self.opts.cached_lookups {
+            if let Some(a) = self.lookup_cached(parent, name) {
+                return Ok(a);
+            }
         }
         let dkey = self.keys.dirent(parent, name);
         for _ in 0..self.opts.max_retries {

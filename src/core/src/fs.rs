@@ -632,6 +632,19 @@ impl Fs {
         }
     }
 
+    /// Checks that `ino` is a live directory (NotDir / NotFound otherwise), staged for the
+    /// transaction's compares but not to be rewritten.
+    async fn look_dir(&self, stage: &mut Stage, ino: u64) -> FsResult<()> {
+        let rec = stage.look(self, ino).await?;
+        if rec.kind != FileKind::Dir {
+            return Err(FsError::NotDir);
+        }
+        if rec.nlink == 0 {
+            return Err(FsError::NotFound);
+        }
+        Ok(())
+    }
+
     /// A live directory (NotDir / NotFound otherwise).
     async fn load_dir<'s>(&self, stage: &'s mut Stage, ino: u64) -> FsResult<&'s mut InodeRec> {
         let rec = stage.load(self, ino).await?;
@@ -983,13 +996,7 @@ impl Fs {
             let p = if node.kind == FileKind::Dir {
                 self.load_dir(&mut stage, parent).await?
             } else {
-                let p = stage.look(self, parent).await?;
-                if p.kind != FileKind::Dir {
-                    return Err(FsError::NotDir);
-                }
-                if p.nlink == 0 {
-                    return Err(FsError::NotFound);
-                }
+                self.look_dir(&mut stage, parent).await?;
                 stage.peek_mut_clean(parent)?
             };
             // A set-group-ID directory gives new nodes its group, and new subdirectories
@@ -1276,13 +1283,7 @@ impl Fs {
             }
             rec.nlink += 1;
             rec.ctime_ns = now;
-            let p = stage.look(self, newparent).await?;
-            if p.kind != FileKind::Dir {
-                return Err(FsError::NotDir);
-            }
-            if p.nlink == 0 {
-                return Err(FsError::NotFound);
-            }
+            self.look_dir(&mut stage, newparent).await?;
             self.touch_dir(&mut txn, newparent, now);
             let dkey = self.keys.dirent(newparent, newname);
             if self.kv.get(&dkey).await?.is_some() {

@@ -7,17 +7,23 @@
 #   wordpress         the source tree (/usr/share/wordpress) that bench/fs_bench.sh copies (W3);
 #                     pulls in apache2, php and mariadb-client (apache2 starts where systemd runs)
 #   libacl1-dev       needed to build pjdfstest (conformance tests, scripts/conformance.sh)
+#   python3-venv      a venv for the deploy/ validators from PyPI (kubernetes-validate, hadolint)
+#   kubernetes-client kubectl, for `kubectl kustomize` of deploy/kubernetes (no cluster needed);
+#                     skipped when a kubectl is already there (another package may own the path)
 # and, with cargo, the conformance tools at pinned versions: pjdfstest (POSIX conformance) and
-# fsx (file-data exerciser). Each is skipped when already installed at that version.
+# fsx (file-data exerciser). Each is skipped when already installed at that version. Then the
+# pinned PyPI tools of scripts/validate-deploy.sh, in its venv (skipped when there).
 # Usage: scripts/setup.sh [--no-build]   (--no-build: install packages only, as CI does)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=1; [ "${1:-}" = "--no-build" ] && build=0
 
 need=()
-for pkg in etcd-server etcd-client protobuf-compiler fuse3 fio bindfs wordpress pkg-config libacl1-dev; do
+for pkg in etcd-server etcd-client protobuf-compiler fuse3 fio bindfs wordpress pkg-config libacl1-dev \
+           python3-venv; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
+command -v kubectl >/dev/null || need+=(kubernetes-client)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   echo "==> installing Debian packages: ${need[*]}"
@@ -44,6 +50,9 @@ install_tool() { # crate version
 }
 install_tool pjdfstest "$PJDFSTEST_VERSION"
 install_tool fsx "$FSX_VERSION"
+
+# Validators of deploy/ (scripts/validate-deploy.sh): kubernetes-validate and hadolint, pinned.
+bash scripts/validate-deploy.sh --tools-only
 
 [ $build -eq 1 ] || exit 0
 echo "==> building twinfs (release)"

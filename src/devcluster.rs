@@ -289,10 +289,8 @@ pub async fn up(dir: &Path, opts: &UpOptions) -> Result<()> {
         twinfs_fuse::volume::create(&etcd_client, &opts.volume, 2, None).await?;
         for i in 0..opts.mounts {
             let path = dir.join("mnt").join(format!("mount-{i}"));
+            twinfs_fuse::mount::detach_all(&path);
             fs::create_dir_all(&path)?;
-            if twinfs_fuse::mount::is_twinfs_mount(&path) {
-                let _ = twinfs_fuse::mount::unmount(&path, true);
-            }
             let log = dir.join("mnt").join(format!("mount-{i}.log"));
             let pid = spawn_background(
                 Command::new(&exe)
@@ -315,7 +313,9 @@ pub async fn up(dir: &Path, opts: &UpOptions) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         for i in 0..file.mounts.len() {
             let mut retried = false;
-            while !twinfs_fuse::mount::is_twinfs_mount(&file.mounts[i].path) {
+            while twinfs_fuse::mount::mount_state(&file.mounts[i].path)
+                != twinfs_fuse::mount::MountState::Live
+            {
                 let m = &file.mounts[i];
                 let died = !is_ours(m.pid, &marker) || is_zombie(m.pid);
                 let log = m.log.clone().unwrap_or_default();
@@ -394,9 +394,7 @@ pub fn down(dir: &Path) -> Result<()> {
     for m in &file.mounts {
         stop(m.pid, &marker, Duration::from_secs(15));
         // A mount whose process died (kill -9) leaves a dead mount point behind.
-        if twinfs_fuse::mount::is_twinfs_mount(&m.path) {
-            let _ = twinfs_fuse::mount::unmount(&m.path, true);
-        }
+        twinfs_fuse::mount::detach_all(&m.path);
     }
     for n in &file.nodes {
         stop(n.pid, &marker, Duration::from_secs(10));

@@ -1,9 +1,11 @@
 //! The `twinfs` command: node agent, operator tools and the local development cluster.
 
 mod admin;
+mod agent;
 mod clusterfile;
 mod devcluster;
 mod mount_cmd;
+mod mount_helper;
 mod volume_cmd;
 
 use std::net::SocketAddr;
@@ -36,11 +38,18 @@ pub struct ConnArgs {
     /// cluster.json written by `twinfs dev-cluster up`; gives etcd endpoints and a client certificate.
     #[arg(long, global = true, env = "TWINFS_CLUSTER", value_name = "FILE")]
     pub cluster: Option<PathBuf>,
-    /// etcd endpoint (repeatable), e.g. http://10.0.0.1:2379. Overrides the cluster file.
-    #[arg(long = "etcd", global = true, value_name = "URL")]
+    /// etcd endpoint (repeatable, or comma-separated), e.g. http://10.0.0.1:2379. Overrides the
+    /// cluster file.
+    #[arg(
+        long = "etcd",
+        global = true,
+        value_name = "URL",
+        env = "TWINFS_ETCD",
+        value_delimiter = ','
+    )]
     pub etcd: Vec<String>,
     /// Certificate directory (ca.crt, tls.crt, tls.key) to talk to nodes with.
-    #[arg(long, global = true, value_name = "DIR")]
+    #[arg(long, global = true, value_name = "DIR", env = "TWINFS_TLS_DIR")]
     pub tls_dir: Option<PathBuf>,
 }
 
@@ -163,6 +172,13 @@ struct NodeArgs {
     etcd_cert: Option<PathBuf>,
     #[arg(long, value_name = "FILE")]
     etcd_key: Option<PathBuf>,
+    /// Serve Prometheus /metrics and the /healthz and /readyz probes on ADDR (e.g. 0.0.0.0:9480).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
+    /// Keep VOLUME mounted at DIR on this host (repeatable): mounted again if it fails, and
+    /// over a dead mount left by a killed agent, so pods that bound it regain it.
+    #[arg(long = "mount", value_name = "VOLUME=DIR")]
+    mounts: Vec<twinfs_cluster::node::MountSpec>,
 }
 
 #[derive(Subcommand)]
@@ -258,6 +274,22 @@ fn node_config(args: NodeArgs, conn: &ConnArgs) -> Result<NodeConfig> {
     }
     if let Some(v) = &conn.tls_dir {
         set("tls_dir", v.display().to_string().into());
+    }
+    if let Some(v) = args.metrics_addr {
+        set("metrics_addr", v.to_string().into());
+    }
+    if !args.mounts.is_empty() {
+        let list: Vec<toml::Value> = args
+            .mounts
+            .iter()
+            .map(|m| {
+                let mut t = toml::Table::new();
+                t.insert("volume".into(), m.volume.clone().into());
+                t.insert("dir".into(), m.dir.display().to_string().into());
+                toml::Value::Table(t)
+            })
+            .collect();
+        set("mounts", list.into());
     }
     let mut etcd = match table.remove("etcd") {
         Some(toml::Value::Table(t)) => t,
@@ -355,7 +387,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Node(args) => {
             let cfg = node_config(*args, &cli.conn)?;
-            rt.block_on(twinfs_cluster::node::run(cfg, shutdown_signal()))
+            rt.block_on(agent::run(cfg, shutdown_signal()))
         }
         Command::Status { json } => rt.block_on(admin::status(&cli.conn, json)),
         Command::Block { cmd } => match cmd {
@@ -402,7 +434,23 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let cli = if argv
+        .first()
+        .is_some_and(|a| mount_helper::invoked_as_helper(a))
+    {
+        match mount_helper::translate(&argv[1..]) {
+            Ok(args) => Cli::parse_from(args),
+            Err(e) => {
+                eprintln!("mount.fuse.twinfs: {e:#}");
+                return ExitCode::from(32); // mount(8)'s "mount failure"
+            }
+        }
+    } else {
+        Cli::parse()
+    };
     init_logging(
         if matches!(cli.command, Command::Node(_) | Command::Mount(_)) {
             // fuser warns when its own unmount finds the mount already gone (we unmounted).

@@ -46,7 +46,7 @@ pub fn mount(conn: &ConnArgs, args: MountArgs) -> Result<()> {
     if args.cache_mb > 1 << 20 || args.write_buffer_mb == 0 || args.write_buffer_mb > 4096 {
         bail!("--cache-mb must be at most 1048576 and --write-buffer-mb between 1 and 4096");
     }
-    if mount::is_twinfs_mount(&args.dir) {
+    if mount::mount_state(&args.dir) == mount::MountState::Live {
         bail!("{} is already a twinfs mount", args.dir.display());
     }
     let (etcd, tls_dir) = resolve_conn(conn)?;
@@ -60,11 +60,15 @@ pub fn mount(conn: &ConnArgs, args: MountArgs) -> Result<()> {
     cfg.fuse_threads = args.threads.clamp(1, 64);
     let volume = args.volume.clone();
     let dir = args.dir.clone();
-    mount::run(cfg, move || {
-        // The line a background parent waits for.
-        println!("mounted volume {volume} at {}", dir.display());
-        let _ = std::io::stdout().flush();
-    })
+    mount::run(
+        cfg,
+        move || {
+            // The line a background parent waits for.
+            println!("mounted volume {volume} at {}", dir.display());
+            let _ = std::io::stdout().flush();
+        },
+        mount::shutdown_signal(),
+    )
 }
 
 fn default_log(volume: &str) -> PathBuf {
@@ -146,15 +150,29 @@ fn daemonize(conn: &ConnArgs, args: &MountArgs) -> Result<()> {
     )
 }
 
+/// Unmounts the twinfs mount at `dir`, and then any dead ones a killed process left beneath it
+/// (they only answer ENOTCONN).
 pub fn umount(dir: &Path, lazy: bool) -> Result<()> {
-    if !mount::is_twinfs_mount(dir) {
+    if mount::mount_state(dir) == mount::MountState::NotMounted {
         bail!("{} is not a twinfs mount", dir.display());
     }
-    mount::unmount(dir, lazy)?;
-    // The mount process sees its session end, leaves the mount registry and exits.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while mount::is_twinfs_mount(dir) && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
+    loop {
+        let before = twinfs_fuse::mountpoint::twinfs_mounts_at(dir);
+        match mount::mount_state(dir) {
+            mount::MountState::NotMounted => break,
+            mount::MountState::Dead => mount::unmount(dir, true)?,
+            mount::MountState::Live => mount::unmount(dir, lazy)?,
+        }
+        // The mount process sees its session end, leaves the mount registry and exits.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while twinfs_fuse::mountpoint::twinfs_mounts_at(dir) >= before
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if twinfs_fuse::mountpoint::twinfs_mounts_at(dir) >= before {
+            bail!("{} is still mounted after 10 s", dir.display());
+        }
     }
     println!("unmounted {}", dir.display());
     Ok(())

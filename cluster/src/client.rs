@@ -210,6 +210,25 @@ impl BlockClient {
         hash: BlockHash,
         data: Bytes,
     ) -> Result<PutOutcome, ClientError> {
+        let start = std::time::Instant::now();
+        let len = data.len() as u64;
+        let r = self.put_replicated(hash, data).await;
+        let m = crate::metrics::metrics();
+        m.client_requests.record("put", start, r.is_ok());
+        if let Ok(o) = &r {
+            m.client_bytes_written.inc_by(len * o.holders.len() as u64);
+            if o.under_replicated() {
+                m.client_under_replicated_writes.inc();
+            }
+        }
+        r
+    }
+
+    async fn put_replicated(
+        &self,
+        hash: BlockHash,
+        data: Bytes,
+    ) -> Result<PutOutcome, ClientError> {
         if data.len() > MAX_BLOCK_SIZE {
             return Err(ClientError::TooLarge(data.len()));
         }
@@ -305,6 +324,21 @@ impl BlockClient {
 
     /// Fetches a block (or a range of it) from the first live holder that returns good bytes.
     pub async fn get(
+        &self,
+        hash: BlockHash,
+        range: Option<ByteRange>,
+    ) -> Result<Bytes, ClientError> {
+        let start = std::time::Instant::now();
+        let r = self.get_any(hash, range).await;
+        let m = crate::metrics::metrics();
+        m.client_requests.record("get", start, r.is_ok());
+        if let Ok(d) = &r {
+            m.client_bytes_read.inc_by(d.len() as u64);
+        }
+        r
+    }
+
+    async fn get_any(
         &self,
         hash: BlockHash,
         range: Option<ByteRange>,

@@ -13,6 +13,7 @@ pub mod blockstore;
 pub mod client;
 pub mod etcd;
 pub mod membership;
+pub mod metrics;
 pub mod node;
 pub mod pki;
 pub mod placement;

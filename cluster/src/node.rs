@@ -15,7 +15,7 @@ use crate::etcd::EtcdConfig;
 use crate::membership::{unix_now, NodeRecord, NodeState, Registration};
 use crate::pki::Identity;
 use crate::transport::{self, Handler, ServerCounters};
-use crate::wire::{ErrorCode, Message, NodeInfo, MAX_LIST_PAGE};
+use crate::wire::{ErrorCode, Message, MessageKind, NodeInfo, MAX_LIST_PAGE};
 use crate::VERSION;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -40,6 +40,36 @@ pub struct NodeConfig {
     /// Seconds without a lease renewal after which the node counts as dead.
     #[serde(default = "default_lease_ttl")]
     pub lease_ttl_secs: u64,
+    /// Where to serve /metrics, /healthz and /readyz over HTTP (none: not served).
+    #[serde(default)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Volumes the agent mounts itself (Kubernetes DaemonSet, or one service per host).
+    #[serde(default)]
+    pub mounts: Vec<MountSpec>,
+}
+
+/// One volume the agent keeps mounted.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MountSpec {
+    pub volume: String,
+    pub dir: PathBuf,
+}
+
+impl std::str::FromStr for MountSpec {
+    type Err = String;
+    /// `VOLUME=DIR`, as `--mount` takes it.
+    fn from_str(s: &str) -> Result<MountSpec, String> {
+        match s.split_once('=') {
+            Some((v, d)) if !v.is_empty() && d.starts_with('/') => Ok(MountSpec {
+                volume: v.to_string(),
+                dir: PathBuf::from(d),
+            }),
+            _ => Err(format!(
+                "{s:?} is not VOLUME=/ABSOLUTE/DIR (e.g. uploads=/var/lib/twinfs/volumes/uploads)"
+            )),
+        }
+    }
 }
 
 fn default_lease_ttl() -> u64 {
@@ -69,6 +99,17 @@ impl NodeConfig {
                 "lease_ttl_secs must be between 2 and 300, not {}",
                 self.lease_ttl_secs
             );
+        }
+        for (i, m) in self.mounts.iter().enumerate() {
+            if !m.dir.is_absolute() {
+                bail!(
+                    "mount directory {} must be an absolute path",
+                    m.dir.display()
+                );
+            }
+            if self.mounts[..i].iter().any(|o| o.dir == m.dir) {
+                bail!("two mounts at {}", m.dir.display());
+            }
         }
         if let Some(z) = &self.zone {
             if z.is_empty() || z.len() > 64 {
@@ -168,6 +209,31 @@ impl NodeService {
     }
 
     async fn handle_request(self: Arc<Self>, req: Message) -> Message {
+        let start = std::time::Instant::now();
+        let op = match req.kind() {
+            MessageKind::Put => "put",
+            MessageKind::Get => "get",
+            MessageKind::Has => "has",
+            MessageKind::Delete => "delete",
+            MessageKind::List => "list",
+            MessageKind::Info => "info",
+            _ => "other",
+        };
+        let m = crate::metrics::metrics();
+        if let Message::Put { data, .. } = &req {
+            m.node_bytes_received.inc_by(data.len() as u64);
+        }
+        let reply = self.serve_request(req).await;
+        if let Message::Data(d) = &reply {
+            m.node_bytes_sent.inc_by(d.len() as u64);
+        }
+        // A missing block is an answer, not a failure (clients ask holders in turn).
+        let failed = matches!(&reply, Message::Error { code, .. } if *code != ErrorCode::NotFound);
+        m.node_requests.record(op, start, !failed);
+        reply
+    }
+
+    async fn serve_request(self: Arc<Self>, req: Message) -> Message {
         match req {
             Message::Put { hash, data } => {
                 if let Some(cap) = self.capacity {
@@ -231,6 +297,10 @@ impl Handler for NodeService {
 
 fn record_of(svc: &NodeService, addr: SocketAddr) -> NodeRecord {
     let i = svc.info();
+    let m = crate::metrics::metrics();
+    m.node_blocks.set(i.blocks as i64);
+    m.node_bytes_used.set(i.bytes_used as i64);
+    m.node_corrupt_blocks.set(i.corrupt_detected as i64);
     NodeRecord {
         id: svc.id.clone(),
         addr,
@@ -249,6 +319,7 @@ fn record_of(svc: &NodeService, addr: SocketAddr) -> NodeRecord {
 pub async fn run(
     config: NodeConfig,
     shutdown: impl std::future::Future<Output = ()>,
+    health: Arc<crate::metrics::Health>,
 ) -> Result<()> {
     config.validate()?;
     let addr = config.advertised()?;
@@ -284,8 +355,10 @@ pub async fn run(
     )
     .await?;
     tracing::info!(node = %id, ttl = config.lease_ttl_secs, "registered in etcd");
+    health.node_registered.store(true, Ordering::Relaxed);
 
     shutdown.await;
+    health.node_registered.store(false, Ordering::Relaxed);
     tracing::info!(node = %id, "shutting down: leaving the cluster");
     let last = record_of(&svc, addr);
     if let Err(e) = tokio::time::timeout(Duration::from_secs(5), registration.leave(last))

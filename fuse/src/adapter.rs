@@ -28,6 +28,7 @@ use fuser::{
 };
 use tokio::runtime::Handle;
 use tokio::sync::RwLock;
+use twinfs_cluster::metrics::{metrics, OpLabel};
 use twinfs_core::{Attr, FileKind, Fs, FsError, OpenFile, SetAttr, TimeSet, XattrReply, XattrSet};
 
 /// Largest write the kernel sends in one request (with FUSE_MAX_PAGES).
@@ -201,6 +202,11 @@ impl Shared {
     }
 }
 
+tokio::task_local! {
+    /// The FUSE operation a spawned request serves, so errors are counted under it.
+    static CURRENT_OP: &'static str;
+}
+
 pub struct TwinFs {
     shared: Arc<Shared>,
     rt: Handle,
@@ -288,6 +294,12 @@ impl TwinFs {
 
     fn count_err(&self, e: &FsError) {
         if !matches!(e, FsError::NotFound | FsError::NoData | FsError::Exists) {
+            let op = CURRENT_OP.try_with(|op| *op).unwrap_or("write");
+            metrics()
+                .fuse_ops
+                .errors
+                .get_or_create(&OpLabel { op })
+                .inc();
             self.shared.stats.errors.fetch_add(1, Ordering::Relaxed);
             if matches!(e, FsError::Corrupt(_) | FsError::Kv(_) | FsError::Block(_)) {
                 tracing::error!(error = %e, "request failed");
@@ -295,12 +307,17 @@ impl TwinFs {
         }
     }
 
-    fn spawn<F>(&self, f: F)
+    /// Runs one request's work on the runtime, counted and timed as `op`.
+    fn spawn<F>(&self, op: &'static str, f: F)
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
         self.shared.stats.requests.fetch_add(1, Ordering::Relaxed);
-        self.rt.spawn(f);
+        self.rt.spawn(CURRENT_OP.scope(op, async move {
+            let start = std::time::Instant::now();
+            f.await;
+            metrics().fuse_ops.record(op, start, true);
+        }));
     }
 
     fn this(&self) -> TwinFs {
@@ -367,7 +384,7 @@ impl Filesystem for TwinFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let this = self.this();
         let name = name.as_bytes().to_vec();
-        self.spawn(async move {
+        self.spawn("lookup", async move {
             let r = this.shared.fs.lookup(parent.0, &name).await;
             this.entry(reply, r);
         });
@@ -375,7 +392,7 @@ impl Filesystem for TwinFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let this = self.this();
-        self.spawn(async move {
+        self.spawn("getattr", async move {
             match this.shared.fs.getattr(ino.0).await {
                 Ok(a) => {
                     this.shared.told(&a);
@@ -408,7 +425,7 @@ impl Filesystem for TwinFs {
         reply: ReplyAttr,
     ) {
         let this = self.this();
-        self.spawn(async move {
+        self.spawn("setattr", async move {
             // A truncate must not be undone by writes buffered before it (through this handle
             // or any other of this mount): flush them first, so the truncate applies on top.
             if size.is_some() {
@@ -440,7 +457,7 @@ impl Filesystem for TwinFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let this = self.this();
-        self.spawn(async move {
+        self.spawn("readlink", async move {
             match this.shared.fs.readlink(ino.0).await {
                 Ok(t) => reply.data(&t),
                 Err(e) => {
@@ -464,7 +481,7 @@ impl Filesystem for TwinFs {
         let this = self.this();
         let name = name.as_bytes().to_vec();
         let (uid, gid) = (req.uid(), req.gid());
-        self.spawn(async move {
+        self.spawn("mknod", async move {
             let r = this
                 .shared
                 .fs
@@ -486,7 +503,7 @@ impl Filesystem for TwinFs {
         let this = self.this();
         let name = name.as_bytes().to_vec();
         let (uid, gid) = (req.uid(), req.gid());
-        self.spawn(async move {
+        self.spawn("mkdir", async move {
             let r = this
                 .shared
                 .fs
@@ -499,7 +516,7 @@ impl Filesystem for TwinFs {
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let this = self.this();
         let name = name.as_bytes().to_vec();
-        self.spawn(async move {
+        self.spawn("unlink", async move {
             let r = this.shared.fs.unlink(parent.0, &name).await;
             empty(&this, reply, r);
         });
@@ -508,7 +525,7 @@ impl Filesystem for TwinFs {
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let this = self.this();
         let name = name.as_bytes().to_vec();
-        self.spawn(async move {
+        self.spawn("rmdir", async move {
             let r = this.shared.fs.rmdir(parent.0, &name).await;
             empty(&this, reply, r);
         });
@@ -526,7 +543,7 @@ impl Filesystem for TwinFs {
         let name = link_name.as_bytes().to_vec();
         let target = target.as_os_str().as_bytes().to_vec();
         let (uid, gid) = (req.uid(), req.gid());
-        self.spawn(async move {
+        self.spawn("symlink", async move {
             let r = this
                 .shared
                 .fs
@@ -550,7 +567,7 @@ impl Filesystem for TwinFs {
         let name = name.as_bytes().to_vec();
         let newname = newname.as_bytes().to_vec();
         let bits = flags.bits();
-        self.spawn(async move {
+        self.spawn("rename", async move {
             let r = async {
                 let flags = twinfs_core::RenameFlags::from_bits(bits)?;
                 this.shared
@@ -573,7 +590,7 @@ impl Filesystem for TwinFs {
     ) {
         let this = self.this();
         let newname = newname.as_bytes().to_vec();
-        self.spawn(async move {
+        self.spawn("link", async move {
             let r = this.shared.fs.link(ino.0, newparent.0, &newname).await;
             this.entry(reply, r);
         });
@@ -581,7 +598,7 @@ impl Filesystem for TwinFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let this = self.this();
-        self.spawn(async move {
+        self.spawn("open", async move {
             let r = this
                 .shared
                 .fs
@@ -614,7 +631,7 @@ impl Filesystem for TwinFs {
         reply: ReplyData,
     ) {
         let this = self.this();
-        self.spawn(async move {
+        self.spawn("read", async move {
             let Some(h) = this.shared.handle(fh) else {
                 return reply.error(Errno::EBADF);
             };
@@ -636,6 +653,7 @@ impl Filesystem for TwinFs {
                         .stats
                         .bytes_read
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    metrics().fuse_bytes_read.inc_by(data.len() as u64);
                     let end = offset + data.len() as u64;
                     let sequential = h.last_read_end.swap(end, Ordering::Relaxed) == offset;
                     reply.data(&data);
@@ -664,6 +682,7 @@ impl Filesystem for TwinFs {
         reply: ReplyWrite,
     ) {
         self.shared.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let start = std::time::Instant::now();
         let Some(h) = self.shared.handle(fh) else {
             return reply.error(Errno::EBADF);
         };
@@ -683,6 +702,8 @@ impl Filesystem for TwinFs {
                     .stats
                     .bytes_written
                     .fetch_add(n as u64, Ordering::Relaxed);
+                metrics().fuse_bytes_written.inc_by(n as u64);
+                metrics().fuse_ops.record("write", start, true);
                 reply.written(n as u32)
             }
             Some(Err(e)) => {
@@ -701,7 +722,7 @@ impl Filesystem for TwinFs {
         reply: ReplyEmpty,
     ) {
         let this = self.this();
-        self.spawn(async move {
+        self.spawn("flush", async move {
             let r = this.flush_handle(fh).await;
             empty(&this, reply, r);
         });
@@ -718,7 +739,7 @@ impl Filesystem for TwinFs {
         reply: ReplyEmpty,
     ) {
         let this = self.this();
-        self.spawn(async move {
+        self.spawn("release", async move {
             let h = this
                 .shared
                 .handles
@@ -749,7 +770,7 @@ impl Filesystem for TwinFs {
         reply: ReplyEmpty,
     ) {
         let this = self.this();
-        self.spawn(async move {
+        self.spawn("fsync", async move {
             let r = this.flush_handle(fh).await;
             empty(&this, reply, r);
         });
@@ -757,7 +778,7 @@ impl Filesystem for TwinFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let this = self.this();
-        self.spawn(async move {
+        self.spawn("opendir", async move {
             match this.shared.fs.getattr(ino.0).await {
                 Ok(a) if a.kind == FileKind::Dir => {
                     reply.opened(FileHandle(0), FopenFlags::empty())
@@ -780,7 +801,7 @@ impl Filesystem for TwinFs {
         mut reply: ReplyDirectory,
     ) {
         let this = self.this();
-        self.spawn(async move {
+        self.spawn("readdir", async move {
             // Cookies: "." is 1, ".." is 2, entries carry their name hash (≥ 16).
             if offset == 0 && reply.add(ino, 1, FileType::Directory, ".") {
                 return reply.ok();
@@ -820,7 +841,7 @@ impl Filesystem for TwinFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         let this = self.this();
-        self.spawn(async move {
+        self.spawn("readdirplus", async move {
             let ttl = this.shared.attr_ttl;
             if offset <= 1 {
                 // "." and ".." carry the directory's own attributes (the kernel ignores them
@@ -921,7 +942,7 @@ impl Filesystem for TwinFs {
         let this = self.this();
         let name = name.as_bytes().to_vec();
         let value = value.to_vec();
-        self.spawn(async move {
+        self.spawn("setxattr", async move {
             let r = async {
                 let how = XattrSet::from_flags(flags)?;
                 this.shared.fs.set_xattr(ino.0, &name, &value, how).await
@@ -934,7 +955,7 @@ impl Filesystem for TwinFs {
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let this = self.this();
         let name = name.as_bytes().to_vec();
-        self.spawn(async move {
+        self.spawn("getxattr", async move {
             let r = async {
                 let v = this.shared.fs.get_xattr(ino.0, &name).await?;
                 XattrReply::for_size(v, size)
@@ -946,7 +967,7 @@ impl Filesystem for TwinFs {
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let this = self.this();
-        self.spawn(async move {
+        self.spawn("listxattr", async move {
             let r = async {
                 let names = this.shared.fs.list_xattr(ino.0).await?;
                 XattrReply::for_size(Fs::xattr_list_bytes(&names), size)
@@ -959,7 +980,7 @@ impl Filesystem for TwinFs {
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let this = self.this();
         let name = name.as_bytes().to_vec();
-        self.spawn(async move {
+        self.spawn("removexattr", async move {
             let r = this.shared.fs.remove_xattr(ino.0, &name).await;
             empty(&this, reply, r);
         });
@@ -969,7 +990,7 @@ impl Filesystem for TwinFs {
         // Permission checks are the kernel's (default_permissions); this only answers whether
         // the inode exists.
         let this = self.this();
-        self.spawn(async move {
+        self.spawn("access", async move {
             let r = this.shared.fs.getattr(ino.0).await.map(|_| ());
             empty(&this, reply, r);
         });
@@ -989,7 +1010,7 @@ impl Filesystem for TwinFs {
         let name = name.as_bytes().to_vec();
         let (uid, gid) = (req.uid(), req.gid());
         let exclusive = flags & libc::O_EXCL != 0;
-        self.spawn(async move {
+        self.spawn("create", async move {
             let r = async {
                 let (attr, _created) = this
                     .shared
@@ -1047,7 +1068,7 @@ impl Filesystem for TwinFs {
         reply: ReplyEmpty,
     ) {
         let this = self.this();
-        self.spawn(async move {
+        self.spawn("fallocate", async move {
             let r = async {
                 if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
                     return Err(FsError::NotSupported("fallocate mode"));

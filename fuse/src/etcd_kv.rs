@@ -505,6 +505,22 @@ impl EtcdKv {
     }
 }
 
+/// Counts one etcd request (retries included) in the process's metrics.
+fn timed<'a, T: 'a>(
+    op: &'static str,
+    request: impl std::future::Future<Output = Result<T, KvError>> + Send + 'a,
+) -> BoxFuture<'a, Result<T, KvError>> {
+    async move {
+        let start = std::time::Instant::now();
+        let r = request.await;
+        twinfs_cluster::metrics::metrics()
+            .etcd_requests
+            .record(op, start, r.is_ok());
+        r
+    }
+    .boxed()
+}
+
 impl MetaKv for EtcdKv {
     /// From the watch cache, only while it follows etcd and has applied this instance's own
     /// last write (so a mount always reads its own writes); at most a watch delay behind
@@ -529,19 +545,21 @@ impl MetaKv for EtcdKv {
         end: &'a [u8],
         limit: usize,
     ) -> BoxFuture<'a, Result<(Vec<Versioned>, RangePage), KvError>> {
-        self.get_many_and_range_impl(keys, start, end, limit)
-            .boxed()
+        timed(
+            "get_many_and_range",
+            self.get_many_and_range_impl(keys, start, end, limit),
+        )
     }
 
     fn get_many<'a>(
         &'a self,
         keys: &'a [Vec<u8>],
     ) -> BoxFuture<'a, Result<Vec<Versioned>, KvError>> {
-        self.get_many_impl(keys).boxed()
+        timed("get_many", self.get_many_impl(keys))
     }
 
     fn get<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<Versioned, KvError>> {
-        self.get_impl(key).boxed()
+        timed("get", self.get_impl(key))
     }
 
     fn range<'a>(
@@ -550,11 +568,11 @@ impl MetaKv for EtcdKv {
         end: &'a [u8],
         limit: usize,
     ) -> BoxFuture<'a, Result<RangePage, KvError>> {
-        self.range_impl(start, end, limit).boxed()
+        timed("range", self.range_impl(start, end, limit))
     }
 
     fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> BoxFuture<'_, Result<bool, KvError>> {
-        self.txn_impl(compares, ops).boxed()
+        timed("txn", self.txn_impl(compares, ops))
     }
 }
 

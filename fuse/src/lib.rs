@@ -14,5 +14,6 @@ pub mod adapter;
 pub mod block_io;
 pub mod etcd_kv;
 pub mod mount;
+pub mod mountpoint;
 pub mod volume;
 pub mod watch;

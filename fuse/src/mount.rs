@@ -18,6 +18,7 @@ use twinfs_core::{BlockIo, CachedBlocks, Fs, FsOptions, MetaKv};
 use crate::adapter::{Shared, SpaceInfo, TwinFs};
 use crate::block_io::ClusterBlocks;
 use crate::etcd_kv::EtcdKv;
+pub use crate::mountpoint::MountState;
 use crate::volume;
 
 /// Everything `twinfs mount` needs.
@@ -39,6 +40,10 @@ pub struct MountConfig {
     pub fuse_threads: usize,
     /// How long to wait for at least one live node at start.
     pub wait_for_nodes: Duration,
+    /// On stop, unmount (a standalone mount) or only flush and cut the connection, leaving a
+    /// dead mount for the next start to stack on (the agent: pods that bound the mount regain
+    /// it only through a mount stacked on the one they hold).
+    pub detach_on_stop: bool,
 }
 
 impl MountConfig {
@@ -53,6 +58,7 @@ impl MountConfig {
             write_buffer_bytes: 64 << 20,
             fuse_threads: 4,
             wait_for_nodes: Duration::from_secs(10),
+            detach_on_stop: true,
         }
     }
 }
@@ -60,19 +66,27 @@ impl MountConfig {
 /// Mounts and serves until the filesystem is unmounted (`umount`, `twinfs umount`) or the
 /// process gets SIGTERM/SIGINT (then it flushes open files and unmounts). `ready` is called
 /// once the mount is live.
-pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<()> {
-    let meta = std::fs::metadata(&cfg.mountpoint)
-        .with_context(|| format!("mount point {}", cfg.mountpoint.display()))?;
-    if !meta.is_dir() {
-        bail!(
-            "mount point {} is not a directory",
-            cfg.mountpoint.display()
-        );
+pub fn run(
+    cfg: MountConfig,
+    ready: impl FnOnce(),
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let mountpoint = crate::mountpoint::absolute(&cfg.mountpoint)?;
+    match crate::mountpoint::state(&mountpoint) {
+        MountState::Live => bail!("{} is already a twinfs mount", mountpoint.display()),
+        MountState::Dead => tracing::warn!(
+            path = %mountpoint.display(),
+            "a dead twinfs mount (its process was killed) is in the way: mounting over it, so \
+             that whoever bound it (pods, with HostToContainer propagation) sees the new one"
+        ),
+        MountState::NotMounted => {
+            let meta = std::fs::metadata(&mountpoint)
+                .with_context(|| format!("mount point {}", mountpoint.display()))?;
+            if !meta.is_dir() {
+                bail!("mount point {} is not a directory", mountpoint.display());
+            }
+        }
     }
-    let mountpoint = cfg
-        .mountpoint
-        .canonicalize()
-        .with_context(|| format!("mount point {}", cfg.mountpoint.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .thread_name("twinfs-mount")
@@ -104,12 +118,16 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<()> {
         c.clone_fd = true;
         c
     };
-    let session = Session::new(
-        TwinFs::new(shared.clone(), rt.handle().clone()),
-        &mountpoint,
-        &fuse_cfg,
-    )
-    .with_context(|| format!("mounting {} (is /dev/fuse usable?)", mountpoint.display()))?;
+    let filesystem = TwinFs::new(shared.clone(), rt.handle().clone());
+    let session = match crate::mountpoint::mount_fuse(&mountpoint, &cfg.volume)
+        .with_context(|| format!("mounting {} (is /dev/fuse usable?)", mountpoint.display()))?
+    {
+        // Mounted by us (root): the kernel's INIT is waiting on the descriptor.
+        Some(dev) => Session::from_fd(filesystem, dev, SessionACL::All, fuse_cfg.clone()),
+        // Not allowed to mount(2): fuser goes through the setuid fusermount3.
+        None => Session::new(filesystem, &mountpoint, &fuse_cfg),
+    }
+    .with_context(|| format!("starting FUSE at {}", mountpoint.display()))?;
     shared.set_notifier(session.notifier());
     let _watch = {
         let _guard = rt.enter();
@@ -124,6 +142,8 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<()> {
     };
     let bg = session.spawn().context("starting the FUSE session")?;
     tracing::info!(volume = %cfg.volume, path = %mountpoint.display(), "mounted");
+    let gauge = twinfs_cluster::metrics::metrics().mounts.clone();
+    gauge.inc();
     ready();
 
     // Wait for the session to end (unmounted from outside) or for a signal.
@@ -140,23 +160,29 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<()> {
     let signalled = rt.block_on(async {
         tokio::select! {
             _ = done_rx => false,
-            _ = shutdown_signal() => true,
+            _ = shutdown => true,
         }
     });
+    let mut detached = true;
     if signalled {
-        tracing::info!("signal received: flushing open files and unmounting");
+        tracing::info!("stopping: flushing open files");
         let failed = rt.block_on(shared.flush_all());
         if failed > 0 {
             tracing::error!(failed, "some open files could not be flushed");
         }
-        if let Err(e) = unmount(&mountpoint, false) {
+        if !cfg.detach_on_stop {
+            // Later requests fail (ENOTCONN) instead of being taken and lost at exit; the dead
+            // mount stays for the next start to stack on.
+            crate::mountpoint::abort_connection(&mountpoint);
+            detached = false;
+        } else if let Err(e) = unmount(&mountpoint, false) {
             tracing::warn!(error = %e, "unmount refused (files open?); detaching lazily");
             if let Err(e) = unmount(&mountpoint, true) {
                 tracing::error!(error = %e, "lazy unmount failed");
             }
         }
-        // The session ends once the kernel lets go of the connection; after a lazy detach
-        // that waits for the last open file, so give it only a moment.
+        // The session ends once the kernel lets go of the connection (after a lazy detach,
+        // at the last close), so give it only a moment.
         let deadline = std::time::Instant::now() + Duration::from_secs(2);
         while !joiner.is_finished() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
@@ -169,7 +195,13 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<()> {
             tracing::debug!(error = %e, "leaving the mount registry");
         }
     });
-    tracing::info!(volume = %cfg.volume, path = %mountpoint.display(), "unmounted");
+    gauge.dec();
+    if detached {
+        tracing::info!(volume = %cfg.volume, path = %mountpoint.display(), "unmounted");
+    } else {
+        tracing::info!(volume = %cfg.volume, path = %mountpoint.display(),
+            "stopped; the mount point stays for the next start to mount over");
+    }
     rt.shutdown_timeout(Duration::from_secs(2));
     Ok(())
 }
@@ -277,7 +309,8 @@ async fn open(cfg: &MountConfig, mountpoint: &Path) -> Result<Opened> {
     })
 }
 
-async fn shutdown_signal() {
+/// Completes on SIGTERM or SIGINT (the standalone mount's way to stop).
+pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());
@@ -323,27 +356,21 @@ pub fn unmount(path: &Path, lazy: bool) -> Result<()> {
     }
 }
 
-/// Whether `path` is currently a twinfs mount point (from /proc/self/mountinfo).
+/// Whether a twinfs mount (live or dead) is at `path`.
 pub fn is_twinfs_mount(path: &Path) -> bool {
-    let Ok(canon) = path.canonicalize() else {
-        return false;
-    };
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = canon.to_string_lossy().replace(' ', "\\040");
-    info.lines().any(|l| {
-        let fields: Vec<&str> = l.split(' ').collect();
-        let Some(sep) = fields.iter().position(|f| *f == "-") else {
-            return false;
-        };
-        // "<fstype> <source>" after the separator: fuse (or fuse.twinfs) and twinfs:VOLUME.
-        fields.get(4) == Some(&want.as_str())
-            && fields
-                .get(sep + 1)
-                .is_some_and(|t| *t == "fuse" || *t == "fuse.twinfs")
-            && fields
-                .get(sep + 2)
-                .is_some_and(|s| s.starts_with("twinfs:"))
-    })
+    mount_state(path) != MountState::NotMounted
+}
+
+/// Lazily detaches every twinfs mount stacked at `path` (cleanup after tests and crashes).
+pub fn detach_all(path: &Path) {
+    for _ in 0..64 {
+        if !is_twinfs_mount(path) || unmount(path, true).is_err() {
+            return;
+        }
+    }
+}
+
+/// Whether `path` holds a live twinfs mount, a dead one, or none.
+pub fn mount_state(path: &Path) -> MountState {
+    crate::mountpoint::state(path)
 }

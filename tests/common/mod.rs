@@ -60,6 +60,12 @@ impl DevCluster {
                 "--dir",
             ])
             .arg(dir.path()));
+        if !out.status.success() {
+            // `up` stops what it started when it fails; `down` also catches anything it missed.
+            let _ = run(twinfs()
+                .args(["dev-cluster", "down", "--dir"])
+                .arg(dir.path()));
+        }
         assert!(
             out.status.success(),
             "dev-cluster up failed: {}\n{}",
@@ -253,10 +259,18 @@ impl Drop for DevCluster {
         }
         // A mount whose process was killed leaves a dead mount point: detach it.
         for m in &self.mounts {
-            if is_mounted(m) {
-                let _ = Command::new("umount").arg("-l").arg(m).status();
-            }
+            detach_all(m);
         }
+    }
+}
+
+/// Lazily detaches every mount stacked at `path` (a killed agent's dead mount lies beneath).
+pub fn detach_all(path: &Path) {
+    for _ in 0..32 {
+        if !is_mounted(path) {
+            return;
+        }
+        let _ = Command::new("umount").arg("-l").arg(path).status();
     }
 }
 

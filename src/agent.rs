@@ -47,6 +47,18 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
                 .context("starting a mount thread")?,
         );
     }
+    // Repair and garbage collection, once the node is registered (it needs the node's id).
+    let upkeep = {
+        let (cfg, health) = (cfg.clone(), health.clone());
+        tokio::spawn(async move {
+            while !health.node_registered.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            if let Err(e) = start_upkeep(&cfg).await {
+                tracing::error!(error = %format!("{e:#}"), "repair and garbage collection not running");
+            }
+        })
+    };
     let stop_health = health.clone();
     let stop_mounts = move || {
         stop_health.stopping.store(true, Ordering::Relaxed);
@@ -73,9 +85,24 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         health.clone(),
     )
     .await;
+    upkeep.abort();
     // The node failed without a signal: the mounts must not outlive it unnoticed.
     health.stopping.store(true, Ordering::Relaxed);
     result
+}
+
+async fn start_upkeep(cfg: &NodeConfig) -> Result<()> {
+    let me = node::load_or_create_node_id(&cfg.data_dir)?;
+    let identity = twinfs_cluster::pki::Identity::load(&cfg.tls_dir)?;
+    let etcd = cfg.etcd.connect().await?;
+    let members = twinfs_cluster::membership::Membership::watch(etcd.clone()).await?;
+    let client = twinfs_cluster::client::BlockClient::new(
+        &identity,
+        members,
+        twinfs_cluster::client::ClientOptions::default(),
+    )?;
+    crate::maintenance::run(me, etcd, client, cfg.maintenance.clone()).await;
+    Ok(())
 }
 
 /// Keeps `spec` mounted until `stop`: mounts, and mounts again (with backoff) when mounting

@@ -130,6 +130,8 @@ pub struct UpOptions {
     /// Mounts of `volume` to start (0: no volume is created).
     pub mounts: usize,
     pub volume: String,
+    /// Extra arguments for every node.
+    pub node_args: Vec<String>,
 }
 
 pub async fn up(dir: &Path, opts: &UpOptions) -> Result<()> {
@@ -231,7 +233,8 @@ pub async fn up(dir: &Path, opts: &UpOptions) -> Result<()> {
                 .arg("--tls-dir")
                 .arg(&tls_dir)
                 .arg("--lease-ttl")
-                .arg(lease_ttl.to_string()),
+                .arg(lease_ttl.to_string())
+                .args(&opts.node_args),
             &log,
         )?;
         started.pids.push(pid);

@@ -4,8 +4,10 @@ mod admin;
 mod agent;
 mod clusterfile;
 mod devcluster;
+mod maintenance;
 mod mount_cmd;
 mod mount_helper;
+mod upkeep_cmd;
 mod volume_cmd;
 
 use std::net::SocketAddr;
@@ -91,6 +93,28 @@ enum Command {
         /// Detach now even if files are open; the mount goes when the last one is closed.
         #[arg(short, long)]
         lazy: bool,
+    },
+    /// Check that every block of VOLUME has its copies, verified, on live nodes; name the
+    /// files whose data is lost or endangered. Exit status 1 when any is.
+    Fsck {
+        volume: String,
+        /// Only locate copies instead of having each node re-read and re-hash them.
+        #[arg(long)]
+        quick: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the blocks no file references (deleted, overwritten, or written by a client that
+    /// died before committing); remove them with --apply.
+    Gc {
+        #[arg(long)]
+        apply: bool,
+        /// Unreferenced blocks stored more recently than this stay (writes may be about to
+        /// commit them).
+        #[arg(long, default_value = "1h", value_parser = upkeep_cmd::parse_duration)]
+        grace: std::time::Duration,
+        #[arg(long)]
+        json: bool,
     },
     /// Run a whole cluster (etcd and N nodes) on this machine, for trying twinfs and for tests.
     DevCluster {
@@ -179,6 +203,27 @@ struct NodeArgs {
     /// over a dead mount left by a killed agent, so pods that bound it regain it.
     #[arg(long = "mount", value_name = "VOLUME=DIR")]
     mounts: Vec<twinfs_cluster::node::MountSpec>,
+    /// How long a vanished node may stay away before its copies are re-created elsewhere
+    /// (default 60s; a node that announced a planned stop gets --planned-grace, default 15m).
+    #[arg(long, value_name = "DURATION", value_parser = upkeep_cmd::parse_duration)]
+    repair_grace: Option<std::time::Duration>,
+    #[arg(long, value_name = "DURATION", value_parser = upkeep_cmd::parse_duration)]
+    planned_grace: Option<std::time::Duration>,
+    /// Time between repair scans (default 30s).
+    #[arg(long, value_name = "DURATION", value_parser = upkeep_cmd::parse_duration)]
+    repair_interval: Option<std::time::Duration>,
+    /// Repair bandwidth of this node in MiB/s (default 64).
+    #[arg(long, value_name = "MIB")]
+    repair_rate: Option<f64>,
+    /// Time between garbage collections of this node's copies (default 1h; 0 = never).
+    #[arg(long, value_name = "DURATION", value_parser = upkeep_cmd::parse_duration)]
+    gc_interval: Option<std::time::Duration>,
+    /// Unreferenced copies younger than this are kept (default 1h).
+    #[arg(long, value_name = "DURATION", value_parser = upkeep_cmd::parse_duration)]
+    gc_grace: Option<std::time::Duration>,
+    /// Time from one background scrub pass to the next (default 7d).
+    #[arg(long, value_name = "DURATION", value_parser = upkeep_cmd::parse_duration)]
+    scrub_interval: Option<std::time::Duration>,
 }
 
 #[derive(Subcommand)]
@@ -224,6 +269,10 @@ enum DevClusterCmd {
         /// The volume created for --mounts.
         #[arg(long, default_value = "uploads")]
         volume: String,
+        /// An extra argument for every `twinfs node` (repeatable), e.g.
+        /// --node-arg=--repair-grace=5s.
+        #[arg(long = "node-arg", value_name = "ARG", allow_hyphen_values = true)]
+        node_args: Vec<String>,
     },
     /// Stop everything `up` started in DIR.
     Down {
@@ -320,6 +369,27 @@ fn node_config(args: NodeArgs, conn: &ConnArgs) -> Result<NodeConfig> {
         }
     }
     table.insert("etcd".into(), toml::Value::Table(etcd));
+    let mut upkeep = match table.remove("maintenance") {
+        Some(toml::Value::Table(t)) => t,
+        Some(_) => anyhow::bail!("`maintenance` in the config file must be a table"),
+        None => toml::Table::new(),
+    };
+    for (k, v) in [
+        ("repair_grace_secs", args.repair_grace),
+        ("planned_grace_secs", args.planned_grace),
+        ("repair_interval_secs", args.repair_interval),
+        ("gc_interval_secs", args.gc_interval),
+        ("gc_grace_secs", args.gc_grace),
+        ("scrub_interval_secs", args.scrub_interval),
+    ] {
+        if let Some(d) = v {
+            upkeep.insert(k.into(), (d.as_secs() as i64).into());
+        }
+    }
+    if let Some(r) = args.repair_rate {
+        upkeep.insert("repair_mib_per_sec".into(), r.into());
+    }
+    table.insert("maintenance".into(), toml::Value::Table(upkeep));
     let cfg: NodeConfig = toml::Value::Table(table)
         .try_into()
         .context("node configuration is incomplete or wrong (see `twinfs node --help`)")?;
@@ -409,6 +479,20 @@ fn run(cli: Cli) -> Result<()> {
             BlockCmd::Locate { hash } => rt.block_on(admin::block_locate(&cli.conn, &hash)),
         },
         Command::Volume { cmd } => rt.block_on(volume_cmd::run(&cli.conn, cmd)),
+        Command::Fsck {
+            volume,
+            quick,
+            json,
+        } => {
+            if rt.block_on(upkeep_cmd::fsck(&cli.conn, &volume, quick, json))? {
+                Ok(())
+            } else {
+                anyhow::bail!("volume {volume} has lost or endangered data")
+            }
+        }
+        Command::Gc { apply, grace, json } => {
+            rt.block_on(upkeep_cmd::gc(&cli.conn, apply, grace, json))
+        }
         Command::DevCluster { cmd } => match cmd {
             DevClusterCmd::Up {
                 dir,
@@ -416,6 +500,7 @@ fn run(cli: Cli) -> Result<()> {
                 lease_ttl,
                 mounts,
                 volume,
+                node_args,
             } => rt.block_on(devcluster::up(
                 &dir,
                 &devcluster::UpOptions {
@@ -423,6 +508,7 @@ fn run(cli: Cli) -> Result<()> {
                     lease_ttl,
                     mounts,
                     volume,
+                    node_args,
                 },
             )),
             DevClusterCmd::Down { dir } => devcluster::down(&dir),

@@ -90,7 +90,7 @@ fn corrupt_copy_is_never_returned_and_is_reported() {
     }
     // Reported: counted by the node, logged, the copy quarantined and no longer offered.
     let status = c.status_json();
-    let node = status
+    let node = status["nodes"]
         .as_array()
         .unwrap()
         .iter()

@@ -81,9 +81,20 @@ pub struct StoreStats {
     pub corrupt_detected: u64,
 }
 
+/// Stripes of the lock that makes a put and a garbage-collecting delete of the same block
+/// exclusive (a put that finds the block present must not lose it to a delete in between).
+const LOCK_STRIPES: usize = 64;
+
+/// A put of a block already present re-stamps its stored-at time when older than this, so
+/// garbage collection (which spares copies younger than its grace period, an hour or more)
+/// never takes a block that a write in flight has just stored again. Bounded so that repeated
+/// puts of a popular block cost an index write at most once per this long.
+const RESTAMP_AFTER_SECS: u64 = 60;
+
 pub struct BlockStore {
     root: PathBuf,
     index: Database,
+    locks: Vec<std::sync::Mutex<()>>,
     blocks: AtomicU64,
     bytes_used: AtomicU64,
     corrupt_detected: AtomicU64,
@@ -127,6 +138,9 @@ impl BlockStore {
         let store = BlockStore {
             root: root.to_path_buf(),
             index,
+            locks: (0..LOCK_STRIPES)
+                .map(|_| std::sync::Mutex::new(()))
+                .collect(),
             blocks: AtomicU64::new(0),
             bytes_used: AtomicU64::new(0),
             corrupt_detected: AtomicU64::new(0),
@@ -200,9 +214,15 @@ impl BlockStore {
         if !hash.verifies(data) {
             return Err(StoreError::HashMismatch(*hash));
         }
+        let _guard = self.lock(hash);
         let path = self.block_path(hash);
-        if self.contains(hash)? && path.exists() {
-            return Ok(false);
+        if let Some((_, stored)) = self.entry(hash)? {
+            if path.exists() {
+                if stored + RESTAMP_AFTER_SECS < now_secs() {
+                    self.stamp(hash, data.len() as u64)?;
+                }
+                return Ok(false);
+            }
         }
         let dir = path.parent().expect("block path has a fan-out parent");
         fs::create_dir_all(dir).map_err(io_or_nospace)?;
@@ -242,6 +262,72 @@ impl BlockStore {
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
         }
         Ok(true)
+    }
+
+    fn lock(&self, hash: &BlockHash) -> std::sync::MutexGuard<'_, ()> {
+        let stripe = &self.locks[hash.0[0] as usize % LOCK_STRIPES];
+        // A poisoned stripe only means another thread panicked holding it; the data it
+        // guards is on disk, not in the mutex.
+        stripe.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// (size, stored-at) of an indexed block.
+    fn entry(&self, hash: &BlockHash) -> Result<Option<(u64, u64)>, StoreError> {
+        let txn = self.index.begin_read().map_err(StoreError::index)?;
+        let table = match txn.open_table(BLOCKS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(StoreError::index(e)),
+        };
+        let v = table.get(&hash.0).map_err(StoreError::index)?;
+        Ok(v.map(|v| v.value()))
+    }
+
+    /// Sets a present block's stored-at time to now.
+    fn stamp(&self, hash: &BlockHash, size: u64) -> Result<(), StoreError> {
+        let mut txn = self.index.begin_write().map_err(StoreError::index)?;
+        txn.set_durability(redb::Durability::Eventual);
+        txn.open_table(BLOCKS)
+            .map_err(StoreError::index)?
+            .insert(&hash.0, (size, now_secs()))
+            .map_err(StoreError::index)?;
+        txn.commit().map_err(StoreError::index)
+    }
+
+    /// Re-reads and re-hashes each block: true for a present, good copy. A bad copy is
+    /// quarantined (as by any read).
+    pub fn verify(&self, hashes: &[BlockHash]) -> Result<Vec<bool>, StoreError> {
+        hashes
+            .iter()
+            .map(|h| match self.get(h, None) {
+                Ok(_) => Ok(true),
+                Err(StoreError::NotFound(_) | StoreError::Corrupt(_)) => Ok(false),
+                Err(e) => Err(e),
+            })
+            .collect()
+    }
+
+    /// Garbage collection: deletes each block whose copy was stored before `older_than_unix`;
+    /// true for each one deleted. Exclusive with puts of the same block, so a put that
+    /// re-stamped a block (a write in flight) is never undone.
+    pub fn collect(
+        &self,
+        hashes: &[BlockHash],
+        older_than_unix: u64,
+    ) -> Result<Vec<bool>, StoreError> {
+        hashes
+            .iter()
+            .map(|h| {
+                let _guard = self.lock(h);
+                match self.entry(h)? {
+                    Some((_, stored)) if stored < older_than_unix => {
+                        self.delete_unlocked(h)?;
+                        Ok(true)
+                    }
+                    _ => Ok(false),
+                }
+            })
+            .collect()
     }
 
     /// Reads a block (or a range of it), verifying the whole block first.
@@ -346,6 +432,11 @@ impl BlockStore {
 
     /// Deletes a block. Deleting an absent block is not an error.
     pub fn delete(&self, hash: &BlockHash) -> Result<(), StoreError> {
+        let _guard = self.lock(hash);
+        self.delete_unlocked(hash)
+    }
+
+    fn delete_unlocked(&self, hash: &BlockHash) -> Result<(), StoreError> {
         let path = self.block_path(hash);
         match fs::remove_file(&path) {
             Ok(()) => {
@@ -381,9 +472,11 @@ impl BlockStore {
                 more = true;
                 break;
             }
+            let (size, stored_unix) = v.value();
             entries.push(ListEntry {
                 hash: BlockHash(*k.value()),
-                size: v.value().0,
+                size,
+                stored_unix,
             });
         }
         Ok((entries, more))

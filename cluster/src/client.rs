@@ -409,6 +409,102 @@ impl BlockClient {
         }
     }
 
+    /// A request to one node answered by a `HasReply` of one bit per hash (has, verify,
+    /// collect). `timeout` covers the whole answer (verify re-reads every listed block).
+    pub async fn ask_bits(
+        &self,
+        node: &NodeRecord,
+        msg: &Message,
+        expect: usize,
+        timeout: Duration,
+    ) -> Result<Vec<bool>, ClientError> {
+        let fail = |error: String| ClientError::Node {
+            node: node.id.clone(),
+            error,
+        };
+        match self.request(node, msg, timeout).await {
+            Ok(Message::HasReply(bits)) if bits.len() == expect => Ok(bits),
+            Ok(Message::HasReply(bits)) => {
+                Err(fail(format!("{} answers for {expect} blocks", bits.len())))
+            }
+            Ok(Message::Error { code, message }) => Err(fail(format!("{code:?}: {message}"))),
+            Ok(other) => Err(fail(format!("unexpected reply {:?}", other.kind()))),
+            Err(e) => Err(fail(e.to_string())),
+        }
+    }
+
+    /// One page of a node's inventory, in hash order after `after`.
+    pub async fn list_page(
+        &self,
+        node: &NodeRecord,
+        after: Option<BlockHash>,
+        limit: u32,
+    ) -> Result<(Vec<crate::wire::ListEntry>, bool), ClientError> {
+        let fail = |error: String| ClientError::Node {
+            node: node.id.clone(),
+            error,
+        };
+        let msg = Message::List { after, limit };
+        match self.request(node, &msg, Duration::from_secs(10)).await {
+            Ok(Message::ListReply { entries, more }) => Ok((entries, more)),
+            Ok(Message::Error { code, message }) => Err(fail(format!("{code:?}: {message}"))),
+            Ok(other) => Err(fail(format!("unexpected reply {:?}", other.kind()))),
+            Err(e) => Err(fail(e.to_string())),
+        }
+    }
+
+    /// Stores a copy on one given node (repair: the copy goes where placement wants it).
+    pub async fn put_on(
+        &self,
+        node: &NodeRecord,
+        hash: BlockHash,
+        data: Bytes,
+    ) -> Result<(), ClientError> {
+        let len = data.len() as u64;
+        let (_, r) = self.put_one(node.clone(), hash, data).await;
+        r.map_err(|error| ClientError::Node {
+            node: node.id.clone(),
+            error,
+        })?;
+        crate::metrics::metrics().client_bytes_written.inc_by(len);
+        Ok(())
+    }
+
+    /// Reads a whole block from one given node, verified against its hash.
+    pub async fn get_from_node(
+        &self,
+        node: &NodeRecord,
+        hash: BlockHash,
+    ) -> Result<Bytes, ClientError> {
+        self.get_from(node, hash, None)
+            .await
+            .map_err(|e| ClientError::Node {
+                node: node.id.clone(),
+                error: match e {
+                    AttemptError::NotFound => "no copy".into(),
+                    AttemptError::Failed(e) => e,
+                },
+            })
+    }
+
+    /// Deletes one copy on one node (surplus copies, after R verified copies exist elsewhere).
+    pub async fn delete_on(&self, node: &NodeRecord, hash: BlockHash) -> Result<(), ClientError> {
+        match self
+            .request(node, &Message::Delete { hash }, Duration::from_secs(10))
+            .await
+        {
+            Ok(Message::Ok) => Ok(()),
+            Ok(other) => Err(ClientError::Node {
+                node: node.id.clone(),
+                error: format!("unexpected reply {:?}", other.kind()),
+            }),
+            Err(e) => Err(ClientError::Node {
+                node: node.id.clone(),
+                error: e.to_string(),
+            }),
+        }
+    }
+
     /// Sends a request to one node address (operators' and tests' raw access).
     pub async fn request_addr(
         &self,

@@ -46,6 +46,73 @@ pub struct NodeConfig {
     /// Volumes the agent mounts itself (Kubernetes DaemonSet, or one service per host).
     #[serde(default)]
     pub mounts: Vec<MountSpec>,
+    /// Repair, garbage collection and scrubbing (the `[maintenance]` table).
+    #[serde(default)]
+    pub maintenance: MaintenanceConfig,
+}
+
+/// Timers and rates of the cluster's upkeep. Why each default: ARCHITECTURE.md, "Failure model".
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaintenanceConfig {
+    /// Seconds a vanished node (lease expired) may stay away before its copies are re-created
+    /// elsewhere.
+    pub repair_grace_secs: u64,
+    /// The same for a node that announced a planned stop (rolling restarts).
+    pub planned_grace_secs: u64,
+    /// Seconds between two repair scans of the namespace.
+    pub repair_interval_secs: u64,
+    /// Repair copy bandwidth of this node, MiB/s (0: no repair by this node).
+    pub repair_mib_per_sec: f64,
+    /// Unreferenced copies younger than this are never collected.
+    pub gc_grace_secs: u64,
+    /// Seconds between two garbage collections of this node's copies (0: never).
+    pub gc_interval_secs: u64,
+    /// Re-reading rate of the background scrub, MiB/s (0: no scrub).
+    pub scrub_mib_per_sec: f64,
+    /// Seconds from the start of one scrub pass to the start of the next.
+    pub scrub_interval_secs: u64,
+}
+
+impl Default for MaintenanceConfig {
+    fn default() -> Self {
+        MaintenanceConfig {
+            repair_grace_secs: 60,
+            planned_grace_secs: 900,
+            repair_interval_secs: 30,
+            repair_mib_per_sec: 64.0,
+            gc_grace_secs: 3600,
+            gc_interval_secs: 3600,
+            scrub_mib_per_sec: 8.0,
+            scrub_interval_secs: 7 * 86400,
+        }
+    }
+}
+
+impl MaintenanceConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.repair_interval_secs == 0 || self.scrub_interval_secs == 0 {
+            bail!("maintenance intervals must be at least 1 second");
+        }
+        for (name, v) in [
+            ("repair_mib_per_sec", self.repair_mib_per_sec),
+            ("scrub_mib_per_sec", self.scrub_mib_per_sec),
+        ] {
+            if !(0.0..=100_000.0).contains(&v) {
+                bail!("{name} must be between 0 and 100000, not {v}");
+            }
+        }
+        if self.gc_grace_secs == 0 {
+            bail!("gc_grace_secs must be at least 1 (and should outlast any write in flight)");
+        }
+        if self.gc_grace_secs < 600 {
+            tracing::warn!(
+                gc_grace_secs = self.gc_grace_secs,
+                "a garbage-collection grace under 10 minutes can race writes in flight; for tests only"
+            );
+        }
+        Ok(())
+    }
 }
 
 /// One volume the agent keeps mounted.
@@ -100,6 +167,7 @@ impl NodeConfig {
                 self.lease_ttl_secs
             );
         }
+        self.maintenance.validate()?;
         for (i, m) in self.mounts.iter().enumerate() {
             if !m.dir.is_absolute() {
                 bail!(
@@ -217,6 +285,8 @@ impl NodeService {
             MessageKind::Delete => "delete",
             MessageKind::List => "list",
             MessageKind::Info => "info",
+            MessageKind::Verify => "verify",
+            MessageKind::Collect => "collect",
             _ => "other",
         };
         let m = crate::metrics::metrics();
@@ -274,6 +344,29 @@ impl NodeService {
                     Err(e) => store_error(e),
                 }
             }
+            Message::Verify { hashes } => match self.blocking(move |s| s.verify(&hashes)).await {
+                Ok(bits) => Message::HasReply(bits),
+                Err(e) => store_error(e),
+            },
+            Message::Collect {
+                hashes,
+                older_than_unix,
+            } => match self
+                .blocking(move |s| s.collect(&hashes, older_than_unix))
+                .await
+            {
+                Ok(bits) => {
+                    let n = bits.iter().filter(|b| **b).count();
+                    if n > 0 {
+                        tracing::info!(
+                            deleted = n,
+                            "garbage collection removed unreferenced blocks"
+                        );
+                    }
+                    Message::HasReply(bits)
+                }
+                Err(e) => store_error(e),
+            },
             Message::Info => {
                 let me = self.clone();
                 match tokio::task::spawn_blocking(move || me.info()).await {
@@ -292,6 +385,52 @@ impl NodeService {
 impl Handler for NodeService {
     fn handle(self: Arc<Self>, request: Message) -> BoxFuture<'static, Message> {
         Box::pin(self.handle_request(request))
+    }
+}
+
+/// Re-reads every copy of this node at `mib_per_sec`, one pass per `interval`: a copy that no
+/// longer matches its hash is quarantined by the read, and the repair scan re-creates it from a
+/// good copy elsewhere. Finds rot in blocks nobody reads.
+async fn scrub(store: Arc<BlockStore>, mib_per_sec: f64, interval: Duration) {
+    let bytes_per_sec = mib_per_sec * 1024.0 * 1024.0;
+    loop {
+        let pass = tokio::time::Instant::now();
+        let (mut checked, mut bad, mut after) = (0u64, 0u64, None);
+        loop {
+            let s = store.clone();
+            let page = match tokio::task::spawn_blocking(move || s.list(after, 256)).await {
+                Ok(Ok(p)) => p,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "scrub could not list blocks");
+                    break;
+                }
+                Err(_) => break,
+            };
+            let (entries, more) = page;
+            for e in &entries {
+                let (s, hash) = (store.clone(), e.hash);
+                match tokio::task::spawn_blocking(move || s.verify(&[hash])).await {
+                    Ok(Ok(v)) if v.first() == Some(&false) => bad += 1,
+                    _ => {}
+                }
+                checked += 1;
+                let pause = Duration::from_secs_f64(e.size as f64 / bytes_per_sec);
+                tokio::time::sleep(pause).await;
+            }
+            match (more, entries.last()) {
+                (true, Some(last)) => after = Some(last.hash),
+                _ => break,
+            }
+        }
+        if checked > 0 {
+            tracing::info!(
+                checked,
+                bad,
+                seconds = pass.elapsed().as_secs(),
+                "scrub pass done"
+            );
+        }
+        tokio::time::sleep_until(pass + interval).await;
     }
 }
 
@@ -341,6 +480,13 @@ pub async fn run(
         capacity: config.capacity,
         counters: counters.clone(),
     });
+    if config.maintenance.scrub_mib_per_sec > 0.0 {
+        tokio::spawn(scrub(
+            svc.store.clone(),
+            config.maintenance.scrub_mib_per_sec,
+            Duration::from_secs(config.maintenance.scrub_interval_secs),
+        ));
+    }
     let endpoint = transport::server_endpoint(&identity, config.listen)?;
     tokio::spawn(transport::serve(endpoint.clone(), svc.clone(), counters));
     tracing::info!(node = %id, listen = %config.listen, advertise = %addr, "serving blocks over QUIC");

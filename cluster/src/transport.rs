@@ -236,6 +236,8 @@ impl Message {
                 | Message::Delete { .. }
                 | Message::List { .. }
                 | Message::Info
+                | Message::Verify { .. }
+                | Message::Collect { .. }
         )
     }
 }

@@ -19,7 +19,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use crate::BlockHash;
 
 pub const MAGIC: [u8; 2] = *b"TW";
-pub const WIRE_VERSION: u8 = 1;
+/// 2: list entries carry the time a copy was stored; Verify and Collect requests.
+pub const WIRE_VERSION: u8 = 2;
 pub const HEADER_LEN: usize = 8;
 /// Largest block a node accepts. Files are cut into 4 MiB chunks; the margin leaves room for a
 /// larger chunk size per volume later without a wire change.
@@ -42,6 +43,8 @@ pub enum MessageKind {
     Delete = 0x04,
     List = 0x05,
     Info = 0x06,
+    Verify = 0x07,
+    Collect = 0x08,
     Ok = 0x41,
     Data = 0x42,
     HasReply = 0x43,
@@ -60,6 +63,8 @@ impl MessageKind {
             0x04 => Delete,
             0x05 => List,
             0x06 => Info,
+            0x07 => Verify,
+            0x08 => Collect,
             0x41 => Ok,
             0x42 => Data,
             0x43 => HasReply,
@@ -76,8 +81,9 @@ impl MessageKind {
         match self {
             MessageKind::Put => 32 + MAX_BLOCK_SIZE,
             MessageKind::Data => MAX_BLOCK_SIZE,
-            MessageKind::Has => 4 + 32 * MAX_HAS_BATCH,
-            MessageKind::ListReply => 5 + 40 * MAX_LIST_PAGE,
+            MessageKind::Has | MessageKind::Verify => 4 + 32 * MAX_HAS_BATCH,
+            MessageKind::Collect => 12 + 32 * MAX_HAS_BATCH,
+            MessageKind::ListReply => 5 + 48 * MAX_LIST_PAGE,
             _ => MAX_SMALL_BODY,
         }
     }
@@ -128,6 +134,9 @@ pub struct ByteRange {
 pub struct ListEntry {
     pub hash: BlockHash,
     pub size: u64,
+    /// When the copy was stored or last re-stored (seconds since the epoch): garbage
+    /// collection spares copies younger than its grace period.
+    pub stored_unix: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -164,6 +173,17 @@ pub enum Message {
         limit: u32,
     },
     Info,
+    /// Re-read and re-hash each listed copy; a bad copy is quarantined. Answered by a
+    /// `HasReply`: true for a present, good copy.
+    Verify {
+        hashes: Vec<BlockHash>,
+    },
+    /// Garbage collection: delete each listed copy unless it was stored (or re-stored) at or
+    /// after `older_than_unix`, atomically with respect to puts. `HasReply`: true if deleted.
+    Collect {
+        hashes: Vec<BlockHash>,
+        older_than_unix: u64,
+    },
     Ok,
     Data(Bytes),
     HasReply(Vec<bool>),
@@ -254,6 +274,19 @@ impl Reader {
         self.buf.copy_to_slice(&mut h);
         Ok(BlockHash(h))
     }
+    /// A count and that many hashes (at most [`MAX_HAS_BATCH`]).
+    fn hashes(&mut self) -> Result<Vec<BlockHash>, WireError> {
+        let n = self.u32()? as usize;
+        if n > MAX_HAS_BATCH {
+            return Err(WireError::Malformed(self.kind, "too many hashes"));
+        }
+        self.need(n * 32)?;
+        let mut hashes = Vec::with_capacity(n);
+        for _ in 0..n {
+            hashes.push(self.hash()?);
+        }
+        Ok(hashes)
+    }
     fn string(&mut self) -> Result<String, WireError> {
         let len = self.u16()? as usize;
         if len > MAX_STRING {
@@ -310,17 +343,18 @@ pub fn decode_body(kind: MessageKind, body: Bytes) -> Result<Message, WireError>
             };
             Message::Get { hash, range }
         }
-        MessageKind::Has => {
-            let n = r.u32()? as usize;
-            if n > MAX_HAS_BATCH {
-                return Err(WireError::Malformed(kind, "too many hashes"));
+        MessageKind::Has => Message::Has {
+            hashes: r.hashes()?,
+        },
+        MessageKind::Verify => Message::Verify {
+            hashes: r.hashes()?,
+        },
+        MessageKind::Collect => {
+            let older_than_unix = r.u64()?;
+            Message::Collect {
+                hashes: r.hashes()?,
+                older_than_unix,
             }
-            r.need(n * 32)?;
-            let mut hashes = Vec::with_capacity(n);
-            for _ in 0..n {
-                hashes.push(r.hash()?);
-            }
-            Message::Has { hashes }
         }
         MessageKind::Delete => Message::Delete { hash: r.hash()? },
         MessageKind::List => {
@@ -353,12 +387,17 @@ pub fn decode_body(kind: MessageKind, body: Bytes) -> Result<Message, WireError>
             if n > MAX_LIST_PAGE {
                 return Err(WireError::Malformed(kind, "page too long"));
             }
-            r.need(n * 40)?;
+            r.need(n * 48)?;
             let mut entries = Vec::with_capacity(n);
             for _ in 0..n {
                 let hash = r.hash()?;
                 let size = r.u64()?;
-                entries.push(ListEntry { hash, size });
+                let stored_unix = r.u64()?;
+                entries.push(ListEntry {
+                    hash,
+                    size,
+                    stored_unix,
+                });
             }
             let more = match r.u8()? {
                 0 => false,
@@ -406,6 +445,13 @@ pub fn decode_frame(frame: &[u8]) -> Result<Message, WireError> {
     decode_body(header.kind, Bytes::copy_from_slice(body))
 }
 
+fn put_hashes(b: &mut BytesMut, hashes: &[BlockHash]) {
+    b.put_u32(hashes.len() as u32);
+    for h in hashes {
+        b.put_slice(&h.0);
+    }
+}
+
 fn put_string(b: &mut BytesMut, s: &str) {
     // Strings are bounded on decode; truncate on encode (at a char boundary) so an over-long
     // error message cannot make a frame undecodable.
@@ -426,6 +472,8 @@ impl Message {
             Message::Delete { .. } => MessageKind::Delete,
             Message::List { .. } => MessageKind::List,
             Message::Info => MessageKind::Info,
+            Message::Verify { .. } => MessageKind::Verify,
+            Message::Collect { .. } => MessageKind::Collect,
             Message::Ok => MessageKind::Ok,
             Message::Data(_) => MessageKind::Data,
             Message::HasReply(_) => MessageKind::HasReply,
@@ -467,11 +515,13 @@ impl Message {
                     }
                 }
             }
-            Message::Has { hashes } => {
-                b.put_u32(hashes.len() as u32);
-                for h in hashes {
-                    b.put_slice(&h.0);
-                }
+            Message::Has { hashes } | Message::Verify { hashes } => put_hashes(&mut b, hashes),
+            Message::Collect {
+                hashes,
+                older_than_unix,
+            } => {
+                b.put_u64(*older_than_unix);
+                put_hashes(&mut b, hashes);
             }
             Message::Delete { hash } => b.put_slice(&hash.0),
             Message::List { after, limit } => {
@@ -501,6 +551,7 @@ impl Message {
                 for e in entries {
                     b.put_slice(&e.hash.0);
                     b.put_u64(e.size);
+                    b.put_u64(e.stored_unix);
                 }
                 b.put_u8(*more as u8);
             }
@@ -580,16 +631,28 @@ mod tests {
             proptest::collection::vec(any::<u8>(), 0..2048).prop_map(|d| Message::Data(d.into())),
             proptest::collection::vec(any::<bool>(), 0..100).prop_map(Message::HasReply),
             (
-                proptest::collection::vec((arb_hash(), any::<u64>()), 0..20),
+                proptest::collection::vec((arb_hash(), any::<u64>(), any::<u64>()), 0..20),
                 any::<bool>()
             )
                 .prop_map(|(e, more)| Message::ListReply {
                     entries: e
                         .into_iter()
-                        .map(|(hash, size)| ListEntry { hash, size })
+                        .map(|(hash, size, stored_unix)| ListEntry {
+                            hash,
+                            size,
+                            stored_unix
+                        })
                         .collect(),
                     more
                 }),
+            proptest::collection::vec(arb_hash(), 0..20)
+                .prop_map(|hashes| Message::Verify { hashes }),
+            (proptest::collection::vec(arb_hash(), 0..20), any::<u64>()).prop_map(
+                |(hashes, older_than_unix)| Message::Collect {
+                    hashes,
+                    older_than_unix
+                }
+            ),
             (s, s, s, any::<[u64; 5]>()).prop_map(|(a, b, c, n)| Message::InfoReply(NodeInfo {
                 node_id: a,
                 zone: b,
@@ -619,7 +682,7 @@ mod tests {
         /// Arbitrary bodies behind a valid header (the interesting case: past the magic check).
         #[test]
         fn arbitrary_bodies_never_panic(kind in prop::sample::select(vec![
-            1u8, 2, 3, 4, 5, 6, 0x41, 0x42, 0x43, 0x44, 0x45, 0x7f]),
+            1u8, 2, 3, 4, 5, 6, 7, 8, 0x41, 0x42, 0x43, 0x44, 0x45, 0x7f]),
             body in proptest::collection::vec(any::<u8>(), 0..1024)) {
             let mut frame = vec![b'T', b'W', WIRE_VERSION, kind];
             frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
@@ -658,8 +721,8 @@ mod tests {
     #[test]
     fn wrong_version_and_magic_are_refused() {
         let mut frame = Message::Info.encode_to_vec();
-        frame[2] = 2;
-        assert_eq!(decode_frame(&frame), Err(WireError::BadVersion(2)));
+        frame[2] = 1;
+        assert_eq!(decode_frame(&frame), Err(WireError::BadVersion(1)));
         frame[0] = b'X';
         assert!(matches!(decode_frame(&frame), Err(WireError::BadMagic(_))));
     }

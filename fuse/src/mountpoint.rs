@@ -81,7 +81,9 @@ pub fn state(path: &Path) -> MountState {
     if twinfs_mounts_at(path) == 0 {
         return MountState::NotMounted;
     }
-    match std::fs::metadata(path) {
+    // Opening the directory always reaches the FUSE process; a stat may be answered from the
+    // kernel's attribute cache for a while after the process died.
+    match std::fs::read_dir(path) {
         Ok(_) => MountState::Live,
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => MountState::Dead,
         // Anything else (EACCES...) still means a process answered.
@@ -147,6 +149,17 @@ pub fn abort_connection(path: &Path) {
     let dev = meta.dev();
     // glibc's minor(): the low 8 bits and bits 20..32.
     let minor = (dev & 0xff) | ((dev >> 12) & 0xfff00);
+    let connections = Path::new("/sys/fs/fuse/connections");
+    if !connections.join(minor.to_string()).exists() {
+        // fusectl is not mounted everywhere (containers, minimal hosts): mount it.
+        let _ = nix::mount::mount(
+            Some("fusectl"),
+            connections,
+            Some("fusectl"),
+            MsFlags::empty(),
+            None::<&str>,
+        );
+    }
     let abort = format!("/sys/fs/fuse/connections/{minor}/abort");
     if let Err(e) = std::fs::write(&abort, b"1") {
         tracing::debug!(error = %e, file = %abort, "could not abort the FUSE connection");

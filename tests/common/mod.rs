@@ -43,6 +43,11 @@ impl DevCluster {
 
     /// A cluster of `nodes` nodes plus `mounts` FUSE mounts of the volume "uploads".
     pub fn with_mounts(nodes: usize, lease_ttl: u64, mounts: usize) -> DevCluster {
+        DevCluster::start(nodes, lease_ttl, mounts, &[])
+    }
+
+    /// As [`with_mounts`], with extra arguments for every node (e.g. "--repair-grace=3s").
+    pub fn start(nodes: usize, lease_ttl: u64, mounts: usize, node_args: &[&str]) -> DevCluster {
         let dir = tempfile::Builder::new()
             .prefix("twinfs-test-")
             .tempdir()
@@ -57,8 +62,9 @@ impl DevCluster {
                 &lease_ttl.to_string(),
                 "--mounts",
                 &mounts.to_string(),
-                "--dir",
             ])
+            .args(node_args.iter().map(|a| format!("--node-arg={a}")))
+            .arg("--dir")
             .arg(dir.path()));
         if !out.status.success() {
             // `up` stops what it started when it fails; `down` also catches anything it missed.
@@ -169,7 +175,7 @@ impl DevCluster {
     }
 
     pub fn node_state(&self, id: &str) -> String {
-        self.status_json()
+        self.status_json()["nodes"]
             .as_array()
             .unwrap()
             .iter()

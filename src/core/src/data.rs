@@ -45,7 +45,15 @@ struct DirtyChunk {
     /// The block of `data`, being stored in the background since the chunk was filled
     /// completely (dropped by any later write to the chunk).
     upload: Option<PendingUpload>,
+    /// When that upload started (ns since the epoch).
+    upload_started_ns: i64,
 }
+
+/// A background upload older than this is stored again before its commit: garbage collection
+/// spares only blocks stored within its grace period (an hour by default), and a file may stay
+/// open far longer than that between filling a chunk and closing. Putting a present block again
+/// only re-stamps it on the nodes.
+const REUPLOAD_AFTER_NS: i64 = 10 * 60 * 1_000_000_000;
 
 type PendingUpload =
     futures::future::Shared<futures::future::BoxFuture<'static, Result<BlockHash, BlockError>>>;
@@ -269,6 +277,7 @@ impl Fs {
                         .boxed(),
                     );
                     chunk.upload = Some(upload);
+                    chunk.upload_started_ns = now_ns();
                 }
             }
             src = rest;
@@ -526,7 +535,8 @@ impl Fs {
                     let cur = current.remove(&idx).flatten();
                     let crev = cur.as_ref().map_or(0, |(_, r)| *r);
                     new_size = new_size.max(idx * cs + d.data.len() as u64);
-                    if let Some(up) = d.upload.clone() {
+                    let fresh = now_ns().saturating_sub(d.upload_started_ns) < REUPLOAD_AFTER_NS;
+                    if let Some(up) = d.upload.clone().filter(|_| fresh) {
                         // A full chunk stored in the background: its block is the content
                         // whatever the committed base is.
                         let len = u32::try_from(d.data.len())

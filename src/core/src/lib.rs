@@ -94,6 +94,7 @@ mod data;
 pub mod error;
 pub mod fs;
 pub mod kv;
+pub mod scan;
 pub mod schema;
 
 pub use blocks::{BlockError, BlockIo, CachedBlocks, MemBlocks};

@@ -285,6 +285,34 @@ impl Keys {
         let hash = parse_hex16(&rest[..16])?;
         Ok((hash, &rest[17..]))
     }
+    /// Prefix of every chunk record of the volume.
+    pub fn all_chunks(&self) -> Vec<u8> {
+        self.with("c/")
+    }
+    /// Splits any `c/<ino>/<index>` key into (ino, index).
+    pub fn parse_any_chunk(&self, key: &[u8]) -> FsResult<(u64, u64)> {
+        let rest = key
+            .strip_prefix(self.all_chunks().as_slice())
+            .ok_or_else(|| FsError::Corrupt("chunk key outside the volume".into()))?;
+        if rest.len() != 33 || rest[16] != b'/' {
+            return Err(FsError::Corrupt("malformed chunk key".into()));
+        }
+        Ok((parse_hex16(&rest[..16])?, parse_hex16(&rest[17..])?))
+    }
+    /// Prefix of every directory entry of the volume.
+    pub fn all_dirents(&self) -> Vec<u8> {
+        self.with("d/")
+    }
+    /// Splits any `d/<parent>/<hash>/<name>` key into (parent, name).
+    pub fn parse_any_dirent<'k>(&self, key: &'k [u8]) -> FsResult<(u64, &'k [u8])> {
+        let rest = key
+            .strip_prefix(self.all_dirents().as_slice())
+            .ok_or_else(|| FsError::Corrupt("dirent key outside the volume".into()))?;
+        if rest.len() < 35 || rest[16] != b'/' || rest[33] != b'/' {
+            return Err(FsError::Corrupt("malformed dirent key".into()));
+        }
+        Ok((parse_hex16(&rest[..16])?, &rest[34..]))
+    }
     pub fn chunks(&self, ino: u64) -> Vec<u8> {
         self.with(&format!("c/{ino:016x}/"))
     }

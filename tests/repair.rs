@@ -1,0 +1,249 @@
+//! Self-healing with real processes: repair after a node is lost, replacement of a corrupt
+//! copy, `twinfs fsck`, and garbage collection that removes unreferenced blocks (including
+//! those of a writer killed before it committed) and never a referenced one.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+/// Short timers so a test sees a whole repair: a vanished node is given 3 s, scans every 1 s.
+const FAST: &[&str] = &[
+    "--repair-grace=3s",
+    "--planned-grace=3s",
+    "--repair-interval=1s",
+    "--gc-interval=0",
+];
+
+fn fsck(c: &DevCluster, quick: bool) -> Value {
+    let mut args = vec!["fsck", "uploads", "--json"];
+    if quick {
+        args.push("--quick");
+    }
+    let out = run(c.cmd().args(&args));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "fsck printed no report ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn fsck_clean(c: &DevCluster) -> bool {
+    let out = run(c.cmd().args(["fsck", "uploads"]));
+    out.status.success()
+}
+
+fn write_files(dir: &Path, n: usize) -> Vec<(String, Vec<u8>)> {
+    let mut files = Vec::new();
+    for i in 0..n {
+        // Upload-like sizes, and one larger than a chunk.
+        let len = if i == 0 { 9 << 20 } else { 20_000 + i * 37_000 };
+        let data = random_bytes(len);
+        let name = format!("upload-{i}.jpg");
+        std::fs::write(dir.join(&name), &data).expect("write");
+        files.push((name, data));
+    }
+    files
+}
+
+fn assert_files(dir: &Path, files: &[(String, Vec<u8>)]) {
+    for (name, data) in files {
+        let got = std::fs::read(dir.join(name)).expect("read back");
+        assert!(got == *data, "{name} changed");
+    }
+}
+
+#[test]
+fn copies_of_a_killed_node_are_recreated_and_fsck_reports_full_redundancy() {
+    let c = DevCluster::start(3, 2, 1, FAST);
+    let mnt = c.mounts[0].clone();
+    let files = write_files(&mnt, 12);
+    let before = fsck(&c, false);
+    assert_eq!(before["lost"], 0, "{before}");
+    assert_eq!(before["endangered"], 0, "{before}");
+    let blocks = before["blocks"].as_u64().expect("blocks");
+    assert!(blocks >= 14, "{before}");
+
+    // The node holding the most copies dies.
+    let status = c.status_json();
+    let victim = status["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .max_by_key(|n| n["blocks"].as_u64().unwrap_or(0))
+        .and_then(|n| n["id"].as_str())
+        .expect("a node")
+        .to_string();
+    c.kill9(&victim);
+    // Once its lease is gone, its copies are missing...
+    let degraded = wait_for(Duration::from_secs(15), || {
+        fsck(&c, true)["endangered"].as_u64().unwrap_or(0) > 0
+    });
+    assert!(degraded.is_some(), "the kill never showed in fsck");
+    // ... and the files still read back whole through the mount meanwhile.
+    assert_files(&mnt, &files);
+
+    // Within the grace period plus the repair, every block has 2 verified copies again.
+    let healed = wait_for(Duration::from_secs(60), || fsck_clean(&c));
+    assert!(
+        healed.is_some(),
+        "not repaired in 60 s: {}",
+        fsck(&c, false)
+    );
+    eprintln!(
+        "full redundancy {:?} after the node's death was seen",
+        healed
+    );
+    let after = fsck(&c, false);
+    assert_eq!(after["healthy"].as_u64(), Some(blocks), "{after}");
+    assert_eq!(after["live_nodes"], 2, "{after}");
+    // The repair is visible in the status.
+    let s = c.status_json();
+    assert!(
+        s["repair"]["repaired_blocks"].as_u64().unwrap_or(0) > 0,
+        "{s}"
+    );
+    let table = c.ok(&["status"]);
+    assert!(table.contains("UNDER-REPLICATED"), "{table}");
+    assert_files(&mnt, &files);
+}
+
+#[test]
+fn a_corrupt_copy_is_found_and_replaced_from_a_good_one() {
+    let c = DevCluster::start(3, 2, 1, FAST);
+    let mnt = c.mounts[0].clone();
+    let data = random_bytes(300_000);
+    std::fs::write(mnt.join("photo.jpg"), &data).expect("write");
+    let hash = blake3::hash(&data).to_hex().to_string();
+    let holders = c.locate(&hash);
+    assert_eq!(holders.len(), 2, "two copies");
+    // Rot on one node's disk.
+    let path = c.block_path(&holders[0], &hash);
+    let mut bytes = std::fs::read(&path).expect("copy");
+    bytes[1000] ^= 0xff;
+    std::fs::write(&path, &bytes).expect("corrupt");
+
+    // fsck has each node re-hash its copies: it sees one good copy, names the file, and the
+    // node quarantines the bad copy.
+    let report = fsck(&c, false);
+    assert_eq!(report["endangered"], 1, "{report}");
+    assert_eq!(report["files"][0]["path"], "/photo.jpg", "{report}");
+    // Repair re-creates the second copy from the good one.
+    assert!(
+        wait_for(Duration::from_secs(30), || fsck_clean(&c)).is_some(),
+        "the corrupt copy was not replaced: {}",
+        fsck(&c, false)
+    );
+    assert_eq!(std::fs::read(mnt.join("photo.jpg")).expect("read"), data);
+}
+
+fn total_blocks(c: &DevCluster) -> u64 {
+    c.status_json()["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter(|n| n["state"] == "alive")
+        .map(|n| n["blocks"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+#[test]
+fn gc_removes_unreferenced_blocks_and_never_a_referenced_one() {
+    let c = DevCluster::start(2, 2, 1, FAST);
+    let mnt = c.mounts[0].clone();
+    let keep = write_files(&mnt, 4);
+    let gone = random_bytes(500_000);
+    std::fs::write(mnt.join("deleted.jpg"), &gone).expect("write");
+    std::fs::remove_file(mnt.join("deleted.jpg")).expect("unlink");
+    // A block stored by a client that never referenced it.
+    let stray = random_bytes(70_000);
+    let stray_hash = c.put(&stray);
+
+    // A writer killed before it committed: full chunks (4 MiB) are stored in the background
+    // while the file is still open; then the mount process dies with them uncommitted. (One
+    // process that never closes: every close, even of a duplicate descriptor, flushes.)
+    let mut writer = Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            "import os, time\n\
+             fd = os.open('{}', os.O_WRONLY | os.O_CREAT, 0o644)\n\
+             data = os.urandom(9437184)\n\
+             while data:\n    data = data[os.write(fd, data):]\n\
+             time.sleep(600)\n",
+            mnt.join("never-closed.bin").display()
+        ))
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("writer");
+    let stored = total_blocks(&c);
+    let uploaded = wait_for(Duration::from_secs(20), || total_blocks(&c) >= stored + 4);
+    assert!(
+        uploaded.is_some(),
+        "the open file's full chunks were never stored"
+    );
+    // SAFETY: kill(2) has no memory-safety preconditions; the PID is this test's mount process.
+    unsafe {
+        libc::kill(c.mount_pids[0] as i32, libc::SIGKILL);
+    }
+    let _ = writer.kill();
+    let _ = writer.wait();
+
+    // Dry run: lists, removes nothing.
+    std::thread::sleep(Duration::from_secs(3));
+    let before = total_blocks(&c);
+    let dry = c.ok(&["gc", "--grace", "2s", "--json"]);
+    let dry: Value = serde_json::from_str(&dry).expect("gc json");
+    assert_eq!(dry["removed_blocks"], 0, "{dry}");
+    let candidates: u64 = dry["candidates"]
+        .as_object()
+        .expect("candidates")
+        .values()
+        .map(|v| v[0].as_u64().unwrap_or(0))
+        .sum();
+    // deleted.jpg (1 block), the stray block, the writer's 2 full chunks: 4 blocks, 2 copies
+    // of each except the stray one (put with 2 replicas too).
+    assert!(candidates >= 8, "{dry}");
+    assert_eq!(total_blocks(&c), before, "a dry run removed something");
+
+    // A long grace keeps everything young.
+    let young: Value =
+        serde_json::from_str(&c.ok(&["gc", "--apply", "--grace", "1h", "--json"])).expect("json");
+    assert_eq!(young["removed_blocks"], 0, "{young}");
+
+    let applied: Value =
+        serde_json::from_str(&c.ok(&["gc", "--apply", "--grace", "2s", "--json"])).expect("json");
+    assert_eq!(
+        applied["removed_blocks"].as_u64(),
+        Some(candidates),
+        "{applied}"
+    );
+    assert_eq!(total_blocks(&c), before - candidates);
+    // The stray block is gone; every referenced block still has its two verified copies.
+    assert!(c.locate(&stray_hash).is_empty());
+    let report = fsck(&c, false);
+    assert_eq!(report["lost"], 0, "{report}");
+    assert_eq!(report["endangered"], 0, "{report}");
+
+    // The surviving files read back whole through a new mount.
+    let remount = c.dir.path().join("remount");
+    std::fs::create_dir_all(&remount).expect("dir");
+    let out = run(c.cmd().arg("mount").arg("uploads").arg(&remount));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            detach_all(self.0);
+        }
+    }
+    let _guard = Unmount(&remount);
+    assert_files(&remount, &keep);
+}

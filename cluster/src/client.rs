@@ -36,6 +36,10 @@ pub struct ClientOptions {
     pub transfer_timeout: Duration,
     /// How long a node that timed out is tried last.
     pub suspect_for: Duration,
+    /// A put that has not got its copies after this long also goes to the next node in the
+    /// ranking, so a silent node (killed, cut off, before its lease expires) stalls a write by
+    /// this much instead of the whole put attempt timeout.
+    pub hedge_after: Duration,
 }
 
 impl Default for ClientOptions {
@@ -46,6 +50,7 @@ impl Default for ClientOptions {
             put_attempt_timeout: Duration::from_secs(5),
             transfer_timeout: Duration::from_secs(30),
             suspect_for: Duration::from_secs(15),
+            hedge_after: Duration::from_secs(1),
         }
     }
 }
@@ -239,18 +244,45 @@ impl BlockClient {
         let wanted = self.opts.replicas;
         let mut next = ranked.into_iter();
         let mut in_flight = FuturesUnordered::new();
+        let mut pending: HashMap<String, NodeRecord> = HashMap::new();
         for node in next.by_ref().take(wanted) {
+            pending.insert(node.id.clone(), node.clone());
             in_flight.push(self.put_one(node, hash, data.clone()));
         }
         let mut holders = Vec::new();
         let mut errors = Vec::new();
-        while let Some((node, result)) = in_flight.next().await {
-            match result {
-                Ok(()) => holders.push(node.id),
-                Err(e) => {
-                    tracing::warn!(node = %node.id, block = %hash, error = %e, "put failed; trying the next node");
-                    errors.push(format!("{}: {e}", node.id));
-                    if let Some(n) = next.next() {
+        let hedge = tokio::time::sleep(self.opts.hedge_after);
+        tokio::pin!(hedge);
+        let mut hedged = false;
+        while holders.len() < wanted {
+            tokio::select! {
+                done = in_flight.next() => {
+                    let Some((node, result)) = done else { break };
+                    pending.remove(&node.id);
+                    match result {
+                        Ok(()) => holders.push(node.id),
+                        Err(e) => {
+                            tracing::warn!(node = %node.id, block = %hash, error = %e, "put failed; trying the next node");
+                            errors.push(format!("{}: {e}", node.id));
+                            if let Some(n) = next.next() {
+                                pending.insert(n.id.clone(), n.clone());
+                                in_flight.push(self.put_one(n, hash, data.clone()));
+                            }
+                        }
+                    }
+                }
+                _ = &mut hedge, if !hedged && !pending.is_empty() => {
+                    hedged = true;
+                    // The slow nodes go last for a while; the next ones take their copies.
+                    // Should a slow one still answer, the block has a surplus copy, which
+                    // repair removes.
+                    let slow: Vec<NodeRecord> = pending.values().cloned().collect();
+                    for node in &slow {
+                        tracing::warn!(node = %node.id, block = %hash, "put slow; also storing on the next node");
+                        self.suspect(node);
+                    }
+                    for n in next.by_ref().take(slow.len()) {
+                        pending.insert(n.id.clone(), n.clone());
                         in_flight.push(self.put_one(n, hash, data.clone()));
                     }
                 }

@@ -393,6 +393,12 @@ impl Handler for NodeService {
 /// good copy elsewhere. Finds rot in blocks nobody reads.
 async fn scrub(store: Arc<BlockStore>, mib_per_sec: f64, interval: Duration) {
     let bytes_per_sec = mib_per_sec * 1024.0 * 1024.0;
+    // Not at start: a node (re)starting is often part of a busy moment (rolling restart,
+    // benchmark, test); a pass a week need not begin in it. Jittered so nodes started together
+    // do not scrub together.
+    let first = interval.min(Duration::from_secs(3600));
+    let first = first + first.mul_f64(rand::random::<f64>() / 10.0);
+    tokio::time::sleep(first).await;
     loop {
         let pass = tokio::time::Instant::now();
         let (mut checked, mut bad, mut after) = (0u64, 0u64, None);

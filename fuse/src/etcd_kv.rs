@@ -31,12 +31,17 @@ use tokio::time::Instant;
 use twinfs_core::kv::Versioned;
 use twinfs_core::{Compare, KvEntry, KvError, MetaKv, RangePage, Revision, TxnOp};
 
-/// Default bound on one request (reads: including their retries).
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default bound on one request, its retries included: while etcd is unreachable (a restart, a
+/// leader election) requests are retried for this long before they fail with EIO. Ten seconds
+/// outlasts an etcd restart or election (seconds) and stays short of what makes an application
+/// look hung.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on one attempt within a request.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest pause between two attempts.
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
 /// How many of this instance's own write revisions are remembered.
 pub const OWN_REVISIONS_KEPT: usize = 4096;
-/// Extra attempts of a read after a transient failure.
-const READ_RETRIES: u32 = 2;
 /// Back-off before the first read retry (doubled for the next).
 const READ_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -78,6 +83,15 @@ impl std::fmt::Debug for EtcdKv {
 }
 
 /// What went wrong with one attempt, before it is mapped to a [`KvError`].
+/// Whether a failed request certainly never reached etcd: no connection could be made.
+fn never_sent(e: &etcd_client::Error) -> bool {
+    let text = e.to_string().to_ascii_lowercase();
+    (text.contains("connect error")
+        || text.contains("connection refused")
+        || text.contains("error trying to connect"))
+        && !text.contains("reset")
+}
+
 fn classify(e: etcd_client::Error) -> KvError {
     use etcd_client::Error as E;
     use tonic::Code;
@@ -218,27 +232,28 @@ impl EtcdKv {
     {
         let deadline = Instant::now() + self.timeout;
         let mut backoff = READ_BACKOFF;
-        let mut tries = 0;
         loop {
-            tries += 1;
             self.round_trips.fetch_add(1, Ordering::Relaxed);
-            let err = match tokio::time::timeout_at(deadline, attempt(self.kv.clone())).await {
+            let until = deadline.min(Instant::now() + ATTEMPT_TIMEOUT);
+            let err = match tokio::time::timeout_at(until, attempt(self.kv.clone())).await {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(e)) => classify(e),
-                Err(_) => {
+                Err(_) if Instant::now() >= deadline => {
                     return Err(KvError::Unavailable(format!(
                         "etcd {what} did not answer within {:?}",
                         self.timeout
                     )))
                 }
+                Err(_) => KvError::Unavailable(format!("etcd {what} attempt timed out")),
             };
+            // Reads are safe to repeat: retry transient failures until the deadline.
             let transient = matches!(err, KvError::Unavailable(_));
-            if !transient || tries > READ_RETRIES || Instant::now() + backoff >= deadline {
+            if !transient || Instant::now() + backoff >= deadline {
                 return Err(err);
             }
             tracing::debug!(error = %err, "etcd {what} failed; retrying");
             tokio::time::sleep(backoff).await;
-            backoff *= 2;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 
@@ -357,10 +372,24 @@ impl EtcdKv {
                     })
                     .collect::<Vec<_>>(),
             );
-        self.round_trips.fetch_add(1, Ordering::Relaxed);
-        let mut kv = self.kv.clone();
-        // No retry: after a timeout or a transport failure the txn may have committed.
-        let resp = match tokio::time::timeout(self.timeout, kv.txn(txn)).await {
+        let deadline = Instant::now() + self.timeout;
+        let mut backoff = READ_BACKOFF;
+        let resp = loop {
+            self.round_trips.fetch_add(1, Ordering::Relaxed);
+            let mut kv = self.kv.clone();
+            let until = deadline.min(Instant::now() + ATTEMPT_TIMEOUT);
+            match tokio::time::timeout_at(until, kv.txn(txn.clone())).await {
+                // Retried only when it certainly never reached etcd (no connection could be
+                // made: etcd restarting); after any other failure it may have committed.
+                Ok(Err(e)) if never_sent(&e) && Instant::now() + backoff < deadline => {
+                    tracing::debug!(error = %e, "etcd unreachable; retrying the txn");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                r => break r,
+            }
+        };
+        let resp = match resp {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 // It may have been applied at a revision we will never learn: the watch cache

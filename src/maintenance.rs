@@ -317,6 +317,11 @@ async fn repair_scan(
             }
         }
     }
+    let m = twinfs_cluster::metrics::metrics();
+    m.blocks_under_replicated
+        .set(volumes.values().map(|v| v.under_replicated as i64).sum());
+    m.blocks_lost
+        .set(volumes.values().map(|v| v.lost as i64).sum());
     health.volumes = volumes;
     // Fewest copies first: a block with one copy left is one failure from loss.
     due.sort();
@@ -330,6 +335,7 @@ async fn repair_scan(
                 Ok(bytes) => {
                     health.repaired_blocks += 1;
                     health.repaired_bytes += bytes;
+                    twinfs_cluster::metrics::metrics().repaired_bytes.inc_by(bytes);
                     tokio::time::sleep(Duration::from_secs_f64(bytes as f64 / bytes_per_sec)).await;
                 }
                 Err(e) => tracing::warn!(block = %hash, error = %format!("{e:#}"), "repair failed"),

@@ -486,5 +486,6 @@ fn metrics_count_a_workload() {
     grew("twinfs_node_received_bytes_total", data.len() as f64);
     grew("twinfs_etcd_requests_total{op=\"txn\"}", 2.0);
     assert!(after.contains("twinfs_fuse_ops_seconds_bucket{"), "{after}");
+    assert!(after.contains("twinfs_blocks_under_replicated "), "{after}");
     assert!(http_get(agent.metrics, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 200")));
 }

@@ -94,6 +94,11 @@ pub struct Metrics {
     pub fuse_bytes_written: Counter,
     /// Volumes mounted by this process right now.
     pub mounts: Gauge,
+    /// From this node's last repair scan: owned blocks with fewer copies than wanted, and with
+    /// none; copies re-created since start.
+    pub blocks_under_replicated: Gauge,
+    pub blocks_lost: Gauge,
+    pub repaired_bytes: Counter,
 }
 
 impl Metrics {
@@ -119,6 +124,9 @@ impl Metrics {
             fuse_bytes_read: Counter::default(),
             fuse_bytes_written: Counter::default(),
             mounts: Gauge::default(),
+            blocks_under_replicated: Gauge::default(),
+            blocks_lost: Gauge::default(),
+            repaired_bytes: Counter::default(),
             registry: Registry::default(),
         };
         r.register(

@@ -335,7 +335,9 @@ async fn repair_scan(
                 Ok(bytes) => {
                     health.repaired_blocks += 1;
                     health.repaired_bytes += bytes;
-                    twinfs_cluster::metrics::metrics().repaired_bytes.inc_by(bytes);
+                    twinfs_cluster::metrics::metrics()
+                        .repaired_bytes
+                        .inc_by(bytes);
                     tokio::time::sleep(Duration::from_secs_f64(bytes as f64 / bytes_per_sec)).await;
                 }
                 Err(e) => tracing::warn!(block = %hash, error = %format!("{e:#}"), "repair failed"),

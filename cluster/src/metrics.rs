@@ -184,6 +184,21 @@ impl Metrics {
             "Volumes this process has mounted",
             m.mounts.clone(),
         );
+        r.register(
+            "blocks_under_replicated",
+            "Blocks this node owns with fewer copies than their volume wants (last repair scan)",
+            m.blocks_under_replicated.clone(),
+        );
+        r.register(
+            "blocks_lost",
+            "Blocks this node owns with no copy on a live node (last repair scan)",
+            m.blocks_lost.clone(),
+        );
+        r.register(
+            "repaired_bytes",
+            "Bytes of missing copies this node re-created",
+            m.repaired_bytes.clone(),
+        );
         Metrics { registry: r, ..m }
     }
 

@@ -37,11 +37,19 @@ pub struct MountArgs {
     /// Threads reading FUSE requests (each with its own /dev/fuse descriptor).
     #[arg(long, default_value_t = 4)]
     pub threads: usize,
+    /// Seconds an operation keeps retrying while etcd is unreachable before it fails with EIO
+    /// (applications then see the error instead of waiting). Up to a day, for those that would
+    /// rather wait.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    pub etcd_timeout: f64,
 }
 
 pub fn mount(conn: &ConnArgs, args: MountArgs) -> Result<()> {
     if !(0.0..=3600.0).contains(&args.attr_timeout) {
         bail!("--attr-timeout must be between 0 and 3600 seconds");
+    }
+    if !(1.0..=86400.0).contains(&args.etcd_timeout) {
+        bail!("--etcd-timeout must be between 1 and 86400 seconds");
     }
     if args.cache_mb > 1 << 20 || args.write_buffer_mb == 0 || args.write_buffer_mb > 4096 {
         bail!("--cache-mb must be at most 1048576 and --write-buffer-mb between 1 and 4096");
@@ -58,6 +66,7 @@ pub fn mount(conn: &ConnArgs, args: MountArgs) -> Result<()> {
     cfg.cache_bytes = args.cache_mb << 20;
     cfg.write_buffer_bytes = args.write_buffer_mb << 20;
     cfg.fuse_threads = args.threads.clamp(1, 64);
+    cfg.etcd_timeout = Duration::from_secs_f64(args.etcd_timeout);
     let volume = args.volume.clone();
     let dir = args.dir.clone();
     mount::run(
@@ -115,6 +124,8 @@ fn daemonize(conn: &ConnArgs, args: &MountArgs) -> Result<()> {
         .arg(args.write_buffer_mb.to_string())
         .arg("--threads")
         .arg(args.threads.to_string())
+        .arg("--etcd-timeout")
+        .arg(args.etcd_timeout.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log_file)

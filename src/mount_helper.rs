@@ -79,13 +79,14 @@ pub fn translate(args: &[String]) -> Result<Vec<String>> {
         }
         let (key, value) = opt.split_once('=').unwrap_or((opt.as_str(), ""));
         if value.is_empty() {
-            bail!("mount option {opt:?} is not known (twinfs options take a value: etcd=URL, tls_dir=DIR, cluster=FILE, attr_timeout=S, cache_mb=N, write_buffer_mb=N, threads=N, log_file=FILE)");
+            bail!("mount option {opt:?} is not known (twinfs options take a value: etcd=URL, tls_dir=DIR, cluster=FILE, attr_timeout=S, etcd_timeout=S, cache_mb=N, write_buffer_mb=N, threads=N, log_file=FILE)");
         }
         match key {
             "etcd" => global.extend(["--etcd".into(), value.into()]),
             "tls_dir" => global.extend(["--tls-dir".into(), value.into()]),
             "cluster" => global.extend(["--cluster".into(), value.into()]),
-            "attr_timeout" | "cache_mb" | "write_buffer_mb" | "threads" | "log_file" => {
+            "attr_timeout" | "cache_mb" | "write_buffer_mb" | "threads" | "log_file"
+            | "etcd_timeout" => {
                 local.extend([format!("--{}", key.replace('_', "-")), value.into()])
             }
             "ro" => bail!("read-only mounts are not supported yet"),

@@ -284,3 +284,80 @@ fn gc_removes_unreferenced_blocks_and_never_a_referenced_one() {
     let _guard = Unmount(&remount);
     assert_files(&remount, &keep);
 }
+
+/// A node process this test started itself (the dev cluster's `down` only knows the PIDs it
+/// recorded); killed when dropped.
+struct Restarted(std::process::Child);
+
+impl Drop for Restarted {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Restarts a node killed with -9 from the command line it ran with.
+fn restart_killed_node(c: &DevCluster, id: &str, cmdline: &[String]) -> Restarted {
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&c.node(id).log)
+        .expect("node log");
+    let child = Command::new(&cmdline[0])
+        .args(&cmdline[1..])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("restarting the node");
+    Restarted(child)
+}
+
+#[test]
+fn a_returning_node_s_surplus_copies_go_once_two_verified_copies_exist_elsewhere() {
+    let c = DevCluster::start(3, 2, 1, FAST);
+    let mnt = c.mounts[0].clone();
+    let files = write_files(&mnt, 6);
+    let blocks = fsck(&c, false)["blocks"].as_u64().expect("blocks");
+    let status = c.status_json();
+    let victim = status["nodes"][0]["id"].as_str().expect("id").to_string();
+    let pid = c.node(&victim).pid;
+    let cmdline: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .expect("cmdline")
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    c.kill9(&victim);
+    // Repaired on the two others...
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            let r = fsck(&c, true);
+            r["live_nodes"] == 2 && r["healthy"].as_u64() == Some(blocks)
+        })
+        .is_some(),
+        "{}",
+        fsck(&c, false)
+    );
+    // ... then the node comes back with its old copies: surplus, removed once the copies where
+    // placement wants them are verified; every block ends with exactly two copies.
+    let _restarted = restart_killed_node(&c, &victim, &cmdline);
+    let settled = wait_for(Duration::from_secs(60), || {
+        c.status_json()["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .filter(|n| n["state"] == "alive")
+            .count()
+            == 3
+            && total_blocks(&c) == 2 * blocks
+    });
+    assert!(
+        settled.is_some(),
+        "copies: {} for {blocks} blocks; {}",
+        total_blocks(&c),
+        c.ok(&["status"])
+    );
+    let report = fsck(&c, false);
+    assert_eq!(report["healthy"].as_u64(), Some(blocks), "{report}");
+    assert_files(&mnt, &files);
+}

@@ -40,6 +40,8 @@ pub struct MountConfig {
     pub fuse_threads: usize,
     /// How long to wait for at least one live node at start.
     pub wait_for_nodes: Duration,
+    /// How long an operation retries while etcd is unreachable before it fails with EIO.
+    pub etcd_timeout: Duration,
     /// On stop, unmount (a standalone mount) or only flush and cut the connection, leaving a
     /// dead mount for the next start to stack on (the agent: pods that bound the mount regain
     /// it only through a mount stacked on the one they hold).
@@ -58,6 +60,7 @@ impl MountConfig {
             write_buffer_bytes: 64 << 20,
             fuse_threads: 4,
             wait_for_nodes: Duration::from_secs(10),
+            etcd_timeout: crate::etcd_kv::DEFAULT_TIMEOUT,
             detach_on_stop: true,
         }
     }
@@ -242,7 +245,7 @@ async fn open(cfg: &MountConfig, mountpoint: &Path) -> Result<Opened> {
         Arc::new(ClusterBlocks::new(client)),
         cfg.cache_bytes,
     ));
-    let kv = Arc::new(EtcdKv::new(etcd.clone()));
+    let kv = Arc::new(EtcdKv::new(etcd.clone()).with_timeout(cfg.etcd_timeout));
     let keys = Keys::new(&cfg.volume);
     // The revision our view starts at: the watch reports every change after it.
     let mut c = etcd.clone();

@@ -252,7 +252,9 @@ async fn follow(
             }
         }
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(3));
+        // At most a second: after an etcd outage the watch is back within about a second of
+        // etcd's return (until then the attribute TTL bounds staleness).
+        backoff = (backoff * 2).min(Duration::from_secs(1));
     }
 }
 

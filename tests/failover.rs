@@ -903,6 +903,33 @@ fn etcd_restarted_under_load() {
     finish(o, c);
 }
 
+/// Every block copy on one node rots on disk (a byte flipped in each): reads that meet a bad
+/// copy get the bytes from another holder (the node refuses to serve what does not match its
+/// hash, and quarantines it), and repair re-creates the copies.
+#[test]
+fn block_copies_corrupted_on_disk() {
+    let (o, c) = run_scenario("corrupt", |c, w, notes, _failures| {
+        let (i, why) = node_holding_copies(c, w);
+        let blocks = c.nodes[i].data_dir.join("store/blocks");
+        let mut flipped = 0;
+        for fan in std::fs::read_dir(&blocks).expect("block dirs").flatten() {
+            for f in std::fs::read_dir(fan.path()).expect("blocks").flatten() {
+                let mut bytes = std::fs::read(f.path()).expect("copy");
+                if bytes.is_empty() {
+                    continue;
+                }
+                let mid = bytes.len() / 2;
+                bytes[mid] ^= 0x5a;
+                std::fs::write(f.path(), &bytes).expect("corrupt");
+                flipped += 1;
+            }
+        }
+        notes.push(format!("node {i} {why}; {flipped} copies corrupted"));
+        format!("corruption of every copy on node {i} ({})", c.nodes[i].id)
+    });
+    finish(o, c);
+}
+
 /// A node's disk fills up (its data directory is a 64 MiB filesystem of its own, filled by
 /// something else): writes go on without an error, their copies land on the other nodes.
 #[test]

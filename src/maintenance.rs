@@ -32,6 +32,9 @@ use twinfs_fuse::etcd_kv::EtcdKv;
 pub struct Census {
     pub blocks: HashMap<BlockHash, BlockInfo>,
     pub volumes: Vec<String>,
+    /// Chunk records that do not decode: (volume, key, reason). Garbage collection refuses to
+    /// run while there are any (it cannot know what they reference); repair goes on.
+    pub bad_records: Vec<(String, String, String)>,
 }
 
 #[derive(Clone, Debug)]
@@ -61,18 +64,33 @@ pub async fn census(etcd: &etcd_client::Client, only: Option<&str>) -> Result<Ce
         let keys = Keys::new(&v.name);
         let replicas = usize::from(v.replicas.max(1));
         let blocks = &mut c.blocks;
-        scan::chunk_refs(&kv, &keys, |r: BlockRef| {
-            let e = blocks.entry(r.hash).or_insert(BlockInfo {
-                replicas,
-                size: r.len,
-                volumes: Vec::new(),
-            });
-            e.replicas = e.replicas.max(replicas);
-            let vi = vi as u16;
-            if !e.volumes.contains(&vi) {
-                e.volumes.push(vi);
-            }
-        })
+        let bad_records = &mut c.bad_records;
+        let name = v.name.clone();
+        scan::chunk_refs(
+            &kv,
+            &keys,
+            |r: BlockRef| {
+                let e = blocks.entry(r.hash).or_insert(BlockInfo {
+                    replicas,
+                    size: r.len,
+                    volumes: Vec::new(),
+                });
+                e.replicas = e.replicas.max(replicas);
+                let vi = vi as u16;
+                if !e.volumes.contains(&vi) {
+                    e.volumes.push(vi);
+                }
+            },
+            |key, err| {
+                tracing::error!(volume = %name, key = %String::from_utf8_lossy(key), error = %err,
+                "corrupt chunk record");
+                bad_records.push((
+                    name.clone(),
+                    String::from_utf8_lossy(key).into_owned(),
+                    err.to_string(),
+                ));
+            },
+        )
         .await
         .with_context(|| format!("scanning the chunk records of volume {}", v.name))?;
     }
@@ -424,6 +442,13 @@ pub async fn collect_garbage(
     grace_secs: u64,
     apply: bool,
 ) -> Result<GcReport> {
+    if let Some((vol, key, why)) = census.bad_records.first() {
+        anyhow::bail!(
+            "{} chunk records do not decode (first: volume {vol}, key {key}: {why}); garbage \
+             collection cannot tell what they reference and removes nothing",
+            census.bad_records.len()
+        );
+    }
     let cutoff = unix_now().saturating_sub(grace_secs);
     let mut report = GcReport::default();
     for node in nodes {

@@ -39,6 +39,8 @@ struct FsckReport {
     live_nodes: usize,
     /// Nodes registered as live that did not answer (their copies are not counted).
     unreachable: Vec<String>,
+    /// Chunk records that do not decode: "key: reason" (their data cannot be found).
+    corrupt_records: Vec<String>,
     files: Vec<FileDamage>,
 }
 
@@ -102,16 +104,21 @@ pub async fn fsck(conn: &ConnArgs, volume: &str, quick: bool, json: bool) -> Res
         let kv = EtcdKv::new(etcd.clone());
         let keys = Keys::new(volume);
         let mut per_ino: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
-        twinfs_core::scan::chunk_refs(&kv, &keys, |r| {
-            if damaged_blocks.contains(&r.hash) {
-                let e = per_ino.entry(r.ino).or_default();
-                if good(&r.hash) == 0 {
-                    e.0 += 1;
-                } else {
-                    e.1 += 1;
+        twinfs_core::scan::chunk_refs(
+            &kv,
+            &keys,
+            |r| {
+                if damaged_blocks.contains(&r.hash) {
+                    let e = per_ino.entry(r.ino).or_default();
+                    if good(&r.hash) == 0 {
+                        e.0 += 1;
+                    } else {
+                        e.1 += 1;
+                    }
                 }
-            }
-        })
+            },
+            |_, _| {},
+        )
         .await?;
         let inos: HashSet<u64> = per_ino.keys().copied().collect();
         let names = twinfs_core::scan::paths_of(&kv, &keys, &inos).await?;
@@ -138,9 +145,14 @@ pub async fn fsck(conn: &ConnArgs, volume: &str, quick: bool, json: bool) -> Res
         verified: !quick,
         live_nodes: live.len(),
         unreachable,
+        corrupt_records: census
+            .bad_records
+            .iter()
+            .map(|(_, k, why)| format!("{k}: {why}"))
+            .collect(),
         files,
     };
-    let clean = report.lost == 0 && report.endangered == 0;
+    let clean = report.lost == 0 && report.endangered == 0 && report.corrupt_records.is_empty();
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(clean);
@@ -168,6 +180,9 @@ pub async fn fsck(conn: &ConnArgs, volume: &str, quick: bool, json: bool) -> Res
         "  {} healthy, {} endangered (fewer than {replicas} good copies), {} lost (no good copy)",
         report.healthy, report.endangered, report.lost
     );
+    for r in &report.corrupt_records {
+        println!("  CORRUPT RECORD {r}");
+    }
     for f in &report.files {
         let what = if f.lost_blocks > 0 {
             "LOST"

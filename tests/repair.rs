@@ -361,3 +361,34 @@ fn a_returning_node_s_surplus_copies_go_once_two_verified_copies_exist_elsewhere
     assert_eq!(report["healthy"].as_u64(), Some(blocks), "{report}");
     assert_files(&mnt, &files);
 }
+
+#[test]
+fn a_corrupt_chunk_record_is_reported_by_fsck_and_stops_gc() {
+    let c = DevCluster::start(2, 2, 1, FAST);
+    std::fs::write(c.mounts[0].join("ok.jpg"), random_bytes(50_000)).expect("write");
+    let etcd = c.json["etcd"]["endpoints"][0].as_str().expect("etcd");
+    let key = "/twinfs/v/uploads/c/0000000000000099/0000000000000000";
+    let out = Command::new("etcdctl")
+        .args(["--endpoints", etcd, "put", key, "not a chunk record"])
+        .output()
+        .expect("etcdctl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(c.cmd().args(["fsck", "uploads"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("CORRUPT RECORD") && text.contains(key),
+        "{text}"
+    );
+    let out = run(c.cmd().args(["gc", "--apply", "--grace", "2s"]));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("removes nothing"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

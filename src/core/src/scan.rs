@@ -21,12 +21,13 @@ pub struct BlockRef {
     pub len: u32,
 }
 
-/// Calls `each` for every chunk record of the volume, in key order. A record that does not
-/// decode is an error naming its key (the caller decides whether to go on without it).
+/// Calls `each` for every chunk record of the volume, in key order, and `bad` (with the key and
+/// the reason) for every record that does not decode; only failing to read is an error.
 pub async fn chunk_refs(
     kv: &dyn MetaKv,
     keys: &Keys,
     mut each: impl FnMut(BlockRef),
+    mut bad: impl FnMut(&[u8], FsError),
 ) -> FsResult<()> {
     let prefix = keys.all_chunks();
     let end = prefix_end(&prefix);
@@ -34,14 +35,19 @@ pub async fn chunk_refs(
     loop {
         let page = kv.range(&start, &end, PAGE).await?;
         for e in &page.entries {
-            let (ino, index) = keys.parse_any_chunk(&e.key)?;
-            let rec: ChunkRec = decode(&e.key, &e.value)?;
-            each(BlockRef {
-                hash: rec.hash()?,
-                ino,
-                index,
-                len: rec.len,
+            let parsed = keys.parse_any_chunk(&e.key).and_then(|(ino, index)| {
+                let rec: ChunkRec = decode(&e.key, &e.value)?;
+                Ok(BlockRef {
+                    hash: rec.hash()?,
+                    ino,
+                    index,
+                    len: rec.len,
+                })
             });
+            match parsed {
+                Ok(r) => each(r),
+                Err(err) => bad(&e.key, err),
+            }
         }
         match (page.more, page.entries.last()) {
             (true, Some(last)) => {
@@ -138,9 +144,11 @@ mod tests {
             fs.release(f).await.expect("release");
             let keys = Keys::new("v");
             let mut refs = Vec::new();
-            chunk_refs(kv.as_ref(), &keys, |r| refs.push(r))
+            let mut bad = 0;
+            chunk_refs(kv.as_ref(), &keys, |r| refs.push(r), |_, _| bad += 1)
                 .await
                 .expect("scan");
+            assert_eq!(bad, 0);
             assert_eq!(refs.len(), 3, "10 bytes in 4-byte chunks");
             assert!(refs.iter().all(|r| r.ino == a.ino));
             assert_eq!(
@@ -153,6 +161,28 @@ mod tests {
                 .expect("paths");
             assert_eq!(names.get(&a.ino).map(String::as_str), Some("/dir/f"));
             assert!(!names.contains_key(&999));
+
+            // A corrupt record is reported with its key; the others are still found.
+            let key = keys.chunk(a.ino, 7);
+            kv.txn(
+                vec![],
+                vec![crate::TxnOp::Put {
+                    key: key.clone(),
+                    value: b"garbage".to_vec(),
+                }],
+            )
+            .await
+            .expect("put");
+            let (mut found, mut bad_keys) = (0, Vec::new());
+            chunk_refs(
+                kv.as_ref(),
+                &keys,
+                |_| found += 1,
+                |k, _| bad_keys.push(k.to_vec()),
+            )
+            .await
+            .expect("scan");
+            assert_eq!((found, bad_keys), (3, vec![key]));
         });
     }
 }

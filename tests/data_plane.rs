@@ -203,7 +203,7 @@ async fn garbage_and_oversized_frames_leave_the_node_serving() {
     assert_eq!(code_of(reply_to(v9).await), ErrorCode::BadVersion);
     // An unknown kind, a truncated body, a reply sent as a request.
     assert_eq!(
-        code_of(reply_to(vec![b'T', b'W', 1, 0x33, 0, 0, 0, 0]).await),
+        code_of(reply_to(vec![b'T', b'W', wire::WIRE_VERSION, 0x33, 0, 0, 0, 0]).await),
         ErrorCode::BadRequest
     );
     let mut trunc = Message::Delete {

@@ -376,13 +376,7 @@ fn mount_helper_mounts_as_fstab_would_and_umount_unmounts() {
         "mount -T fstab failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            detach_all(&self.0);
-        }
-    }
-    let _guard = Unmount(dir.clone());
+    let _guard = DetachOnDrop(dir.clone());
     assert_eq!(mount_type(&dir).as_deref(), Some("fuse.twinfs"));
     std::fs::write(dir.join("hello.txt"), b"via fstab\n").expect("write");
     assert_eq!(

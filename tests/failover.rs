@@ -7,6 +7,7 @@
 //! Needs root (namespaces, FUSE), `ip`, `nsenter` and `etcd`. Run one at a time:
 //! `cargo test --test failover -- --test-threads 1`.
 
+mod common;
 #[path = "common/netns.rs"]
 mod netns;
 

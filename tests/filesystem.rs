@@ -435,13 +435,3 @@ fn invalidation_survives_an_etcd_restart() {
         "B's watch did not resume within 10 s of etcd's return"
     );
 }
-
-/// A process this test started, killed when the test ends however it ends.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}

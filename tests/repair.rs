@@ -275,29 +275,13 @@ fn gc_removes_unreferenced_blocks_and_never_a_referenced_one() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            detach_all(self.0);
-        }
-    }
-    let _guard = Unmount(&remount);
+    let _guard = DetachOnDrop(remount.clone());
     assert_files(&remount, &keep);
 }
 
-/// A node process this test started itself (the dev cluster's `down` only knows the PIDs it
-/// recorded); killed when dropped.
-struct Restarted(std::process::Child);
-
-impl Drop for Restarted {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Restarts a node killed with -9 from the command line it ran with.
-fn restart_killed_node(c: &DevCluster, id: &str, cmdline: &[String]) -> Restarted {
+/// Restarts a node killed with -9 from the command line it ran with. The dev cluster's `down`
+/// only knows the PIDs it recorded: the returned guard stops this one.
+fn restart_killed_node(c: &DevCluster, id: &str, cmdline: &[String]) -> KillOnDrop {
     let log = std::fs::OpenOptions::new()
         .append(true)
         .open(&c.node(id).log)
@@ -309,7 +293,7 @@ fn restart_killed_node(c: &DevCluster, id: &str, cmdline: &[String]) -> Restarte
         .stderr(log)
         .spawn()
         .expect("restarting the node");
-    Restarted(child)
+    KillOnDrop(child)
 }
 
 #[test]

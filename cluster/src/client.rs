@@ -430,14 +430,7 @@ impl BlockClient {
             .await
         {
             Ok(Message::InfoReply(i)) => Ok(i),
-            Ok(other) => Err(ClientError::Node {
-                node: node.id.clone(),
-                error: format!("unexpected reply {:?}", other.kind()),
-            }),
-            Err(e) => Err(ClientError::Node {
-                node: node.id.clone(),
-                error: e.to_string(),
-            }),
+            other => Err(reply_error(node, other)),
         }
     }
 
@@ -450,18 +443,13 @@ impl BlockClient {
         expect: usize,
         timeout: Duration,
     ) -> Result<Vec<bool>, ClientError> {
-        let fail = |error: String| ClientError::Node {
-            node: node.id.clone(),
-            error,
-        };
         match self.request(node, msg, timeout).await {
             Ok(Message::HasReply(bits)) if bits.len() == expect => Ok(bits),
-            Ok(Message::HasReply(bits)) => {
-                Err(fail(format!("{} answers for {expect} blocks", bits.len())))
-            }
-            Ok(Message::Error { code, message }) => Err(fail(format!("{code:?}: {message}"))),
-            Ok(other) => Err(fail(format!("unexpected reply {:?}", other.kind()))),
-            Err(e) => Err(fail(e.to_string())),
+            Ok(Message::HasReply(bits)) => Err(ClientError::Node {
+                node: node.id.clone(),
+                error: format!("{} answers for {expect} blocks", bits.len()),
+            }),
+            other => Err(reply_error(node, other)),
         }
     }
 
@@ -472,16 +460,10 @@ impl BlockClient {
         after: Option<BlockHash>,
         limit: u32,
     ) -> Result<(Vec<crate::wire::ListEntry>, bool), ClientError> {
-        let fail = |error: String| ClientError::Node {
-            node: node.id.clone(),
-            error,
-        };
         let msg = Message::List { after, limit };
         match self.request(node, &msg, Duration::from_secs(10)).await {
             Ok(Message::ListReply { entries, more }) => Ok((entries, more)),
-            Ok(Message::Error { code, message }) => Err(fail(format!("{code:?}: {message}"))),
-            Ok(other) => Err(fail(format!("unexpected reply {:?}", other.kind()))),
-            Err(e) => Err(fail(e.to_string())),
+            other => Err(reply_error(node, other)),
         }
     }
 
@@ -526,14 +508,7 @@ impl BlockClient {
             .await
         {
             Ok(Message::Ok) => Ok(()),
-            Ok(other) => Err(ClientError::Node {
-                node: node.id.clone(),
-                error: format!("unexpected reply {:?}", other.kind()),
-            }),
-            Err(e) => Err(ClientError::Node {
-                node: node.id.clone(),
-                error: e.to_string(),
-            }),
+            other => Err(reply_error(node, other)),
         }
     }
 
@@ -560,5 +535,19 @@ impl BlockClient {
         bytes: &[u8],
     ) -> Result<Vec<u8>, TransportError> {
         self.pool.raw_request(addr, bytes).await
+    }
+}
+
+/// The error for a request to `node` that did not get the reply it wanted: the node's own
+/// error, a reply of the wrong kind, or a transport failure.
+fn reply_error(node: &NodeRecord, reply: Result<Message, TransportError>) -> ClientError {
+    let error = match reply {
+        Ok(Message::Error { code, message }) => format!("{code:?}: {message}"),
+        Ok(other) => format!("unexpected reply {:?}", other.kind()),
+        Err(e) => e.to_string(),
+    };
+    ClientError::Node {
+        node: node.id.clone(),
+        error,
     }
 }

@@ -270,13 +270,37 @@ impl Drop for DevCluster {
     }
 }
 
+/// A process a test started itself, killed when the test ends however it ends.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A mount point a test mounted itself, detached when the test ends however it ends.
+pub struct DetachOnDrop(pub PathBuf);
+
+impl Drop for DetachOnDrop {
+    fn drop(&mut self) {
+        detach_all(&self.0);
+    }
+}
+
 /// Lazily detaches every mount stacked at `path` (a killed agent's dead mount lies beneath).
 pub fn detach_all(path: &Path) {
     for _ in 0..32 {
         if !is_mounted(path) {
             return;
         }
-        let _ = Command::new("umount").arg("-l").arg(path).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 }
 

@@ -75,40 +75,7 @@ fn ip() -> Command {
     Command::new("ip")
 }
 
-/// Polls `f` every 100 ms until it is true or `timeout` passes; the time it took.
-pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
-    let start = Instant::now();
-    loop {
-        if f() {
-            return Some(start.elapsed());
-        }
-        if start.elapsed() >= timeout {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Whether `path` is a mount point (per /proc/self/mountinfo).
-pub fn is_mounted(path: &Path) -> bool {
-    let want = path.display().to_string();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|info| {
-            info.lines()
-                .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
-        })
-        .unwrap_or(false)
-}
-
-/// Lazily detaches every mount stacked at `path`.
-pub fn detach_all(path: &Path) {
-    for _ in 0..32 {
-        if !is_mounted(path) {
-            return;
-        }
-        quiet(Command::new("umount").arg("-l").arg(path));
-    }
-}
+pub use crate::common::{detach_all, is_mounted, wait_for};
 
 /// The last `n` lines of a log file (for failure messages).
 pub fn log_tail(path: &Path, n: usize) -> String {

@@ -367,5 +367,11 @@ async fn main() -> Result<()> {
         m(&|r| r.ref_p50),
         m(&|r| r.ref_p99)
     );
+    for p in client.path_stats() {
+        eprintln!(
+            "path {}: mtu {} rtt {:?} cwnd {} sent {} lost {} congestion events {}",
+            p.addr, p.mtu, p.rtt, p.cwnd, p.sent_packets, p.lost_packets, p.congestion_events
+        );
+    }
     Ok(())
 }

@@ -120,6 +120,33 @@ fn drop_from_page_cache(f: &File) {
     }
 }
 
+/// How much of a block is read per `read` call while it is hashed: hashing a piece overlaps
+/// with the disk reading the next ones (the whole file was asked for up front).
+const READ_PIECE: u64 = 512 << 10;
+
+/// Reads all `len` bytes of `file` and their BLAKE3 hash. The kernel is told at once that the
+/// whole file is wanted, so the disk works on the later pieces while the earlier ones are hashed
+/// (reading everything first left the disk idle during the hash).
+fn read_hashing(file: &mut File, len: u64) -> io::Result<(Vec<u8>, [u8; 32])> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: posix_fadvise only reads its integer arguments; `file` is an open descriptor for
+    // the duration of the call. Advisory: failure changes nothing but speed.
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED);
+    }
+    let mut data = Vec::with_capacity(len as usize);
+    let mut hasher = blake3::Hasher::new();
+    loop {
+        let before = data.len();
+        let n = Read::by_ref(file).take(READ_PIECE).read_to_end(&mut data)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&data[before..]);
+    }
+    Ok((data, *hasher.finalize().as_bytes()))
+}
+
 fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -345,9 +372,8 @@ impl BlockStore {
             self.quarantine(hash, "larger than any block")?;
             return Err(StoreError::Corrupt(*hash));
         }
-        let mut data = Vec::with_capacity(len as usize);
-        file.read_to_end(&mut data)?;
-        if !hash.verifies(&data) {
+        let (data, hashed) = read_hashing(&mut file, len)?;
+        if BlockHash(hashed) != *hash {
             self.quarantine(hash, "content does not match its hash")?;
             return Err(StoreError::Corrupt(*hash));
         }

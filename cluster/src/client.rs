@@ -397,6 +397,11 @@ impl BlockClient {
         }
     }
 
+    /// QUIC path figures of this client's connections to nodes.
+    pub fn path_stats(&self) -> Vec<crate::transport::PathStats> {
+        self.pool.path_stats()
+    }
+
     /// The live nodes that hold a copy of `hash` (each asked directly, in parallel).
     pub async fn locate(&self, hash: BlockHash) -> Result<Vec<NodeRecord>, ClientError> {
         let live = self.membership.live();

@@ -65,16 +65,36 @@ fn transport_config() -> quinn::TransportConfig {
     t
 }
 
-/// Upper bound for MTU discovery: the largest UDP payload of a 64 KiB IPv4 datagram on loopback.
-const MAX_UDP_PAYLOAD: u16 = 65_527 - 28;
+/// Endpoint settings shared by nodes and clients: accept datagrams as large as MTU discovery may
+/// reach (quinn's default, 1472 bytes, silently capped discovery at the Ethernet size).
+fn endpoint_config() -> std::io::Result<quinn::EndpointConfig> {
+    let mut cfg = quinn::EndpointConfig::default();
+    cfg.max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .map_err(|e| std::io::Error::other(format!("bad UDP payload size: {e}")))?;
+    Ok(cfg)
+}
+
+/// Upper bound for MTU discovery and the largest datagram accepted. quinn sends up to 10
+/// datagrams per `sendmsg` with UDP segmentation offload, and the kernel refuses a batch larger
+/// than one 64 KiB UDP datagram with EMSGSIZE, which quinn takes for loss and then falls back to
+/// 1,200-byte packets (block-bench saw exactly that with a 9,000-byte bound). 10 × 6,500 fits.
+/// On loopback and jumbo-frame networks a 4 MiB block then takes ~650 packets instead of ~2,900.
+const MAX_UDP_PAYLOAD: u16 = 6_500;
 
 pub fn server_endpoint(identity: &Identity, listen: SocketAddr) -> anyhow::Result<Endpoint> {
     let tls = identity.server_config()?;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(Arc::new(transport_config()));
-    let endpoint = Endpoint::server(cfg, listen)
-        .map_err(|e| anyhow::anyhow!("cannot listen on {listen} (UDP): {e}"))?;
+    let socket =
+        udp_socket(listen).map_err(|e| anyhow::anyhow!("cannot listen on {listen} (UDP): {e}"))?;
+    let endpoint = Endpoint::new(
+        endpoint_config()?,
+        Some(cfg),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| anyhow::anyhow!("cannot listen on {listen} (UDP): {e}"))?;
     Ok(endpoint)
 }
 
@@ -83,9 +103,42 @@ pub fn client_endpoint(identity: &Identity) -> anyhow::Result<Endpoint> {
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(Arc::new(transport_config()));
-    let mut endpoint = Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))?;
+    let socket = udp_socket(SocketAddr::from(([0, 0, 0, 0], 0)))?;
+    let mut endpoint = Endpoint::new(
+        endpoint_config()?,
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?;
     endpoint.set_default_client_config(cfg);
     Ok(endpoint)
+}
+
+/// Socket buffer size asked for on every QUIC socket. A block is 4 MiB and arrives as a burst of
+/// large datagrams; with Linux's default 208 KiB receive buffer a few of them overflow it, and
+/// each drop costs a retransmission and halves the congestion window (block-bench saw 2% of
+/// datagrams dropped, `UdpRcvbufErrors`). The kernel caps the request at `net.core.rmem_max` /
+/// `wmem_max`; see deploy/README.md for raising them.
+const SOCKET_BUFFER: usize = 8 << 20;
+
+/// A UDP socket bound to `addr` with large kernel buffers (see [`SOCKET_BUFFER`]).
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // A smaller buffer than asked for is not an error, only slower: say so once per socket.
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    let got = socket.recv_buffer_size().unwrap_or(0);
+    // Linux reports twice the size granted (bookkeeping overhead included).
+    if got < SOCKET_BUFFER {
+        tracing::info!(
+            asked = SOCKET_BUFFER,
+            granted = got / 2,
+            "UDP receive buffer capped by net.core.rmem_max; raise it for faster transfers"
+        );
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 enum ReadError {
@@ -242,6 +295,18 @@ impl Message {
     }
 }
 
+/// What QUIC knows about the path to one peer.
+#[derive(Debug, Clone)]
+pub struct PathStats {
+    pub addr: SocketAddr,
+    pub mtu: u16,
+    pub rtt: Duration,
+    pub cwnd: u64,
+    pub sent_packets: u64,
+    pub lost_packets: u64,
+    pub congestion_events: u64,
+}
+
 /// Client side: one cached connection per peer address.
 pub struct PeerPool {
     endpoint: Endpoint,
@@ -284,6 +349,26 @@ impl PeerPool {
             .unwrap_or_else(|e| e.into_inner())
             .insert(addr, conn.clone());
         Ok(conn)
+    }
+
+    /// Path figures of every open connection (for diagnostics: benchmarks, logs).
+    pub fn path_stats(&self) -> Vec<PathStats> {
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns
+            .iter()
+            .map(|(addr, c)| {
+                let s = c.stats();
+                PathStats {
+                    addr: *addr,
+                    mtu: s.path.current_mtu,
+                    rtt: s.path.rtt,
+                    cwnd: s.path.cwnd,
+                    sent_packets: s.path.sent_packets,
+                    lost_packets: s.path.lost_packets,
+                    congestion_events: s.path.congestion_events,
+                }
+            })
+            .collect()
     }
 
     /// Forgets the connection to `addr` (after a timeout), so the next request reconnects.

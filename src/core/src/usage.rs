@@ -384,14 +384,17 @@ impl Fs {
         let start = self.slot_rr.fetch_add(1, Ordering::Relaxed) % n.max(1);
         let mut guard = None;
         for i in 0..n {
-            if let Some(g) = self.slots[(start + i) % n].try_lock() {
+            if let Some(g) = self.slots.get((start + i) % n).and_then(|s| s.try_lock()) {
                 guard = Some(((start + i) % n, g));
                 break;
             }
         }
         let (idx, mut slot) = match guard {
             Some(g) => g,
-            None => (start, self.slots[start].lock().await),
+            None => match self.slots.get(start) {
+                Some(s) => (start, s.lock().await),
+                None => return Err(FsError::Corrupt("internal: no usage slots".into())),
+            },
         };
         let key = self.keys.usage_delta(self.instance, idx as u64);
         self.refresh_slot(&mut slot, idx).await?;

@@ -144,6 +144,10 @@ pub fn run(
         .context("starting the volume watch")?
     };
     let bg = session.spawn().context("starting the FUSE session")?;
+    let tidier = {
+        let _guard = rt.enter();
+        spawn_tidy(etcd.clone(), shared.fs.clone(), cfg.volume.clone())
+    };
     tracing::info!(volume = %cfg.volume, path = %mountpoint.display(), "mounted");
     let gauge = twinfs_cluster::metrics::metrics().mounts.clone();
     gauge.inc();
@@ -193,7 +197,14 @@ pub fn run(
     } else {
         let _ = joiner.join();
     }
+    tidier.abort();
     rt.block_on(async {
+        // This session's usage changes go into the base while it is still registered.
+        match shared.fs.fold_own_usage().await {
+            Ok(n) => tracing::debug!(bytes = n, "folded this mount's usage into the base"),
+            Err(e) => tracing::warn!(error = %e,
+                "folding this mount's usage failed; the next mount folds it"),
+        }
         if let Err(e) = registration.leave().await {
             tracing::debug!(error = %e, "leaving the mount registry");
         }
@@ -277,24 +288,41 @@ async fn open(cfg: &MountConfig, mountpoint: &Path) -> Result<Opened> {
     .await
     .with_context(|| format!("opening volume {}", cfg.volume))?;
     let fs = Arc::new(fs);
-    // Leftovers of crashed mounts: unlinked files nobody can have open any more.
-    match fs.purge_orphans(&[]).await {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(purged = n, "purged orphaned inodes"),
-        Err(e) => tracing::warn!(error = %e, "purging orphans failed"),
+    // Registered (with the instance that will own its usage keys and orphans) before it
+    // writes anything, so that no other mount takes those for a crashed mount's.
+    let resync_fs = fs.clone();
+    let registration = volume::register_mount_as(
+        &etcd,
+        &cfg.volume,
+        mountpoint,
+        Some(fs.instance_id()),
+        // While the record was gone, another mount may have folded this one's usage keys.
+        Some(Arc::new(move || resync_fs.usage_resync())),
+    )
+    .await?;
+    let usage = fs
+        .load_usage()
+        .await
+        .with_context(|| format!("reading the usage of volume {}", cfg.volume))?;
+    for key in &usage.corrupt {
+        tracing::warn!(key = %key, "usage value does not decode; counted as 0");
     }
-    let registration = volume::register_mount(&etcd, &cfg.volume, mountpoint).await?;
+    fs.set_quota(record.quota_bytes);
+    tidy(&etcd, &fs, &cfg.volume).await;
     let replicas = u64::from(record.replicas.max(1));
     let quota = record.quota_bytes;
     let space_membership = membership.clone();
+    let space_fs = fs.clone();
     let space = Arc::new(move || {
         let live = space_membership.live();
         let total: u64 = live.iter().map(|n| n.capacity).sum::<u64>() / replicas;
         let free: u64 = live.iter().map(|n| n.free).sum::<u64>() / replicas;
         match quota {
+            // The quota is the filesystem's size; what is left of it, or the nodes' free
+            // space if that is less.
             Some(q) => SpaceInfo {
                 total_bytes: q,
-                free_bytes: free.min(q),
+                free_bytes: free.min(space_fs.quota_left().unwrap_or(q)),
             },
             None => SpaceInfo {
                 total_bytes: total,
@@ -309,6 +337,67 @@ async fn open(cfg: &MountConfig, mountpoint: &Path) -> Result<Opened> {
         kv,
         start_revision,
         registration,
+    })
+}
+
+/// Housekeeping of what crashed mounts left behind: their usage delta keys are folded into the
+/// base and the unlinked files they kept open are purged. A mount counts as crashed when no
+/// mount record names its filesystem instance (records go with their lease, 10 s after a
+/// crash); when some record cannot tell (unreadable, or from an older version), nothing is
+/// touched.
+async fn tidy(etcd: &etcd_client::Client, fs: &Fs, volume: &str) {
+    let live = match volume::live_instances(etcd, volume).await {
+        Ok(Some(live)) => live,
+        Ok(None) => {
+            tracing::debug!("a mount record does not name its instance; leaving others' keys");
+            // Still: orphans nobody owns, and this instance's own.
+            if let Err(e) = fs.purge_orphans(&[]).await {
+                tracing::warn!(error = %e, "purging orphans failed");
+            }
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the mount records failed");
+            return;
+        }
+    };
+    match fs.fold_dead_usage(&live).await {
+        Ok(v) if v.is_empty() => {}
+        Ok(v) => tracing::info!(mounts = v.len(), "folded usage of crashed mounts"),
+        Err(e) => tracing::warn!(error = %e, "folding usage of crashed mounts failed"),
+    }
+    let dead: Vec<u64> = match fs.list_orphans().await {
+        Ok(o) => o
+            .into_iter()
+            .map(|(_, owner)| owner)
+            .filter(|o| *o != 0 && *o != fs.instance_id() && !live.contains(o))
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "listing orphans failed");
+            return;
+        }
+    };
+    match fs.purge_orphans(&dead).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(purged = n, "purged orphaned inodes"),
+        Err(e) => tracing::warn!(error = %e, "purging orphans failed"),
+    }
+}
+
+/// Runs [`tidy`] again 15 s after the start (a mount that crashed just before still had its
+/// record then) and every 5 minutes after that.
+fn spawn_tidy(
+    etcd: etcd_client::Client,
+    fs: Arc<Fs>,
+    volume: String,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut wait = volume::MOUNT_LEASE_TTL + Duration::from_secs(5);
+        loop {
+            tokio::time::sleep(wait).await;
+            tidy(&etcd, &fs, &volume).await;
+            wait = Duration::from_secs(300);
+        }
     })
 }
 

@@ -233,9 +233,20 @@ pub struct MountRecord {
     pub path: String,
     pub pid: u32,
     pub started_unix: u64,
+    /// The mount's filesystem instance (hex): the owner of its usage delta keys and of the
+    /// orphans it keeps open. Absent in records of mounts older than usage accounting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
 }
 
 impl MountRecord {
+    /// The filesystem instance of this mount, when recorded and well-formed.
+    pub fn instance_id(&self) -> Option<u64> {
+        self.instance
+            .as_deref()
+            .and_then(|s| u64::from_str_radix(s, 16).ok())
+    }
+
     pub fn decode(key: &str, value: &[u8]) -> Result<MountRecord> {
         serde_json::from_slice(value).map_err(|e| VolumeError::Corrupt {
             key: key.to_string(),
@@ -260,8 +271,21 @@ pub struct VolumeInfo {
     pub other: u64,
     /// Inode records that did not decode (each is an EIO for the application).
     pub corrupt_inodes: u64,
-    /// Sum of the regular files' sizes: apparent size (holes included), before replication.
+    /// The volume's usage as the mounts count it against the quota: `usage/base` plus every
+    /// mount's delta (bytes of regular files, apparent size, before replication). Equal to
+    /// `bytes_in_files` unless a mount is writing or accounting drifted. For a volume that
+    /// predates usage accounting and was not mounted since: `bytes_in_files`.
     pub bytes_used: u64,
+    /// Sum of the regular files' sizes from a scan of every inode record.
+    pub bytes_in_files: u64,
+    /// Whether `bytes_used` comes from the usage keys (false: from the scan).
+    pub usage_accounted: bool,
+    /// Mount sessions with usage delta keys not yet folded into the base (live mounts that
+    /// changed something, and crashed ones not yet tidied up).
+    pub usage_instances: u64,
+    /// Usage keys whose value does not decode (each counted as 0).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub usage_corrupt: Vec<String>,
     /// Unlinked inodes whose data is still to be purged.
     pub orphans: u64,
     pub mounts: Vec<MountRecord>,
@@ -476,6 +500,21 @@ async fn read_mounts(etcd: &Client, volume: &str) -> Result<(Vec<MountRecord>, V
     Ok((mounts, unreadable))
 }
 
+/// The filesystem instances of `volume`'s live mounts, or `None` when that cannot be known
+/// (a mount record that does not decode, or one written by a version that does not record its
+/// instance): then nothing may be treated as abandoned.
+pub async fn live_instances(
+    etcd: &Client,
+    volume: &str,
+) -> Result<Option<std::collections::HashSet<u64>>> {
+    validate_name(volume)?;
+    let (mounts, unreadable) = read_mounts(etcd, volume).await?;
+    if !unreadable.is_empty() {
+        return Ok(None);
+    }
+    Ok(mounts.iter().map(MountRecord::instance_id).collect())
+}
+
 /// The live mounts of `volume`. A corrupt record is an error naming its key.
 pub async fn list_mounts(etcd: &Client, volume: &str) -> Result<Vec<MountRecord>> {
     validate_name(volume)?;
@@ -510,6 +549,10 @@ pub async fn inspect(etcd: &Client, name: &str) -> Result<VolumeInfo> {
         other: 0,
         corrupt_inodes: 0,
         bytes_used: 0,
+        bytes_in_files: 0,
+        usage_accounted: false,
+        usage_instances: 0,
+        usage_corrupt: Vec::new(),
         orphans,
         mounts: Vec::new(),
         unreadable_mounts: Vec::new(),
@@ -519,7 +562,7 @@ pub async fn inspect(etcd: &Client, name: &str) -> Result<VolumeInfo> {
             Ok(ino) => match ino.kind {
                 FileKind::File => {
                     info.files += 1;
-                    info.bytes_used = info.bytes_used.saturating_add(ino.size);
+                    info.bytes_in_files = info.bytes_in_files.saturating_add(ino.size);
                 }
                 FileKind::Dir => info.dirs += 1,
                 FileKind::Symlink => info.symlinks += 1,
@@ -529,10 +572,34 @@ pub async fn inspect(etcd: &Client, name: &str) -> Result<VolumeInfo> {
         }
     })
     .await?;
+    let usage = twinfs_core::usage::read_usage(&EtcdKv::new(etcd.clone()), &keys)
+        .await
+        .map_err(|e| VolumeError::Etcd(format!("reading the usage of {name}: {e}")))?;
+    info.usage_accounted = usage.base.is_some();
+    info.bytes_used = if info.usage_accounted {
+        usage.total()
+    } else {
+        info.bytes_in_files
+    };
+    for key in &usage.corrupt {
+        tracing::warn!(key = %key, "usage value does not decode; counted as 0");
+    }
+    info.usage_instances = usage.instances().len() as u64;
+    info.usage_corrupt = usage.corrupt;
     let (mounts, unreadable) = read_mounts(etcd, name).await?;
     info.mounts = mounts;
     info.unreadable_mounts = unreadable;
     Ok(info)
+}
+
+/// The usage of volume `name` from its usage keys (one range read), or `None` when the volume
+/// predates usage accounting and was not mounted since (see [`inspect`] for a scan).
+pub async fn used_bytes(etcd: &Client, name: &str) -> Result<Option<u64>> {
+    validate_name(name)?;
+    let usage = twinfs_core::usage::read_usage(&EtcdKv::new(etcd.clone()), &Keys::new(name))
+        .await
+        .map_err(|e| VolumeError::Etcd(format!("reading the usage of {name}: {e}")))?;
+    Ok(usage.base.map(|_| usage.total()))
 }
 
 /// Deletes volume `name`: its record and its whole namespace, in one transaction that requires
@@ -642,6 +709,21 @@ impl std::fmt::Debug for MountRegistration {
 /// [`VolumeError::NotFound`] when the volume does not exist. Must be called inside a tokio
 /// runtime (it spawns the lease keep-alive task).
 pub async fn register_mount(etcd: &Client, volume: &str, path: &Path) -> Result<MountRegistration> {
+    register_mount_as(etcd, volume, path, None, None).await
+}
+
+/// Called when a mount's registration had lapsed and was written again.
+pub type Reregistered = Arc<dyn Fn() + Send + Sync>;
+
+/// [`register_mount`] for filesystem instance `instance` (recorded, so that other mounts know
+/// whose usage keys and orphans are still owned by a live mount).
+pub async fn register_mount_as(
+    etcd: &Client,
+    volume: &str,
+    path: &Path,
+    instance: Option<u64>,
+    on_reregistered: Option<Reregistered>,
+) -> Result<MountRegistration> {
     validate_name(volume)?;
     let record = MountRecord {
         id: format!("{:016x}", rand::random::<u64>()),
@@ -649,6 +731,7 @@ pub async fn register_mount(etcd: &Client, volume: &str, path: &Path) -> Result<
         path: path.display().to_string(),
         pid: std::process::id(),
         started_unix: unix_now(),
+        instance: instance.map(|i| format!("{i:016x}")),
     };
     let key = format!("{}{}", mounts_prefix(volume), record.id);
     let value = serde_json::to_vec(&record)
@@ -678,6 +761,7 @@ pub async fn register_mount(etcd: &Client, volume: &str, path: &Path) -> Result<
         value,
         lease_cell.clone(),
         lost.clone(),
+        on_reregistered,
     ));
     Ok(MountRegistration {
         etcd: etcd.clone(),
@@ -752,6 +836,7 @@ async fn keep_alive(
     value: Vec<u8>,
     lease: Arc<AtomicI64>,
     lost: Arc<AtomicBool>,
+    on_reregistered: Option<Reregistered>,
 ) {
     let ttl = i64::try_from(MOUNT_LEASE_TTL.as_secs()).unwrap_or(10);
     let renew_every = MOUNT_LEASE_TTL / 3;
@@ -801,6 +886,9 @@ async fn keep_alive(
             Ok(true) => {
                 lease.store(new, Ordering::Relaxed);
                 tracing::info!(mount = %key, lease = new, "mount re-registered under a new lease");
+                if let Some(f) = &on_reregistered {
+                    f();
+                }
             }
             Ok(false) => {
                 revoke(&etcd, new).await;
@@ -931,6 +1019,7 @@ mod tests {
                 path: "/mnt/uploads".into(),
                 pid: 42,
                 started_unix: 0,
+                instance: None,
             }],
             unreadable: vec![],
         };

@@ -183,6 +183,7 @@ async fn follow(
                 // The cache takes the whole response at once (before any kernel notice of
                 // it goes out), so readers see each transaction entirely or not at all.
                 let mut changes = Vec::new();
+                let mut usage = Vec::new();
                 let mut notices = Vec::new();
                 let mut upto = 0;
                 for ev in resp.events() {
@@ -197,6 +198,14 @@ async fn follow(
                             EventType::Delete => None,
                         };
                         changes.push((kv.key().to_vec(), value, rev));
+                    } else if rest.starts_with(b"usage/") {
+                        // Own revisions too: this mount's folds rewrite the base, and the
+                        // core ignores its own delta keys.
+                        let value = match ev.event_type() {
+                            EventType::Put => Some(kv.value().to_vec()),
+                            EventType::Delete => None,
+                        };
+                        usage.push((kv.key().to_vec(), value));
                     }
                     upto = upto.max(rev);
                     if cache.is_own_revision(rev) {
@@ -214,6 +223,11 @@ async fn follow(
                 // Caches first, then the kernel: a kernel that re-asks at once must get the
                 // new values.
                 cache.cache_apply(&changes, upto);
+                if !usage.is_empty() {
+                    for w in shared.fs.usage_apply(&usage) {
+                        tracing::warn!(warning = %w, "corrupt usage value");
+                    }
+                }
                 for inv in notices {
                     if let Invalidation::Inode { ino, .. } = &inv {
                         shared.fs.invalidate(*ino);
@@ -245,6 +259,10 @@ async fn follow(
                 let mut c = client.clone();
                 if let Some(r) = current_revision(&mut c, &keys).await {
                     revision = r;
+                }
+                // Usage changes in between are unknown too: read the keys again.
+                if let Err(e) = shared.fs.load_usage().await {
+                    tracing::warn!(error = %e, "re-reading the volume's usage failed");
                 }
             }
             Err(e) => {

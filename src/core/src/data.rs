@@ -13,6 +13,7 @@ use crate::error::{FsError, FsResult};
 use crate::fs::{now_ns, Fs, Txn, MAX_FILE_SIZE};
 use crate::kv::{prefix_end, Revision};
 use crate::schema::{decode, encode, ChunkRec, FileKind, InodeRec};
+use crate::usage::bytes_i64;
 
 /// A chunk to reference at commit: index, the revision its record was read at, and its block
 /// when already known (else it is among the blocks being stored).
@@ -192,7 +193,14 @@ impl Fs {
         if attr.kind != FileKind::File {
             return Err(FsError::Invalid("not a regular file"));
         }
-        Ok(self.new_handle(attr.ino))
+        let h = self.new_handle(attr.ino);
+        // Just created here: its committed size is known (the quota check needs it).
+        *h.meta.lock().unwrap_or_else(|e| e.into_inner()) = Some(MetaCache {
+            generation: self.generation(attr.ino),
+            size: attr.size,
+            chunks: BTreeMap::new(),
+        });
+        Ok(h)
     }
 
     fn new_handle(&self, ino: u64) -> OpenFile {
@@ -217,6 +225,7 @@ impl Fs {
         let flushed = self.flush(&mut h).await;
         // Whatever could not be flushed is dropped with the handle.
         self.set_unflushed(h.ino, h.fh, 0);
+        self.unreserve(h.fh);
         let last = {
             let mut counts = self.open_counts.lock().unwrap_or_else(|e| e.into_inner());
             match counts.get_mut(&h.ino) {
@@ -247,6 +256,13 @@ impl Fs {
             .checked_add(data.len() as u64)
             .filter(|e| *e <= MAX_FILE_SIZE)
             .ok_or(FsError::FileTooBig)?;
+        if self.quota().is_some() && !data.is_empty() {
+            // Growth past the file's size as this instance knows it (committed, or extended
+            // by unflushed writes of any handle here) counts against the quota now, so the
+            // application gets ENOSPC at this write rather than at close.
+            let known = self.known_size(h).await?;
+            self.reserve(h.fh, end.saturating_sub(known))?;
+        }
         let cs = self.chunk_size;
         let mut pos = offset;
         let mut src = data;
@@ -288,6 +304,28 @@ impl Fs {
             self.flush(h).await?;
         }
         Ok(data.len())
+    }
+
+    /// The size of `h`'s file as this instance knows it: the committed size (from the
+    /// handle's cache while the inode has not been invalidated, else read) or the end of the
+    /// unflushed writes of any handle here, whichever is larger.
+    async fn known_size(&self, h: &OpenFile) -> FsResult<u64> {
+        let generation = self.generation(h.ino);
+        let cached = h
+            .meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .filter(|m| m.generation == generation)
+            .map(|m| m.size);
+        let committed = match cached {
+            Some(size) => size,
+            None => {
+                let idx = h.pending_end(self.chunk_size) / self.chunk_size;
+                self.committed_view(h, idx, idx).await?.0
+            }
+        };
+        Ok(committed.max(self.unflushed_end(h.ino)))
     }
 
     async fn fetch_chunk(&self, rec: &ChunkRec) -> FsResult<Bytes> {
@@ -498,7 +536,8 @@ impl Fs {
             return Ok(());
         }
         let cs = self.chunk_size;
-        let per_txn = self.opts.max_txn_ops.saturating_sub(1).max(1);
+        // Chunk records + the inode + this instance's usage key.
+        let per_txn = self.opts.max_txn_ops.saturating_sub(2).max(1);
         let idxs: Vec<u64> = h.dirty.keys().copied().collect();
         for batch in idxs.chunks(per_txn) {
             // Blocks already stored for a given committed base revision: a retry whose base
@@ -608,6 +647,7 @@ impl Fs {
                     );
                 }
                 let now = now_ns();
+                txn.usage = bytes_i64(new_size).saturating_sub(bytes_i64(rec.size));
                 rec.size = new_size;
                 rec.mtime_ns = now;
                 rec.ctime_ns = now;
@@ -626,6 +666,8 @@ impl Fs {
             }
             self.set_unflushed(h.ino, h.fh, h.pending_end(cs));
         }
+        // Committed: the growth is in this instance's usage now, no longer reserved.
+        self.unreserve(h.fh);
         Ok(())
     }
 
@@ -670,7 +712,8 @@ impl Fs {
             return Err(FsError::FileTooBig);
         }
         let cs = self.chunk_size;
-        let budget = self.opts.max_txn_ops.saturating_sub(2).max(1);
+        // Chunk deletes + the last chunk's re-cut + the inode + this instance's usage key.
+        let budget = self.opts.max_txn_ops.saturating_sub(3).max(1);
         let mut attempt = 0;
         'outer: loop {
             let (mut rec, mut rev) = self.get_inode(ino).await?;
@@ -684,8 +727,12 @@ impl Fs {
             rec.mtime_ns = now;
             rec.ctime_ns = now;
             if new_size >= rec.size {
-                rec.size = new_size;
+                // Growth beyond what this instance's unflushed writes already reserved.
+                let known = rec.size.max(self.unflushed_end(ino));
+                self.check_growth(new_size.saturating_sub(known))?;
                 let mut txn = Txn::default();
+                txn.usage = bytes_i64(new_size).saturating_sub(bytes_i64(rec.size));
+                rec.size = new_size;
                 txn.cmp(ikey.clone(), rev);
                 txn.put(ikey, encode(&rec));
                 if self.commit(txn).await? {
@@ -699,8 +746,10 @@ impl Fs {
             while doomed.len() > budget {
                 let top = doomed.split_off(doomed.len() - budget);
                 let lowest = top.first().copied().unwrap_or(keep);
+                let old_size = rec.size;
                 rec.size = rec.size.min(lowest.saturating_mul(cs)).max(new_size);
                 let mut txn = Txn::default();
+                txn.usage = bytes_i64(rec.size).saturating_sub(bytes_i64(old_size));
                 txn.cmp(ikey.clone(), rev);
                 for idx in top {
                     txn.del(self.keys.chunk(ino, idx));
@@ -742,6 +791,7 @@ impl Fs {
                     }
                 }
             }
+            txn.usage = bytes_i64(new_size).saturating_sub(bytes_i64(rec.size));
             rec.size = new_size;
             txn.put(ikey, encode(&rec));
             if self.commit(txn).await? {

@@ -31,6 +31,9 @@ pub enum FsError {
     NotPermitted(&'static str),
     #[error("too many links")]
     TooManyLinks,
+    /// The volume's quota would be exceeded (ENOSPC: the quota is the filesystem's size).
+    #[error("no space left on device (volume quota reached)")]
+    NoSpace,
     #[error("device or resource busy")]
     Busy,
     #[error("operation not supported: {0}")]
@@ -64,6 +67,7 @@ impl FsError {
             FsError::NotPermitted(_) => libc::EPERM,
             FsError::TooManyLinks => libc::EMLINK,
             FsError::Busy => libc::EBUSY,
+            FsError::NoSpace => libc::ENOSPC,
             FsError::NotSupported(_) => libc::EOPNOTSUPP,
             FsError::Corrupt(_) | FsError::Kv(_) | FsError::Block(_) => libc::EIO,
             FsError::Contention(_) => libc::EAGAIN,

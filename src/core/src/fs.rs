@@ -1,7 +1,7 @@
 //! [`Fs`]: the namespace operations (the data path lives in `data.rs`).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -14,6 +14,7 @@ use crate::schema::{
     decode, decode_inode, decode_raw, encode, encode_raw, CounterRec, DirTimesRec, DirentRec,
     FileKind, InodeRec, Keys, OrphanRec, VolumeRec,
 };
+use crate::usage::{bytes_i64, encode_usage, Slot, UsageView, USAGE_SLOTS};
 
 /// The root directory's inode number (FUSE's `FUSE_ROOT_ID`).
 pub const ROOT_INO: u64 = 1;
@@ -258,6 +259,9 @@ pub(crate) struct Txn {
     empty_ranges: Vec<(Vec<u8>, Vec<u8>)>,
     /// Set when the same key was read twice with different revisions: a conflict already.
     stale: bool,
+    /// Change of the volume's usage (bytes of regular files) this transaction makes; put in
+    /// one of this instance's usage delta keys by [`Fs::commit`].
+    pub usage: i64,
 }
 
 impl Txn {
@@ -367,6 +371,19 @@ pub struct Fs {
     /// offset. Attributes handed out include them (size = max(committed, buffered end)), so a
     /// `stat` after a buffered `write` shows the new size, as POSIX requires.
     unflushed: Mutex<HashMap<u64, HashMap<u64, u64>>>,
+    /// The base and other instances' usage deltas (see [`crate::usage`]).
+    pub(crate) usage: Mutex<UsageView>,
+    /// Sum of this instance's committed usage deltas (its slots' values).
+    pub(crate) own_usage: AtomicI64,
+    /// This instance's usage delta keys, each locked from its put to the answer.
+    pub(crate) slots: Vec<futures::lock::Mutex<Slot>>,
+    pub(crate) slot_rr: AtomicUsize,
+    /// Bumped by [`Fs::usage_resync`]: slots synced at an older epoch are read back.
+    pub(crate) usage_epoch: AtomicU64,
+    /// The quota in bytes (0 = none).
+    pub(crate) quota: AtomicU64,
+    /// Growth reserved by open handles' unflushed writes: handle → bytes.
+    pub(crate) reserved: Mutex<HashMap<u64, u64>>,
 }
 
 pub(crate) fn now_ns() -> i64 {
@@ -477,6 +494,11 @@ impl Fs {
                     key: keys.counter(),
                     value: encode(&CounterRec { next: ROOT_INO + 1 }),
                 },
+                // A new volume holds no bytes: usage accounting starts from a known base.
+                TxnOp::Put {
+                    key: keys.usage_base(),
+                    value: encode_usage(0),
+                },
             ];
             if kv.txn(compares, ops).await? {
                 break vol;
@@ -500,6 +522,15 @@ impl Fs {
             generation_seq: AtomicU64::new(0),
             pending_orphans: Mutex::new(std::collections::HashSet::new()),
             unflushed: Mutex::new(HashMap::new()),
+            usage: Mutex::new(UsageView::default()),
+            own_usage: AtomicI64::new(0),
+            slots: (0..USAGE_SLOTS)
+                .map(|_| futures::lock::Mutex::new(Slot::default()))
+                .collect(),
+            slot_rr: AtomicUsize::new(0),
+            usage_epoch: AtomicU64::new(0),
+            quota: AtomicU64::new(0),
+            reserved: Mutex::new(HashMap::new()),
         })
     }
 
@@ -577,7 +608,8 @@ impl Fs {
         // Data operations batch to `max_txn_ops`; a namespace operation is a fixed handful of
         // keys (a rename replacing a directory: ~12), allowed whatever that option says.
         let limit = self.opts.max_txn_ops.max(NAMESPACE_TXN_OPS);
-        if txn.ops.len() + ranges.len() > limit
+        let usage_ops = usize::from(txn.usage != 0);
+        if txn.ops.len() + ranges.len() + usage_ops > limit
             || txn.compares.len() + txn.empty_ranges.len() > limit
         {
             return Err(FsError::Corrupt(format!(
@@ -605,7 +637,7 @@ impl Fs {
             })
             .collect();
         ops.extend(ranges);
-        Ok(self.kv.txn(compares, ops).await?)
+        self.txn_with_usage(compares, ops, txn.usage).await
     }
 
     pub(crate) async fn get_inode_opt(&self, ino: u64) -> FsResult<Option<(InodeRec, Revision)>> {
@@ -782,6 +814,9 @@ impl Fs {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(ino);
         } else {
+            if rec.kind == FileKind::File {
+                txn.usage = txn.usage.saturating_sub(bytes_i64(rec.size));
+            }
             txn.purges.push(ino);
         }
         Ok(())
@@ -803,7 +838,7 @@ impl Fs {
     }
 
     /// Where the unflushed writes of this instance's handles to `ino` end (0 = none).
-    fn unflushed_end(&self, ino: u64) -> u64 {
+    pub(crate) fn unflushed_end(&self, ino: u64) -> u64 {
         let m = self.unflushed.lock().unwrap_or_else(|e| e.into_inner());
         m.get(&ino)
             .and_then(|per| per.values().copied().max())
@@ -1756,6 +1791,9 @@ impl Fs {
             txn.cmp(self.keys.inode(ino), rev);
             txn.del(self.keys.inode(ino));
             txn.del(self.keys.orphan(ino));
+            if rec.kind == FileKind::File {
+                txn.usage = -bytes_i64(rec.size);
+            }
             if self.commit(txn).await? {
                 return Ok(());
             }

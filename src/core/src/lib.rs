@@ -19,6 +19,8 @@
 //! | `x/<ino>/<name>` | raw bytes | one key per extended attribute |
 //! | `t/<ino>` | [`schema::DirTimesRec`] | a directory's mtime/ctime since its entries last changed, written without a compare (see below) |
 //! | `o/<ino>` | [`schema::OrphanRec`] | inode with no links left whose data is still to be purged |
+//! | `usage/base` | [`schema::UsageRec`] | folded usage total: bytes of regular files (see [`usage`]) |
+//! | `usage/d/<instance>/<slot>` | [`schema::UsageRec`] | one instance's cumulative signed usage change, written only by it |
 //!
 //! * **Directory entries** carry `<hash>`, a 62-bit BLAKE3 hash of the name (≥ 16), between the
 //!   parent and the name. A directory listing is a range scan of `d/<parent>/`, ordered by
@@ -96,6 +98,7 @@ pub mod fs;
 pub mod kv;
 pub mod scan;
 pub mod schema;
+pub mod usage;
 
 pub use blocks::{BlockError, BlockIo, CachedBlocks, MemBlocks};
 pub use data::OpenFile;

@@ -117,6 +117,13 @@ pub struct OrphanRec {
     pub owner: u64,
 }
 
+/// `usage/base` and `usage/d/<instance>/<slot>`: bytes of regular files (apparent size), the
+/// folded total or one instance's cumulative signed change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRec {
+    pub bytes: i64,
+}
+
 /// `m`: the volume's own parameters, fixed at format time.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeRec {
@@ -245,6 +252,10 @@ impl Keys {
     pub fn inode(&self, ino: u64) -> Vec<u8> {
         self.with(&format!("i/{ino:016x}"))
     }
+    /// Prefix of every inode record of the volume.
+    pub fn all_inodes(&self) -> Vec<u8> {
+        self.with("i/")
+    }
     pub fn dir_times(&self, ino: u64) -> Vec<u8> {
         self.with(&format!("t/{ino:016x}"))
     }
@@ -260,6 +271,36 @@ impl Keys {
             .strip_prefix(self.orphans().as_slice())
             .ok_or_else(|| FsError::Corrupt("bad orphan key".into()))?;
         parse_hex16(rest)
+    }
+    /// `usage/base`: the folded usage total of the volume ([`UsageRec`]).
+    pub fn usage_base(&self) -> Vec<u8> {
+        self.with("usage/base")
+    }
+    /// Prefix of every usage key (`usage/base` and the per-instance deltas).
+    pub fn usage(&self) -> Vec<u8> {
+        self.with("usage/")
+    }
+    /// Prefix of every per-instance usage delta key.
+    pub fn usage_deltas(&self) -> Vec<u8> {
+        self.with("usage/d/")
+    }
+    /// Prefix of the usage delta keys of one instance.
+    pub fn usage_deltas_of(&self, instance: u64) -> Vec<u8> {
+        self.with(&format!("usage/d/{instance:016x}/"))
+    }
+    /// `usage/d/<instance>/<slot>`: one of an instance's cumulative usage deltas.
+    pub fn usage_delta(&self, instance: u64, slot: u64) -> Vec<u8> {
+        self.with(&format!("usage/d/{instance:016x}/{slot:016x}"))
+    }
+    /// Splits a `usage/d/<instance>/<slot>` key into (instance, slot).
+    pub fn parse_usage_delta(&self, key: &[u8]) -> FsResult<(u64, u64)> {
+        let rest = key
+            .strip_prefix(self.usage_deltas().as_slice())
+            .ok_or_else(|| FsError::Corrupt("usage key outside the volume".into()))?;
+        if rest.len() != 33 || rest[16] != b'/' {
+            return Err(FsError::Corrupt("malformed usage key".into()));
+        }
+        Ok((parse_hex16(&rest[..16])?, parse_hex16(&rest[17..])?))
     }
     pub fn dir(&self, parent: u64) -> Vec<u8> {
         self.with(&format!("d/{parent:016x}/"))

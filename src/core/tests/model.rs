@@ -593,6 +593,24 @@ fn check(model: &Model, sut: &Sut) {
         .filter(|m| !model.tree.values().any(|n| *n == MNode::File(**m)))
         .count();
     assert_eq!(orphans, open_unlinked, "orphan records");
+    // Usage accounting: base + every instance's delta = the regular files' sizes, open
+    // unlinked ones included, after every operation.
+    let usage = block_on(twinfs_core::usage::read_usage(&*sut.kv, sut.a.keys())).unwrap();
+    assert!(usage.corrupt.is_empty());
+    let accounted = usage
+        .deltas
+        .iter()
+        .fold(usage.base.expect("usage base"), |a, d| a + d.2);
+    let (files, _) = block_on(twinfs_core::usage::scan_file_bytes(&*sut.kv, sut.a.keys())).unwrap();
+    assert_eq!(
+        accounted, files as i64,
+        "usage accounting drifted: {usage:?}"
+    );
+    assert_eq!(
+        sut.a.usage_bytes() + sut.b.usage_bytes(),
+        accounted,
+        "own deltas: A and B each know their own (no watch here)"
+    );
 }
 
 fn run(ops: Vec<Op>, eager: bool) {

@@ -1,0 +1,231 @@
+//! Volume quotas through real mounts: usage accounted across mounts, ENOSPC at the write that
+//! would pass the quota, statfs showing the quota, and usage that survives a crashed mount.
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+
+/// (total, free) bytes as `statvfs` reports them.
+fn statvfs(path: &Path) -> (u64, u64) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a plain struct statvfs fills in.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    assert_eq!(r, 0, "statvfs {}", path.display());
+    let frsize = st.f_frsize as u64;
+    (st.f_blocks as u64 * frsize, st.f_bavail as u64 * frsize)
+}
+
+fn mount(c: &DevCluster, volume: &str, name: &str) -> (PathBuf, DetachOnDrop) {
+    let dir = c.dir.path().join(name);
+    // A dead mount (its process killed) is in the way of a second mount there: EEXIST.
+    if let Err(e) = fs::create_dir_all(&dir) {
+        assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::AlreadyExists,
+            "mount dir: {e}"
+        );
+    }
+    let out = run(c.cmd().arg("mount").arg(volume).arg(&dir));
+    assert!(
+        out.status.success(),
+        "mount {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (dir.clone(), DetachOnDrop(dir))
+}
+
+fn inspect(c: &DevCluster, volume: &str) -> Value {
+    let out = c.ok(&["volume", "inspect", volume, "--json"]);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad JSON ({e}): {out}"))
+}
+
+/// Writes `data` in 1 MiB writes; returns how many bytes the writes accepted and the error
+/// that stopped them, if any.
+fn write_in_mibs(path: &Path, data: &[u8]) -> (usize, Option<std::io::Error>) {
+    let mut f = fs::File::create(path).expect("create");
+    let mut done = 0;
+    for piece in data.chunks(MIB as usize) {
+        match f.write(piece) {
+            Ok(n) => {
+                done += n;
+                if n < piece.len() {
+                    // A short write: the next one reports why.
+                    if let Err(e) = f.write(&piece[n..]) {
+                        return (done, Some(e));
+                    }
+                }
+            }
+            Err(e) => return (done, Some(e)),
+        }
+    }
+    if let Err(e) = f.sync_all() {
+        return (done, Some(e));
+    }
+    (done, None)
+}
+
+#[test]
+fn a_quota_holds_across_two_mounts() {
+    let c = DevCluster::up(2, 10);
+    c.ok(&["volume", "create", "q", "--quota", "8M"]);
+    let (a, _ga) = mount(&c, "q", "qa");
+    let (b, _gb) = mount(&c, "q", "qb");
+
+    let six = random_bytes(6 * MIB as usize);
+    fs::write(a.join("six"), &six).expect("6 MiB through A fit in 8 MiB");
+
+    // Both mounts report the quota as the size and what is left as free (B within the
+    // watch's latency).
+    for m in [&a, &b] {
+        let seen = wait_for(Duration::from_secs(5), || {
+            let (total, free) = statvfs(m);
+            total == 8 * MIB && free == 2 * MIB
+        });
+        assert!(
+            seen.is_some(),
+            "statvfs on {}: {:?}",
+            m.display(),
+            statvfs(m)
+        );
+    }
+
+    // B may add 2 MiB: the third 1 MiB write fails with ENOSPC, the first two are kept.
+    let four = random_bytes(4 * MIB as usize);
+    let (done, err) = write_in_mibs(&b.join("four"), &four);
+    let err = err.expect("writing 4 MiB more must fail");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    assert_eq!(done as u64, 2 * MIB, "bytes accepted before ENOSPC");
+    let kept = fs::read(b.join("four")).expect("read back");
+    assert_eq!(kept.len() as u64, 2 * MIB);
+    assert!(
+        kept == four[..2 * MIB as usize],
+        "what was written before ENOSPC is intact"
+    );
+    assert_eq!(
+        fs::read(a.join("four")).expect("through A").len() as u64,
+        2 * MIB
+    );
+    let (_, free) = statvfs(&a);
+    assert_eq!(free, 0, "df shows the volume full");
+    let info = inspect(&c, "q");
+    assert_eq!(info["bytes_used"], 8 * MIB, "{info}");
+    assert_eq!(info["quota_bytes"], 8 * MIB, "{info}");
+
+    // Overwriting inside a file's size still works at the limit.
+    {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .open(b.join("four"))
+            .expect("open");
+        f.write_all(&four[..MIB as usize])
+            .expect("overwrite within the size");
+    }
+
+    // Deleting A's file gives the space back to B.
+    fs::remove_file(a.join("six")).expect("unlink");
+    assert!(
+        wait_for(Duration::from_secs(5), || statvfs(&b).1 == 6 * MIB).is_some(),
+        "B sees the space come back: {:?}",
+        statvfs(&b)
+    );
+    fs::remove_file(b.join("four")).expect("unlink");
+    let (done, err) = write_in_mibs(&b.join("again"), &four);
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(done as u64, 4 * MIB);
+    assert_eq!(fs::read(a.join("again")).expect("through A"), four);
+    let info = inspect(&c, "q");
+    assert_eq!(info["bytes_used"], 4 * MIB, "{info}");
+    assert_eq!(info["bytes_in_files"], 4 * MIB, "{info}");
+    let list: Value = serde_json::from_str(&c.ok(&["volume", "list", "--json"])).expect("json");
+    assert_eq!(list[0]["bytes_used"], 4 * MIB, "{list}");
+}
+
+#[test]
+fn usage_survives_a_crashed_mount() {
+    let c = DevCluster::up(2, 10);
+    c.ok(&["volume", "create", "q", "--quota", "1G"]);
+    let (a, _ga) = mount(&c, "q", "qa");
+    fs::write(a.join("one"), random_bytes(3 * MIB as usize + 17)).expect("write");
+    fs::write(a.join("two"), random_bytes(1_234_567)).expect("write");
+    fs::write(a.join("gone"), random_bytes(MIB as usize)).expect("write");
+    fs::remove_file(a.join("gone")).expect("unlink");
+    {
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(a.join("one"))
+            .expect("open");
+        f.set_len(2 * MIB).expect("truncate");
+    }
+    let info = inspect(&c, "q");
+    let pid = info["mounts"][0]["pid"].as_u64().expect("mount pid") as i32;
+    // Written but never closed: lost with the mount (its name stays, empty). No process may
+    // be started from here to the kill: a fork's exec closes its copy of the descriptor, and
+    // that close flushes.
+    let mut open = fs::File::create(a.join("unflushed")).expect("create");
+    open.write_all(&[1u8; 1000]).expect("write");
+    // SAFETY: kill(2) has no memory-safety preconditions; the PID is this test's mount.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    assert!(
+        wait_for(Duration::from_secs(5), || !alive(pid as u32)).is_some(),
+        "mount killed"
+    );
+    drop(open);
+
+    // Mounted again over the dead mount (for a second after the crash the kernel's cached
+    // attributes make it look alive, and the mount is refused): the usage is exactly the
+    // bytes of the files there.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (a2, _ga2) = mount(&c, "q", "qa");
+    let present: u64 = fs::read_dir(&a2)
+        .expect("readdir")
+        .map(|e| e.expect("entry").metadata().expect("stat").len())
+        .sum();
+    assert_eq!(present, 2 * MIB + 1_234_567);
+    let info = inspect(&c, "q");
+    assert_eq!(info["bytes_used"], present, "{info}");
+    assert_eq!(info["bytes_in_files"], present, "{info}");
+    let (_, free) = statvfs(&a2);
+    assert_eq!(
+        free,
+        ((1 << 30) - present) / 4096 * 4096,
+        "free, in 4 KiB blocks"
+    );
+
+    // Once the crashed mount's registration has expired, the new mount folds its keys into
+    // the base (15 s after its start); a clean unmount folds its own. The total stays exact.
+    assert!(
+        wait_for(Duration::from_secs(40), || inspect(&c, "q")
+            ["usage_instances"]
+            == 0)
+        .is_some(),
+        "{}",
+        inspect(&c, "q")
+    );
+    let out = run(c.cmd().arg("umount").arg(&a2));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || inspect(&c, "q")["mounts"]
+            .as_array()
+            .is_some_and(|m| m.is_empty()))
+        .is_some(),
+        "the mount left"
+    );
+    let info = inspect(&c, "q");
+    assert_eq!(info["usage_instances"], 0, "{info}");
+    assert_eq!(info["bytes_used"], present, "{info}");
+}

@@ -68,15 +68,28 @@ struct Handle_ {
     prefetched: AtomicU64,
 }
 
+/// What the kernel was last told about an inode.
+#[derive(Debug, Clone, Copy)]
+struct Told {
+    size: u64,
+    mtime_ns: i64,
+    /// Another node changed the file's content since the kernel may have cached its pages. Set
+    /// by the watch, cleared by the next open, which then drops the pages. Without it, a lookup
+    /// answered with the new attributes between the watch's event and the kernel's page
+    /// invalidation (which runs on another thread) made the next open keep stale pages: the
+    /// stale read that kept the watch-fed lookup cache switched off.
+    pages_stale: bool,
+}
+
 /// State shared by the fuser threads, the tokio tasks and the watch.
 pub struct Shared {
     pub fs: Arc<Fs>,
     pub attr_ttl: Duration,
     pub stats: MountStats,
     handles: Mutex<HashMap<u64, Arc<Handle_>>>,
-    /// (size, mtime) of each inode as last handed to the kernel, to detect at open time that
-    /// another node changed the file.
-    told_kernel: Mutex<HashMap<u64, (u64, i64)>>,
+    /// What the kernel was last handed about each inode, to decide at open time whether its
+    /// cached pages of the file may be kept.
+    told_kernel: Mutex<HashMap<u64, Told>>,
     notifier: OnceLock<Notifier>,
     space: SpaceFn,
 }
@@ -103,12 +116,14 @@ impl Shared {
         self.notifier.get()
     }
 
-    /// The watch saw another node change `ino`: forget what we told the kernel about it.
-    pub fn forget_told(&self, ino: u64) {
-        self.told_kernel
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&ino);
+    /// The watch saw another node change `ino` (`data`: its size or mtime). Called before the
+    /// new values reach any cache, so that whatever attributes are handed out afterwards, the
+    /// next open does not keep pages the kernel cached before the change.
+    pub fn changed_elsewhere(&self, ino: u64, data: bool) {
+        let mut told = self.told_kernel.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = told.get_mut(&ino) {
+            t.pages_stale |= data;
+        }
     }
 
     /// Inodes the kernel may hold cached attributes for.
@@ -122,10 +137,16 @@ impl Shared {
     }
 
     fn told(&self, a: &Attr) {
-        self.told_kernel
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(a.ino, (a.size, a.mtime_ns));
+        let mut told = self.told_kernel.lock().unwrap_or_else(|e| e.into_inner());
+        let t = told.entry(a.ino).or_insert(Told {
+            size: a.size,
+            mtime_ns: a.mtime_ns,
+            pages_stale: false,
+        });
+        // Handing out new attributes does not make cached pages fresh: only an open without
+        // KEEP_CACHE (which drops them) clears `pages_stale`.
+        t.size = a.size;
+        t.mtime_ns = a.mtime_ns;
     }
 
     fn handle(&self, fh: FileHandle) -> Option<Arc<Handle_>> {
@@ -1120,9 +1141,18 @@ impl TwinFs {
             .told_kernel
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(fresh.ino, (fresh.size, fresh.mtime_ns));
+            .insert(
+                fresh.ino,
+                Told {
+                    size: fresh.size,
+                    mtime_ns: fresh.mtime_ns,
+                    pages_stale: false,
+                },
+            );
         match before {
-            Some(b) if b == (fresh.size, fresh.mtime_ns) => FopenFlags::FOPEN_KEEP_CACHE,
+            Some(b) if !b.pages_stale && (b.size, b.mtime_ns) == (fresh.size, fresh.mtime_ns) => {
+                FopenFlags::FOPEN_KEEP_CACHE
+            }
             _ => {
                 if let Some(n) = self.shared.notifier() {
                     // Attributes only (offset -1): a quick call that takes no inode lock, so it

@@ -220,8 +220,15 @@ async fn follow(
                         notices.push(inv);
                     }
                 }
-                // Caches first, then the kernel: a kernel that re-asks at once must get the
-                // new values.
+                // Mark what changed before any cache can serve the new values (see
+                // `Shared::changed_elsewhere`), then the caches, then the kernel: a kernel that
+                // re-asks at once must get the new values.
+                for inv in &notices {
+                    if let Invalidation::Inode { ino, data } = inv {
+                        shared.fs.invalidate(*ino);
+                        shared.changed_elsewhere(*ino, *data);
+                    }
+                }
                 cache.cache_apply(&changes, upto);
                 if !usage.is_empty() {
                     for w in shared.fs.usage_apply(&usage) {
@@ -229,10 +236,6 @@ async fn follow(
                     }
                 }
                 for inv in notices {
-                    if let Invalidation::Inode { ino, .. } = &inv {
-                        shared.fs.invalidate(*ino);
-                        shared.forget_told(*ino);
-                    }
                     if tx.send(Notice::One(inv)).is_err() {
                         return Ok(());
                     }
@@ -251,7 +254,7 @@ async fn follow(
                 shared.fs.invalidate_all();
                 let inos = shared.told_inodes();
                 for ino in &inos {
-                    shared.forget_told(*ino);
+                    shared.changed_elsewhere(*ino, true);
                 }
                 if tx.send(Notice::Inodes(inos)).is_err() {
                     return;

@@ -62,9 +62,10 @@ pub struct FsOptions {
     pub sleep: Option<Sleeper>,
     /// Background execution for eager block uploads; `None` stores every block at flush.
     pub spawn: Option<Spawner>,
-    /// Answer lookup and getattr of files from [`MetaKv::cached`]. Off by default: with it on,
-    /// `tests/filesystem.rs` saw a reader read stale data once after the writer's close (in
-    /// 1 of about 10 runs), which breaks close-to-open; the cause is not found yet.
+    /// Answer lookup and getattr of files from [`MetaKv::cached`] (the values the volume's
+    /// watch delivered). Close-to-open still holds because `open` reads the store and the mount
+    /// drops the kernel's pages of any file the watch saw change (see the FUSE adapter's
+    /// `pages_stale`).
     pub cached_lookups: bool,
 }
 
@@ -78,7 +79,7 @@ impl Default for FsOptions {
             ino_batch: 1024,
             sleep: None,
             spawn: None,
-            cached_lookups: false,
+            cached_lookups: true,
         }
     }
 }

@@ -130,7 +130,7 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
     let got = socket.recv_buffer_size().unwrap_or(0);
     // Linux reports twice the size granted (bookkeeping overhead included).
-    if got < SOCKET_BUFFER {
+    if got / 2 < SOCKET_BUFFER {
         tracing::info!(
             asked = SOCKET_BUFFER,
             granted = got / 2,

@@ -345,6 +345,13 @@ impl Stage {
     }
 }
 
+/// An unlink's inputs as the watch cache knows them (each with its mod revision).
+struct CachedUnlink {
+    parent: (InodeRec, Revision),
+    entry: (DirentRec, Revision),
+    child: (InodeRec, Revision),
+}
+
 /// The filesystem core of one volume, as seen by one node. Cheap to share (`Arc<Fs>`); every
 /// method takes `&self`. Several `Fs` over the same [`MetaKv`] (one per node) stay consistent
 /// through optimistic transactions.
@@ -1239,18 +1246,37 @@ impl Fs {
             let mut stage = Stage::default();
             let mut txn = Txn::default();
             let now = now_ns();
-            let entry = self.stage_dir_and_entry(&mut stage, parent, name).await?;
-            let p = stage.look(self, parent).await?;
-            if p.kind != FileKind::Dir {
-                return Err(FsError::NotDir);
-            }
+            // First try: parent, entry and inode as the watch cache knows them, no read at
+            // all. The transaction compares all three, so a stale cache only makes it fail and
+            // the retry reads etcd; anything but the plain case (a file that is there) goes to
+            // etcd at once, so no error is ever answered from the cache.
+            let cached = if attempt == 0 {
+                self.cached_unlink_inputs(parent, name)
+            } else {
+                None
+            };
+            let (d, drev) = match cached {
+                Some(c) => {
+                    stage.insert(parent, c.parent.0, c.parent.1);
+                    stage.insert(c.entry.0.ino, c.child.0, c.child.1);
+                    c.entry
+                }
+                None => {
+                    let entry = self.stage_dir_and_entry(&mut stage, parent, name).await?;
+                    let p = stage.look(self, parent).await?;
+                    if p.kind != FileKind::Dir {
+                        return Err(FsError::NotDir);
+                    }
+                    let (d, drev) = entry.ok_or(FsError::NotFound)?;
+                    if d.kind == FileKind::Dir {
+                        return Err(FsError::IsDir);
+                    }
+                    stage.load(self, d.ino).await?;
+                    (d, drev)
+                }
+            };
             self.touch_dir(&mut txn, parent, now);
             let dkey = self.keys.dirent(parent, name);
-            let (d, drev) = entry.ok_or(FsError::NotFound)?;
-            if d.kind == FileKind::Dir {
-                return Err(FsError::IsDir);
-            }
-            stage.load(self, d.ino).await?;
             txn.cmp(dkey.clone(), drev);
             txn.del(dkey);
             self.drop_link(&mut stage, &mut txn, d.ino, now)?;
@@ -1260,6 +1286,37 @@ impl Fs {
             }
             self.backoff(&mut attempt).await?;
         }
+    }
+
+    /// What an unlink of `parent`/`name` reads, from the watch cache, when it has all of it and
+    /// it describes the plain case: `parent` a directory, `name` a non-directory present in it.
+    fn cached_unlink_inputs(&self, parent: u64, name: &[u8]) -> Option<CachedUnlink> {
+        if !self.opts.cached_lookups {
+            return None;
+        }
+        let pkey = self.keys.inode(parent);
+        let (pv, prev) = self.kv.cached(&pkey)?;
+        let prec = decode_inode(&pkey, &pv).ok()?;
+        if prec.kind != FileKind::Dir {
+            return None;
+        }
+        let dkey = self.keys.dirent(parent, name);
+        let (dv, drev) = self.kv.cached(&dkey)?;
+        let d: DirentRec = decode(&dkey, &dv).ok()?;
+        if d.kind == FileKind::Dir {
+            return None;
+        }
+        let ikey = self.keys.inode(d.ino);
+        let (iv, irev) = self.kv.cached(&ikey)?;
+        let rec = decode_inode(&ikey, &iv).ok()?;
+        if rec.kind != d.kind || rec.nlink == 0 {
+            return None;
+        }
+        Some(CachedUnlink {
+            parent: (prec, prev),
+            entry: (d, drev),
+            child: (rec, irev),
+        })
     }
 
     /// Removes an empty directory.

@@ -116,6 +116,18 @@ type Snapshot = std::collections::HashMap<Vec<u8>, (Vec<u8>, i64)>;
 struct StaleCache {
     inner: Arc<MemKv>,
     snapshot: std::sync::Mutex<Snapshot>,
+    /// Reads that went to the store (not the cache).
+    reads: std::sync::atomic::AtomicU64,
+}
+
+impl StaleCache {
+    fn read(&self) {
+        self.reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn reads(&self) -> u64 {
+        self.reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl StaleCache {
@@ -135,6 +147,7 @@ impl twinfs_core::MetaKv for StaleCache {
         key: &'a [u8],
     ) -> futures::future::BoxFuture<'a, Result<twinfs_core::kv::Versioned, twinfs_core::KvError>>
     {
+        self.read();
         self.inner.get(key)
     }
     fn range<'a>(
@@ -143,6 +156,7 @@ impl twinfs_core::MetaKv for StaleCache {
         end: &'a [u8],
         limit: usize,
     ) -> futures::future::BoxFuture<'a, Result<twinfs_core::RangePage, twinfs_core::KvError>> {
+        self.read();
         self.inner.range(start, end, limit)
     }
     fn txn(
@@ -157,6 +171,7 @@ impl twinfs_core::MetaKv for StaleCache {
         keys: &'a [Vec<u8>],
     ) -> futures::future::BoxFuture<'a, Result<Vec<twinfs_core::kv::Versioned>, twinfs_core::KvError>>
     {
+        self.read();
         self.inner.get_many(keys)
     }
     fn get_many_and_range<'a>(
@@ -169,6 +184,7 @@ impl twinfs_core::MetaKv for StaleCache {
         'a,
         Result<(Vec<twinfs_core::kv::Versioned>, twinfs_core::RangePage), twinfs_core::KvError>,
     > {
+        self.read();
         self.inner.get_many_and_range(keys, start, end, limit)
     }
     fn cached(&self, key: &[u8]) -> twinfs_core::kv::Versioned {
@@ -182,6 +198,7 @@ fn a_stale_metadata_cache_never_makes_a_wrong_answer() {
     let kv = Arc::new(StaleCache {
         inner: mem.clone(),
         snapshot: Default::default(),
+        reads: Default::default(),
     });
     let blocks = Arc::new(MemBlocks::new());
     let a = block_on(Fs::open_volume(
@@ -233,4 +250,77 @@ fn a_stale_metadata_cache_never_makes_a_wrong_answer() {
         Err(FsError::NotFound)
     );
     assert!(block_on(b.readdir(ROOT_INO, 0, 10)).unwrap().is_empty());
+}
+
+#[test]
+fn unlinks_from_a_stale_cache_remove_exactly_what_etcd_holds() {
+    let mem = Arc::new(MemKv::new());
+    let kv = Arc::new(StaleCache {
+        inner: mem.clone(),
+        snapshot: Default::default(),
+        reads: Default::default(),
+    });
+    let blocks = Arc::new(MemBlocks::new());
+    let a = block_on(Fs::open_volume(
+        kv.clone(),
+        blocks.clone(),
+        "v",
+        FsOptions::default(),
+    ))
+    .unwrap();
+    let b = block_on(Fs::open_volume(
+        mem.clone(),
+        blocks,
+        "v",
+        FsOptions::default(),
+    ))
+    .unwrap();
+    for name in [&b"gone"[..], b"linked", b"replaced", b"plain"] {
+        block_on(a.create(ROOT_INO, name, 0o644, 0, 0, true)).unwrap();
+    }
+    let old_replaced = block_on(a.lookup(ROOT_INO, b"replaced")).unwrap().ino;
+    kv.freeze();
+
+    // The plain case: the cache is right, and the unlink needs no read and no retry.
+    let (failed_before, reads_before) = (mem.stats().failed_txns, kv.reads());
+    block_on(a.unlink(ROOT_INO, b"plain")).unwrap();
+    assert_eq!(mem.stats().failed_txns, failed_before, "one transaction");
+    assert_eq!(kv.reads(), reads_before, "no read: all from the cache");
+    assert_eq!(
+        block_on(b.lookup(ROOT_INO, b"plain")).map(|_| ()),
+        Err(FsError::NotFound)
+    );
+
+    // After the snapshot, B removes one name, hard-links another and replaces a third.
+    block_on(b.unlink(ROOT_INO, b"gone")).unwrap();
+    let linked = block_on(b.lookup(ROOT_INO, b"linked")).unwrap().ino;
+    block_on(b.link(linked, ROOT_INO, b"linked2")).unwrap();
+    block_on(b.create(ROOT_INO, b"new", 0o644, 0, 0, true)).unwrap();
+    block_on(b.rename(ROOT_INO, b"new", ROOT_INO, b"replaced", Default::default())).unwrap();
+
+    // The cache still shows the old state; each unlink must act on etcd's.
+    assert_eq!(
+        block_on(a.unlink(ROOT_INO, b"gone")),
+        Err(FsError::NotFound)
+    );
+    block_on(a.unlink(ROOT_INO, b"linked")).unwrap();
+    let survivor = block_on(b.lookup(ROOT_INO, b"linked2")).unwrap();
+    assert_eq!(survivor.ino, linked);
+    assert_eq!(survivor.nlink, 1, "the other link keeps the inode");
+    block_on(a.unlink(ROOT_INO, b"replaced")).unwrap();
+    assert_eq!(
+        block_on(b.lookup(ROOT_INO, b"replaced")).map(|_| ()),
+        Err(FsError::NotFound)
+    );
+    assert_eq!(
+        block_on(b.getattr(old_replaced)).map(|_| ()),
+        Err(FsError::NotFound),
+        "the replaced inode went with the rename"
+    );
+    let names: Vec<Vec<u8>> = block_on(b.readdir(ROOT_INO, 0, 10))
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, vec![b"linked2".to_vec()]);
 }

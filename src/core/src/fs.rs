@@ -953,19 +953,31 @@ impl Fs {
     /// both there (regular files and other non-directories: a directory's times may live in a
     /// key the cache cannot vouch for). Anything odd falls back to etcd.
     fn lookup_cached(&self, parent: u64, name: &[u8]) -> Option<Attr> {
+        let ((d, _), (rec, _)) = self.cached_file_entry(parent, name)?;
+        Some(self.local_attr(d.ino, &rec))
+    }
+
+    /// Entry `name` of `parent` and its inode from the watch cache, each with its revision,
+    /// when the cache has both and they agree on a linked non-directory.
+    #[allow(clippy::type_complexity)]
+    fn cached_file_entry(
+        &self,
+        parent: u64,
+        name: &[u8],
+    ) -> Option<((DirentRec, Revision), (InodeRec, Revision))> {
         let dkey = self.keys.dirent(parent, name);
-        let (dv, _) = self.kv.cached(&dkey)?;
+        let (dv, drev) = self.kv.cached(&dkey)?;
         let d: DirentRec = decode(&dkey, &dv).ok()?;
         if d.kind == FileKind::Dir {
             return None;
         }
         let ikey = self.keys.inode(d.ino);
-        let (iv, _) = self.kv.cached(&ikey)?;
+        let (iv, irev) = self.kv.cached(&ikey)?;
         let rec = decode_inode(&ikey, &iv).ok()?;
         if rec.nlink == 0 || rec.kind != d.kind {
             return None;
         }
-        Some(self.local_attr(d.ino, &rec))
+        Some(((d, drev), (rec, irev)))
     }
 
     /// The entry `name` of `parent` and `parent`'s inode, read together in one round trip.
@@ -1300,22 +1312,11 @@ impl Fs {
         if prec.kind != FileKind::Dir {
             return None;
         }
-        let dkey = self.keys.dirent(parent, name);
-        let (dv, drev) = self.kv.cached(&dkey)?;
-        let d: DirentRec = decode(&dkey, &dv).ok()?;
-        if d.kind == FileKind::Dir {
-            return None;
-        }
-        let ikey = self.keys.inode(d.ino);
-        let (iv, irev) = self.kv.cached(&ikey)?;
-        let rec = decode_inode(&ikey, &iv).ok()?;
-        if rec.kind != d.kind || rec.nlink == 0 {
-            return None;
-        }
+        let (entry, child) = self.cached_file_entry(parent, name)?;
         Some(CachedUnlink {
             parent: (prec, prev),
-            entry: (d, drev),
-            child: (rec, irev),
+            entry,
+            child,
         })
     }
 

@@ -192,8 +192,9 @@ impl twinfs_core::MetaKv for StaleCache {
     }
 }
 
-#[test]
-fn a_stale_metadata_cache_never_makes_a_wrong_answer() {
+/// Two instances of one volume: A reads through a cache that [`StaleCache::freeze`] fixes in
+/// time, B reads the store directly.
+fn stale_pair() -> (Arc<MemKv>, Arc<StaleCache>, Fs, Fs) {
     let mem = Arc::new(MemKv::new());
     let kv = Arc::new(StaleCache {
         inner: mem.clone(),
@@ -215,6 +216,12 @@ fn a_stale_metadata_cache_never_makes_a_wrong_answer() {
         FsOptions::default(),
     ))
     .unwrap();
+    (mem, kv, a, b)
+}
+
+#[test]
+fn a_stale_metadata_cache_never_makes_a_wrong_answer() {
+    let (mem, kv, a, b) = stale_pair();
     let dir = block_on(a.mkdir(ROOT_INO, b"d", 0o755, 0, 0)).unwrap();
     kv.freeze();
     // After the snapshot: B changes the directory (chmod) and creates a name in it.
@@ -254,27 +261,7 @@ fn a_stale_metadata_cache_never_makes_a_wrong_answer() {
 
 #[test]
 fn unlinks_from_a_stale_cache_remove_exactly_what_etcd_holds() {
-    let mem = Arc::new(MemKv::new());
-    let kv = Arc::new(StaleCache {
-        inner: mem.clone(),
-        snapshot: Default::default(),
-        reads: Default::default(),
-    });
-    let blocks = Arc::new(MemBlocks::new());
-    let a = block_on(Fs::open_volume(
-        kv.clone(),
-        blocks.clone(),
-        "v",
-        FsOptions::default(),
-    ))
-    .unwrap();
-    let b = block_on(Fs::open_volume(
-        mem.clone(),
-        blocks,
-        "v",
-        FsOptions::default(),
-    ))
-    .unwrap();
+    let (mem, kv, a, b) = stale_pair();
     for name in [&b"gone"[..], b"linked", b"replaced", b"plain"] {
         block_on(a.create(ROOT_INO, name, 0o644, 0, 0, true)).unwrap();
     }

@@ -68,7 +68,8 @@ struct Handle_ {
     prefetched: AtomicU64,
 }
 
-/// What the kernel was last told about an inode.
+/// The version (size, mtime) of an inode the kernel's cached pages may date from: what the
+/// last open on this mount found, or what the kernel was first told.
 #[derive(Debug, Clone, Copy)]
 struct Told {
     size: u64,
@@ -137,16 +138,18 @@ impl Shared {
     }
 
     fn told(&self, a: &Attr) {
+        // Only the first time: afterwards the entry keeps the version the kernel's pages were
+        // opened at (set by `revalidate_for_open`). Handing out newer attributes (a lookup
+        // answered from etcd before the watch's event arrived) does not make those pages
+        // fresh; updating the entry here let the next open keep stale pages (round 57 of
+        // the overwrite test in one CI run). Own writes change mtime too, so the next open
+        // of an own-written file drops its pages: a re-read from the block cache, never stale.
         let mut told = self.told_kernel.lock().unwrap_or_else(|e| e.into_inner());
-        let t = told.entry(a.ino).or_insert(Told {
+        told.entry(a.ino).or_insert(Told {
             size: a.size,
             mtime_ns: a.mtime_ns,
             pages_stale: false,
         });
-        // Handing out new attributes does not make cached pages fresh: only an open without
-        // KEEP_CACHE (which drops them) clears `pages_stale`.
-        t.size = a.size;
-        t.mtime_ns = a.mtime_ns;
     }
 
     fn handle(&self, fh: FileHandle) -> Option<Arc<Handle_>> {

@@ -63,9 +63,11 @@ pub struct FsOptions {
     /// Background execution for eager block uploads; `None` stores every block at flush.
     pub spawn: Option<Spawner>,
     /// Answer lookup and getattr of files from [`MetaKv::cached`] (the values the volume's
-    /// watch delivered). Close-to-open still holds because `open` reads the store and the mount
-    /// drops the kernel's pages of any file the watch saw change (see the FUSE adapter's
-    /// `pages_stale`).
+    /// watch delivered). Off: with it on, the 150-round overwrite test in tests/filesystem.rs
+    /// still reads stale data after the writer's close in about 1 run of 3 (rounds 50, 57,
+    /// 113 seen), also in rounds without a `stat`; the cause is not found yet. (Unlink's and
+    /// create's first attempts use the cache regardless: their transactions compare what they
+    /// read.)
     pub cached_lookups: bool,
 }
 
@@ -79,7 +81,7 @@ impl Default for FsOptions {
             ino_batch: 1024,
             sleep: None,
             spawn: None,
-            cached_lookups: true,
+            cached_lookups: false,
         }
     }
 }
@@ -1303,9 +1305,6 @@ impl Fs {
     /// What an unlink of `parent`/`name` reads, from the watch cache, when it has all of it and
     /// it describes the plain case: `parent` a directory, `name` a non-directory present in it.
     fn cached_unlink_inputs(&self, parent: u64, name: &[u8]) -> Option<CachedUnlink> {
-        if !self.opts.cached_lookups {
-            return None;
-        }
         let pkey = self.keys.inode(parent);
         let (pv, prev) = self.kv.cached(&pkey)?;
         let prec = decode_inode(&pkey, &pv).ok()?;

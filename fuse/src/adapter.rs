@@ -77,8 +77,9 @@ struct Told {
     /// Another node changed the file's content since the kernel may have cached its pages. Set
     /// by the watch, cleared by the next open, which then drops the pages. Without it, a lookup
     /// answered with the new attributes between the watch's event and the kernel's page
-    /// invalidation (which runs on another thread) made the next open keep stale pages: the
-    /// stale read that kept the watch-fed lookup cache switched off.
+    /// invalidation (which runs on another thread) made the next open keep stale pages (the
+    /// first of two stale reads the overwrite test found with the watch-fed lookup cache on;
+    /// the second is the read floor in `EtcdKv::cached`).
     pages_stale: bool,
 }
 

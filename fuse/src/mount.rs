@@ -256,8 +256,12 @@ async fn open(cfg: &MountConfig, mountpoint: &Path) -> Result<Opened> {
         Arc::new(ClusterBlocks::new(client)),
         cfg.cache_bytes,
     ));
-    let kv = Arc::new(EtcdKv::new(etcd.clone()).with_timeout(cfg.etcd_timeout));
     let keys = Keys::new(&cfg.volume);
+    let kv = Arc::new(
+        EtcdKv::new(etcd.clone())
+            .with_timeout(cfg.etcd_timeout)
+            .with_cache_prefix(keys.prefix()),
+    );
     // The revision our view starts at: the watch reports every change after it.
     let mut c = etcd.clone();
     let start_revision = tokio::time::timeout(
@@ -278,6 +282,7 @@ async fn open(cfg: &MountConfig, mountpoint: &Path) -> Result<Opened> {
         FsOptions {
             chunk_size: record.chunk_size,
             max_dirty_bytes: cfg.write_buffer_bytes,
+            cached_lookups: true,
             sleep: Some(sleep),
             spawn: Some(Arc::new(|f| {
                 tokio::spawn(f);

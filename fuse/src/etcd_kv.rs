@@ -658,6 +658,19 @@ impl MetaKv for EtcdKv {
         hit
     }
 
+    /// From the watch cache while it follows etcd, whatever the floor.
+    fn cached_to_compare(&self, key: &[u8]) -> Versioned {
+        let mut c = self.cache();
+        if !c.valid {
+            return None;
+        }
+        let hit = c.map.get(key).cloned();
+        if hit.is_some() {
+            c.hits += 1;
+        }
+        hit
+    }
+
     fn get_many_and_range<'a>(
         &'a self,
         keys: &'a [Vec<u8>],

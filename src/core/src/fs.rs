@@ -955,26 +955,35 @@ impl Fs {
     /// both there (regular files and other non-directories: a directory's times may live in a
     /// key the cache cannot vouch for). Anything odd falls back to etcd.
     fn lookup_cached(&self, parent: u64, name: &[u8]) -> Option<Attr> {
-        let ((d, _), (rec, _)) = self.cached_file_entry(parent, name)?;
+        let ((d, _), (rec, _)) = self.cached_file_entry(parent, name, false)?;
         Some(self.local_attr(d.ino, &rec))
     }
 
     /// Entry `name` of `parent` and its inode from the watch cache, each with its revision,
-    /// when the cache has both and they agree on a linked non-directory.
+    /// when the cache has both and they agree on a linked non-directory. `to_compare`: for a
+    /// transaction that compares both revisions (see [`MetaKv::cached_to_compare`]).
     #[allow(clippy::type_complexity)]
     fn cached_file_entry(
         &self,
         parent: u64,
         name: &[u8],
+        to_compare: bool,
     ) -> Option<((DirentRec, Revision), (InodeRec, Revision))> {
+        let cached = |key: &[u8]| {
+            if to_compare {
+                self.kv.cached_to_compare(key)
+            } else {
+                self.kv.cached(key)
+            }
+        };
         let dkey = self.keys.dirent(parent, name);
-        let (dv, drev) = self.kv.cached(&dkey)?;
+        let (dv, drev) = cached(&dkey)?;
         let d: DirentRec = decode(&dkey, &dv).ok()?;
         if d.kind == FileKind::Dir {
             return None;
         }
         let ikey = self.keys.inode(d.ino);
-        let (iv, irev) = self.kv.cached(&ikey)?;
+        let (iv, irev) = cached(&ikey)?;
         let rec = decode_inode(&ikey, &iv).ok()?;
         if rec.nlink == 0 || rec.kind != d.kind {
             return None;
@@ -1034,7 +1043,7 @@ impl Fs {
             // cache or an existing name only makes it fail, and the retry reads etcd.
             let cached_parent = if attempt == 0 && node.kind != FileKind::Dir {
                 self.kv
-                    .cached(&self.keys.inode(parent))
+                    .cached_to_compare(&self.keys.inode(parent))
                     .and_then(|(v, rev)| {
                         Some((decode_inode(&self.keys.inode(parent), &v).ok()?, rev))
                     })
@@ -1306,12 +1315,12 @@ impl Fs {
     /// it describes the plain case: `parent` a directory, `name` a non-directory present in it.
     fn cached_unlink_inputs(&self, parent: u64, name: &[u8]) -> Option<CachedUnlink> {
         let pkey = self.keys.inode(parent);
-        let (pv, prev) = self.kv.cached(&pkey)?;
+        let (pv, prev) = self.kv.cached_to_compare(&pkey)?;
         let prec = decode_inode(&pkey, &pv).ok()?;
         if prec.kind != FileKind::Dir {
             return None;
         }
-        let (entry, child) = self.cached_file_entry(parent, name)?;
+        let (entry, child) = self.cached_file_entry(parent, name, true)?;
         Some(CachedUnlink {
             parent: (prec, prev),
             entry,

@@ -154,11 +154,20 @@ pub trait MetaKv: Send + Sync {
     ) -> BoxFuture<'a, Result<Vec<Versioned>, KvError>>;
 
     /// `key`'s value from a local cache that is at most a moment behind the store (the
-    /// mount's etcd watch feeds it), or `None` when not cached. Only for answers an
-    /// application may get from a cache anyway (lookup, getattr), never for reads that decide
-    /// a transaction. The default has no cache.
+    /// mount's etcd watch feeds it), or `None` when not cached; never older than anything this
+    /// store has already returned or committed. For answers an application may get from a
+    /// cache anyway (lookup, getattr). The default has no cache.
     fn cached(&self, _key: &[u8]) -> Versioned {
         None
+    }
+
+    /// Like [`MetaKv::cached`] but possibly older than what this store has already seen: only
+    /// for the first attempt of a transaction that compares the value's revision, where a
+    /// stale value costs one failed transaction and a retry from the store, never a wrong
+    /// answer. (A mount's own last commit has usually not come back through its watch when
+    /// the next create or unlink starts; waiting for it would cost a read each time.)
+    fn cached_to_compare(&self, key: &[u8]) -> Versioned {
+        self.cached(key)
     }
 
     /// Keys and one range `[start, end)` (at most `limit` entries, 0 = all) read at one

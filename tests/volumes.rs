@@ -435,6 +435,8 @@ fn put_rev(resp: etcd_client::PutResponse) -> i64 {
 /// older than what a read through the same store already returned. This is what keeps a
 /// `stat` right after an `open` at the version the open read from etcd: without it, a mount
 /// whose watch still held the writer's truncate answered size 0 after the writer's close.
+/// The store's own commits go into the cache at once (written through), so the lookups and
+/// directory `getattr`s that follow a create or unlink need no read.
 #[test]
 fn watch_cache_never_answers_older_than_a_read() {
     let c = DevCluster::up(1, 10);
@@ -445,44 +447,44 @@ fn watch_cache_never_answers_older_than_a_read() {
         let mut other = client.clone();
         let kv = EtcdKv::new(client.clone()).with_cache_prefix(b"/w/");
         let value = |v: &str| Some(v.as_bytes().to_vec());
-        let r1 = put_rev(other.put("/w/a", "old", None).await.expect("put"));
+        let r1 = put_rev(other.put("/w/i/a", "old", None).await.expect("put"));
         kv.cache_start(r1 - 1);
-        kv.cache_apply(&[(b"/w/a".to_vec(), value("old"), r1)], r1);
-        assert_eq!(kv.cached(b"/w/a"), Some((b"old".to_vec(), r1)));
+        kv.cache_apply(&[(b"/w/i/a".to_vec(), value("old"), r1)], r1);
+        assert_eq!(kv.cached(b"/w/i/a"), Some((b"old".to_vec(), r1)));
 
         // Another mount overwrites it; this mount's watch has not delivered that yet. Until
         // this mount sees the new value, answering the old one is a watch delay, allowed.
-        let r2 = put_rev(other.put("/w/a", "new", None).await.expect("put"));
-        assert_eq!(kv.cached(b"/w/a"), Some((b"old".to_vec(), r1)));
+        let r2 = put_rev(other.put("/w/i/a", "new", None).await.expect("put"));
+        assert_eq!(kv.cached(b"/w/i/a"), Some((b"old".to_vec(), r1)));
         // A read returns the new value: the cache answers nothing until it has caught up.
         assert_eq!(
-            kv.get(b"/w/a").await.expect("get").map(|x| x.0),
+            kv.get(b"/w/i/a").await.expect("get").map(|x| x.0),
             value("new")
         );
-        assert_eq!(kv.cached(b"/w/a"), None, "older than what was read");
-        kv.cache_apply(&[(b"/w/a".to_vec(), value("new"), r2)], r2);
-        assert_eq!(kv.cached(b"/w/a"), Some((b"new".to_vec(), r2)));
+        assert_eq!(kv.cached(b"/w/i/a"), None, "older than what was read");
+        kv.cache_apply(&[(b"/w/i/a".to_vec(), value("new"), r2)], r2);
+        assert_eq!(kv.cached(b"/w/i/a"), Some((b"new".to_vec(), r2)));
 
         // Created and deleted elsewhere; a read finds it gone before the watch delivers
         // either change. The late put is not answered, nor after the delete.
-        let r3 = put_rev(other.put("/w/b", "b", None).await.expect("put"));
+        let r3 = put_rev(other.put("/w/d/b", "b", None).await.expect("put"));
         let r4 = other
-            .delete("/w/b", None)
+            .delete("/w/d/b", None)
             .await
             .expect("delete")
             .header()
             .expect("header")
             .revision();
-        assert_eq!(kv.get_many(&[b"/w/b".to_vec()]).await, Ok(vec![None]));
-        kv.cache_apply(&[(b"/w/b".to_vec(), value("b"), r3)], r3);
+        assert_eq!(kv.get_many(&[b"/w/d/b".to_vec()]).await, Ok(vec![None]));
+        kv.cache_apply(&[(b"/w/d/b".to_vec(), value("b"), r3)], r3);
         assert_eq!(
-            kv.cached(b"/w/b"),
+            kv.cached(b"/w/d/b"),
             None,
             "a put older than the read's absence"
         );
-        kv.cache_apply(&[(b"/w/b".to_vec(), None, r4)], r4);
-        assert_eq!(kv.cached(b"/w/b"), None);
-        assert_eq!(kv.cached(b"/w/a"), Some((b"new".to_vec(), r2)));
+        kv.cache_apply(&[(b"/w/d/b".to_vec(), None, r4)], r4);
+        assert_eq!(kv.cached(b"/w/d/b"), None);
+        assert_eq!(kv.cached(b"/w/i/a"), Some((b"new".to_vec(), r2)));
 
         // Reads outside the followed prefix never hold the cache back (no watch event would
         // ever let it catch up).
@@ -491,30 +493,67 @@ fn watch_cache_never_answers_older_than_a_read() {
             kv.get(b"/elsewhere").await.expect("get").map(|x| x.0),
             value("x")
         );
-        assert_eq!(kv.cached(b"/w/a"), Some((b"new".to_vec(), r2)));
+        assert_eq!(kv.cached(b"/w/i/a"), Some((b"new".to_vec(), r2)));
 
         // A range read (a listing, a chunk map) holds it back like a get.
-        let r5 = put_rev(other.put("/w/c", "c", None).await.expect("put"));
+        let r5 = put_rev(other.put("/w/i/c", "c", None).await.expect("put"));
         let page = kv
             .range(b"/w/", &prefix_end(b"/w/"), 0)
             .await
             .expect("range");
         assert_eq!(page.entries.len(), 2);
-        assert_eq!(kv.cached(b"/w/a"), None);
-        kv.cache_apply(&[(b"/w/c".to_vec(), value("c"), r5)], r5);
-        assert_eq!(kv.cached(b"/w/a"), Some((b"new".to_vec(), r2)));
+        assert_eq!(kv.cached(b"/w/i/a"), None);
+        kv.cache_apply(&[(b"/w/i/c".to_vec(), value("c"), r5)], r5);
+        assert_eq!(kv.cached(b"/w/i/a"), Some((b"new".to_vec(), r2)));
 
-        // This store's own commit, likewise, until the watch brings it.
-        let (_, ra) = kv.get(b"/w/a").await.expect("get").expect("a");
+        // This store's own commit is in the cache at once (written through), and the watch
+        // bringing an older change of the key late does not undo it.
+        let (_, ra) = kv.get(b"/w/i/a").await.expect("get").expect("a");
         assert_eq!(
-            kv.txn(vec![cmp("/w/a", ra)], vec![put("/w/a", "mine")])
+            kv.txn(vec![cmp("/w/i/a", ra)], vec![put("/w/i/a", "mine")])
                 .await,
             Ok(true)
         );
         assert_eq!(
-            kv.cached(b"/w/a"),
-            None,
-            "older than this mount's own write"
+            kv.cached(b"/w/i/a").map(|x| x.0),
+            value("mine"),
+            "own commit written through"
         );
+        let (_, mine) = kv.get(b"/w/i/a").await.expect("get").expect("a");
+        kv.cache_apply(&[], mine); // the watch has passed the read: the floor is met
+        assert_eq!(kv.cached(b"/w/i/a"), Some((b"mine".to_vec(), mine)));
+        kv.cache_apply(&[(b"/w/i/a".to_vec(), value("new"), r2)], mine);
+        assert_eq!(kv.cached(b"/w/i/a"), Some((b"mine".to_vec(), mine)));
+        // An own delete likewise; a DeleteRange over cached keys waits for the watch.
+        assert_eq!(
+            kv.txn(
+                vec![cmp("/w/i/a", mine)],
+                vec![TxnOp::Delete {
+                    key: b"/w/i/a".to_vec()
+                }]
+            )
+            .await,
+            Ok(true)
+        );
+        assert_eq!(kv.cached(b"/w/i/a"), None);
+        kv.cache_apply(&[(b"/w/i/a".to_vec(), value("mine"), mine)], mine);
+        assert_eq!(
+            kv.cached(b"/w/i/a"),
+            None,
+            "the watch's older put after own delete"
+        );
+        assert_eq!(kv.cached(b"/w/i/c"), Some((b"c".to_vec(), r5)));
+        assert_eq!(
+            kv.txn(
+                vec![],
+                vec![TxnOp::DeleteRange {
+                    start: b"/w/i/".to_vec(),
+                    end: prefix_end(b"/w/i/")
+                }]
+            )
+            .await,
+            Ok(true)
+        );
+        assert_eq!(kv.cached(b"/w/i/c"), None, "removed by the own DeleteRange");
     });
 }

@@ -51,9 +51,9 @@ pub struct EtcdKv {
     timeout: Duration,
     own: Mutex<BTreeSet<Revision>>,
     round_trips: AtomicU64,
-    /// The oldest revision the watch cache may answer from: the highest revision of this
-    /// instance's own committed writes and of every value it has read from etcd under
-    /// `cache_prefix`. See [`EtcdKv::cached`].
+    /// The oldest revision the watch cache may answer from: the highest revision of every
+    /// value this instance has read from etcd under `cache_prefix` (its own commits are
+    /// written into the cache instead; see `write_through`). See [`EtcdKv::cached`].
     floor: AtomicI64,
     /// The keys the watch follows (empty: all).
     cache_prefix: Vec<u8>,
@@ -74,6 +74,49 @@ struct WatchCache {
     absent: HashMap<Vec<u8>, Revision>,
     hits: u64,
 }
+
+impl WatchCache {
+    /// `key` became `value` (`None`: deleted) at `rev`, unless the cache already knows a later
+    /// state of it: this mount's own commits are written through before the watch brings
+    /// them, and a read may have found the key gone after `rev`.
+    fn put(&mut self, key: &[u8], value: Option<&Vec<u8>>, rev: Revision) {
+        if self.absent.get(key).is_some_and(|gone| rev <= *gone)
+            || self.map.get(key).is_some_and(|(_, held)| rev < *held)
+        {
+            return;
+        }
+        match value {
+            Some(v) => {
+                if self.map.len() >= CACHE_MAX_ENTRIES {
+                    self.map.clear();
+                }
+                self.map.insert(key.to_vec(), (v.clone(), rev));
+            }
+            None => {
+                self.map.remove(key);
+            }
+        }
+    }
+
+    /// `key` is known absent as of `rev`: not answered, and older puts of it not taken in,
+    /// until the watch has applied `rev`.
+    fn gone(&mut self, key: &[u8], rev: Revision) {
+        self.map.remove(key);
+        if rev <= self.applied {
+            return;
+        }
+        if self.absent.len() >= CACHE_MAX_ENTRIES {
+            self.map.clear();
+            self.absent.clear();
+        }
+        let seen = self.absent.entry(key.to_vec()).or_insert(rev);
+        *seen = (*seen).max(rev);
+    }
+}
+
+/// Key kinds (after the volume prefix) the watch cache holds: inodes, directory entries and
+/// directory times.
+const CACHED_KINDS: [&[u8]; 3] = [b"i/", b"d/", b"t/"];
 
 /// One change reported by the watch: key, new value (`None`: deleted), revision.
 pub type CacheChange = (Vec<u8>, Option<Vec<u8>>, Revision);
@@ -160,6 +203,55 @@ impl EtcdKv {
         self
     }
 
+    /// Whether the watch cache holds `key` (an inode, entry or directory-times key under the
+    /// cache prefix): the watch feeds it only those.
+    pub fn caches_key(&self, key: &[u8]) -> bool {
+        key.strip_prefix(self.cache_prefix.as_slice())
+            .is_some_and(|rest| CACHED_KINDS.iter().any(|k| rest.starts_with(k)))
+    }
+
+    /// Whether a committed DeleteRange `[start, end)` may have removed keys the cache holds
+    /// (then the cache waits for the watch instead of being written through).
+    fn range_may_hold_cached(&self, start: &[u8], end: &[u8]) -> bool {
+        let Some(rest) = start.strip_prefix(self.cache_prefix.as_slice()) else {
+            return true;
+        };
+        let kind_len = self.cache_prefix.len() + 2;
+        match (rest.get(..2), start.get(..kind_len), end.get(..kind_len)) {
+            // Within one kind the cache does not hold (a file's chunk records).
+            (Some(kind), Some(a), Some(b)) if a == b => CACHED_KINDS.contains(&kind),
+            _ => true,
+        }
+    }
+
+    /// A transaction of this instance committed at `rev`: its writes to cached keys go into
+    /// the cache at once, so the next lookup or `stat` after an own create or unlink (the
+    /// kernel asks for the directory's attributes again) needs no read and no wait for the
+    /// watch. A DeleteRange over cached keys instead makes the cache wait for the watch.
+    fn write_through(
+        &self,
+        writes: &[(Vec<u8>, Option<Vec<u8>>)],
+        whole_range: bool,
+        rev: Revision,
+    ) {
+        if whole_range {
+            self.floor.fetch_max(rev, Ordering::Relaxed);
+        }
+        if writes.is_empty() {
+            return;
+        }
+        let mut c = self.cache();
+        if !c.valid {
+            return;
+        }
+        for (key, value) in writes {
+            match value {
+                Some(_) => c.put(key, value.as_ref(), rev),
+                None => c.gone(key, rev),
+            }
+        }
+    }
+
     /// Sets the bound on every request (at least 1 ms).
     pub fn with_timeout(mut self, timeout: Duration) -> EtcdKv {
         self.timeout = timeout.max(Duration::from_millis(1));
@@ -187,20 +279,7 @@ impl EtcdKv {
     pub fn cache_apply(&self, changes: &[CacheChange], upto: Revision) {
         let mut c = self.cache();
         for (key, value, rev) in changes {
-            match value {
-                Some(v) => {
-                    if c.absent.get(key).is_some_and(|seen| rev <= seen) {
-                        continue; // a read already found it gone later
-                    }
-                    if c.map.len() >= CACHE_MAX_ENTRIES {
-                        c.map.clear();
-                    }
-                    c.map.insert(key.clone(), (v.clone(), *rev));
-                }
-                None => {
-                    c.map.remove(key);
-                }
-            }
+            c.put(key, value.as_ref(), *rev);
         }
         c.applied = c.applied.max(upto);
         if !c.absent.is_empty() {
@@ -237,19 +316,9 @@ impl EtcdKv {
             Some(rev) => {
                 self.floor.fetch_max(rev, Ordering::Relaxed);
             }
-            None => {
-                let mut c = self.cache();
-                // Also when the cache does not hold it: a put older than `at` may still be on
-                // its way through the watch.
-                if at > c.applied {
-                    c.map.remove(key);
-                    if c.absent.len() >= CACHE_MAX_ENTRIES {
-                        c.map.clear();
-                        c.absent.clear();
-                    }
-                    c.absent.insert(key.to_vec(), at);
-                }
-            }
+            // Also when the cache does not hold it: a put older than `at` may still be on its
+            // way through the watch.
+            None => self.cache().gone(key, at),
         }
     }
 
@@ -410,6 +479,21 @@ impl EtcdKv {
             TxnOp::Delete { key } => compares.iter().any(|c| &c.key == key && c.mod_revision > 0),
             TxnOp::DeleteRange { .. } => false,
         });
+        // What the cache learns if it commits (see `write_through`).
+        let mut through = Vec::new();
+        let mut range_over_cached = false;
+        for op in &ops {
+            match op {
+                TxnOp::Put { key, value } if self.caches_key(key) => {
+                    through.push((key.clone(), Some(value.clone())))
+                }
+                TxnOp::Delete { key } if self.caches_key(key) => through.push((key.clone(), None)),
+                TxnOp::DeleteRange { start, end } => {
+                    range_over_cached |= self.range_may_hold_cached(start, end)
+                }
+                _ => {}
+            }
+        }
         let txn = etcd_client::Txn::new()
             .when(
                 compares
@@ -478,13 +562,20 @@ impl EtcdKv {
             }
         };
         let ok = resp.succeeded();
-        if ok && writes {
+        if ok {
             match resp.header().map(|h| h.revision()) {
                 Some(rev) if rev > 0 => {
-                    self.floor.fetch_max(rev, Ordering::Relaxed);
-                    self.remember_own(rev)
+                    if writes {
+                        self.remember_own(rev);
+                    }
+                    // Without `writes` the revision may be another's; deletes written
+                    // through at it only withhold keys, never answer one.
+                    self.write_through(&through, range_over_cached, rev);
                 }
-                _ => tracing::warn!("etcd txn response without a revision"),
+                _ => {
+                    tracing::warn!("etcd txn response without a revision");
+                    self.cache_reset();
+                }
             }
         }
         Ok(ok)
@@ -636,9 +727,9 @@ fn timed<'a, T: 'a>(
 }
 
 impl MetaKv for EtcdKv {
-    /// From the watch cache, only while it follows etcd and has applied everything this
-    /// instance has seen: its own last write and every value it read from etcd (the floor).
-    /// So nothing is answered older than what was already answered: an `open`, which reads
+    /// From the watch cache, only while it follows etcd and has applied every value this
+    /// instance read from etcd (the floor); its own commits are already in it (written
+    /// through). So nothing is answered older than what was already answered: an `open`, which reads
     /// etcd, moves every later `stat` of the file to at least that version (close-to-open
     /// across mounts holds for attributes too). Otherwise at most a watch delay behind other
     /// mounts' changes, like the kernel caches the same watch invalidates. Without the read

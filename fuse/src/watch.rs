@@ -192,7 +192,7 @@ async fn follow(
                     let rev = kv.mod_revision();
                     revision = revision.max(rev);
                     let rest = kv.key().strip_prefix(keys.prefix()).unwrap_or_default();
-                    if rest.starts_with(b"i/") || rest.starts_with(b"d/") {
+                    if cache.caches_key(kv.key()) {
                         let value = match ev.event_type() {
                             EventType::Put => Some(kv.value().to_vec()),
                             EventType::Delete => None,

@@ -890,17 +890,9 @@ impl Fs {
 
     /// Attributes of `ino`.
     pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
-        let ikey = self.keys.inode(ino);
-        let cached = if self.opts.cached_lookups {
-            self.kv.cached(&ikey)
-        } else {
-            None
-        };
-        if let Some((v, _)) = cached {
-            if let Ok(rec) = decode_inode(&ikey, &v) {
-                if rec.kind != FileKind::Dir {
-                    return Ok(self.local_attr(ino, &rec));
-                }
+        if self.opts.cached_lookups {
+            if let Some(rec) = self.cached_inode_for_attr(ino) {
+                return Ok(self.local_attr(ino, &rec));
             }
         }
         let rec = self
@@ -955,8 +947,28 @@ impl Fs {
     /// both there (regular files and other non-directories: a directory's times may live in a
     /// key the cache cannot vouch for). Anything odd falls back to etcd.
     fn lookup_cached(&self, parent: u64, name: &[u8]) -> Option<Attr> {
-        let ((d, _), (rec, _)) = self.cached_file_entry(parent, name, false)?;
+        let dkey = self.keys.dirent(parent, name);
+        let (dv, _) = self.kv.cached(&dkey)?;
+        let d: DirentRec = decode(&dkey, &dv).ok()?;
+        let rec = self.cached_inode_for_attr(d.ino)?;
+        if rec.kind != d.kind || (rec.kind != FileKind::Dir && rec.nlink == 0) {
+            return None;
+        }
         Some(self.local_attr(d.ino, &rec))
+    }
+
+    /// `ino`'s record from the watch cache with directory times applied; a directory only
+    /// when its times key is cached too (every directory made since mkdir writes it; an
+    /// older one without it is read from etcd).
+    fn cached_inode_for_attr(&self, ino: u64) -> Option<InodeRec> {
+        let ikey = self.keys.inode(ino);
+        let (v, _) = self.kv.cached(&ikey)?;
+        let rec = decode_inode(&ikey, &v).ok()?;
+        if rec.kind != FileKind::Dir {
+            return Some(rec);
+        }
+        let (times, _) = self.kv.cached(&self.keys.dir_times(ino))?;
+        self.with_dir_times(ino, rec, Some(&times)).ok()
     }
 
     /// Entry `name` of `parent` and its inode from the watch cache, each with its revision,
@@ -1086,6 +1098,11 @@ impl Fs {
                 p.ctime_ns = now;
             }
             self.touch_dir(&mut txn, parent, now);
+            if node.kind == FileKind::Dir {
+                // Its own times key from the start: its attributes can then be answered from
+                // the watch cache, which cannot tell a missing key from an uncached one.
+                self.touch_dir(&mut txn, ino, now);
+            }
             let dkey = self.keys.dirent(parent, name);
             if existing.is_some() {
                 return Err(FsError::Exists);

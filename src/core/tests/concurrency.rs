@@ -1,9 +1,13 @@
 //! Two instances ("nodes") racing on one directory, with the second one's change slipped in
 //! between the first one's reads and its transaction (MemKv's `before_next_txn` hook).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+mod support;
+
 use futures::executor::block_on;
+use support::{HookedKv, Hooks};
 use twinfs_core::{Fs, FsError, FsOptions, MemBlocks, MemKv, ROOT_INO};
 
 /// The hook runs inside A's executor; B's operation gets an executor of its own.
@@ -112,94 +116,45 @@ fn utimens_on_a_directory_sticks_and_later_creates_move_it_again() {
 
 type Snapshot = std::collections::HashMap<Vec<u8>, (Vec<u8>, i64)>;
 
-/// A store whose cache answers from a snapshot taken earlier: as stale as a cache can be.
+/// A watch cache that answers from a snapshot taken earlier ([`HookedKv::freeze`]): as stale
+/// as a cache can be.
+#[derive(Default)]
 struct StaleCache {
-    inner: Arc<MemKv>,
     snapshot: std::sync::Mutex<Snapshot>,
     /// Reads that went to the store (not the cache).
-    reads: std::sync::atomic::AtomicU64,
+    reads: AtomicU64,
 }
 
-impl StaleCache {
-    fn read(&self) {
-        self.reads
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-    fn reads(&self) -> u64 {
-        self.reads.load(std::sync::atomic::Ordering::Relaxed)
-    }
-}
-
-impl StaleCache {
-    fn freeze(&self) {
-        let all = self.inner.scan_prefix(b"");
-        let mut s = self.snapshot.lock().unwrap();
-        s.clear();
-        for e in all {
-            s.insert(e.key, (e.value, e.mod_revision));
-        }
-    }
-}
-
-impl twinfs_core::MetaKv for StaleCache {
-    fn get<'a>(
-        &'a self,
-        key: &'a [u8],
-    ) -> futures::future::BoxFuture<'a, Result<twinfs_core::kv::Versioned, twinfs_core::KvError>>
-    {
-        self.read();
-        self.inner.get(key)
-    }
-    fn range<'a>(
-        &'a self,
-        start: &'a [u8],
-        end: &'a [u8],
-        limit: usize,
-    ) -> futures::future::BoxFuture<'a, Result<twinfs_core::RangePage, twinfs_core::KvError>> {
-        self.read();
-        self.inner.range(start, end, limit)
-    }
-    fn txn(
-        &self,
-        compares: Vec<twinfs_core::Compare>,
-        ops: Vec<twinfs_core::TxnOp>,
-    ) -> futures::future::BoxFuture<'_, Result<bool, twinfs_core::KvError>> {
-        self.inner.txn(compares, ops)
-    }
-    fn get_many<'a>(
-        &'a self,
-        keys: &'a [Vec<u8>],
-    ) -> futures::future::BoxFuture<'a, Result<Vec<twinfs_core::kv::Versioned>, twinfs_core::KvError>>
-    {
-        self.read();
-        self.inner.get_many(keys)
-    }
-    fn get_many_and_range<'a>(
-        &'a self,
-        keys: &'a [Vec<u8>],
-        start: &'a [u8],
-        end: &'a [u8],
-        limit: usize,
-    ) -> futures::future::BoxFuture<
-        'a,
-        Result<(Vec<twinfs_core::kv::Versioned>, twinfs_core::RangePage), twinfs_core::KvError>,
-    > {
-        self.read();
-        self.inner.get_many_and_range(keys, start, end, limit)
+impl Hooks for StaleCache {
+    fn on_read(&self) {
+        self.reads.fetch_add(1, Ordering::Relaxed);
     }
     fn cached(&self, key: &[u8]) -> twinfs_core::kv::Versioned {
         self.snapshot.lock().unwrap().get(key).cloned()
     }
 }
 
-/// Two instances of one volume: A reads through a cache that [`StaleCache::freeze`] fixes in
+impl HookedKv<StaleCache> {
+    fn freeze(&self) {
+        let all = self.inner.scan_prefix(b"");
+        let mut s = self.hooks.snapshot.lock().unwrap();
+        s.clear();
+        for e in all {
+            s.insert(e.key, (e.value, e.mod_revision));
+        }
+    }
+    fn reads(&self) -> u64 {
+        self.hooks.reads.load(Ordering::Relaxed)
+    }
+}
+
+/// Two instances of one volume: A reads through a cache that [`HookedKv::freeze`] fixes in
 /// time, B reads the store directly.
-fn stale_pair() -> (Arc<MemKv>, Arc<StaleCache>, Fs, Fs) {
+fn stale_pair() -> (Arc<MemKv>, Arc<HookedKv<StaleCache>>, Fs, Fs) {
     let mem = Arc::new(MemKv::new());
-    let kv = Arc::new(StaleCache {
+    let kv = Arc::new(HookedKv {
         inner: mem.clone(),
-        snapshot: Default::default(),
-        reads: Default::default(),
+        hooks: StaleCache::default(),
     });
     let blocks = Arc::new(MemBlocks::new());
     let a = block_on(Fs::open_volume(

@@ -5,14 +5,14 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+mod support;
+
 use futures::executor::block_on;
-use futures::future::BoxFuture;
-use futures::FutureExt;
-use twinfs_core::kv::Versioned;
+use support::{HookedKv, Hooks};
 use twinfs_core::usage::{read_usage, scan_file_bytes};
 use twinfs_core::{
-    Compare, Fs, FsError, FsOptions, KvError, MemBlocks, MemKv, MetaKv, RangePage, RenameFlags,
-    SetAttr, TxnOp, ROOT_INO,
+    Fs, FsError, FsOptions, KvError, MemBlocks, MemKv, MetaKv, RenameFlags, SetAttr, TxnOp,
+    ROOT_INO,
 };
 
 fn opts() -> FsOptions {
@@ -137,54 +137,28 @@ fn a_retried_flush_counts_its_growth_once() {
     assert_eq!(a.usage_bytes() + b.usage_bytes(), 50);
 }
 
-/// A MemKv whose next transaction commits and then reports an error (etcd timing out after
-/// applying it: the outcome is unknown to the caller).
+/// The next transaction commits and then reports an error (etcd timing out after applying
+/// it: the outcome is unknown to the caller).
 struct LostReply {
-    inner: MemKv,
     fail_next: AtomicBool,
 }
 
-impl MetaKv for LostReply {
-    fn get<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<Versioned, KvError>> {
-        self.inner.get(key)
-    }
-    fn range<'a>(
-        &'a self,
-        start: &'a [u8],
-        end: &'a [u8],
-        limit: usize,
-    ) -> BoxFuture<'a, Result<RangePage, KvError>> {
-        self.inner.range(start, end, limit)
-    }
-    fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> BoxFuture<'_, Result<bool, KvError>> {
-        let r = self.inner.txn_sync(compares, ops);
+impl Hooks for LostReply {
+    fn after_txn(&self, outcome: Result<bool, KvError>) -> Result<bool, KvError> {
         if self.fail_next.swap(false, Ordering::SeqCst) {
-            return futures::future::ready(Err(KvError::Unavailable("reply lost".into()))).boxed();
+            return Err(KvError::Unavailable("reply lost".into()));
         }
-        futures::future::ready(r).boxed()
-    }
-    fn get_many<'a>(
-        &'a self,
-        keys: &'a [Vec<u8>],
-    ) -> BoxFuture<'a, Result<Vec<Versioned>, KvError>> {
-        self.inner.get_many(keys)
-    }
-    fn get_many_and_range<'a>(
-        &'a self,
-        keys: &'a [Vec<u8>],
-        start: &'a [u8],
-        end: &'a [u8],
-        limit: usize,
-    ) -> BoxFuture<'a, Result<(Vec<Versioned>, RangePage), KvError>> {
-        self.inner.get_many_and_range(keys, start, end, limit)
+        outcome
     }
 }
 
 #[test]
 fn a_transaction_with_unknown_outcome_is_not_counted_twice() {
-    let kv = Arc::new(LostReply {
-        inner: MemKv::new(),
-        fail_next: AtomicBool::new(false),
+    let kv = Arc::new(HookedKv {
+        inner: Arc::new(MemKv::new()),
+        hooks: LostReply {
+            fail_next: AtomicBool::new(false),
+        },
     });
     let blocks = Arc::new(MemBlocks::new());
     // One slot in use at a time here, but commits rotate over the slots: lose a reply on
@@ -192,7 +166,7 @@ fn a_transaction_with_unknown_outcome_is_not_counted_twice() {
     let a = open(kv.clone(), blocks);
     let ino = write_file(&a, b"f", 0);
     for round in 1..=6u64 {
-        kv.fail_next.store(true, Ordering::SeqCst);
+        kv.hooks.fail_next.store(true, Ordering::SeqCst);
         let r = block_on(a.setattr(
             ino,
             SetAttr {

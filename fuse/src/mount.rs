@@ -66,6 +66,11 @@ impl MountConfig {
     }
 }
 
+/// Kernel read-ahead of a mount, KiB. Sequential reads of 1 GiB through the other mount in one
+/// run (2026-12-03, 2-core VM): 128 KiB (FUSE's default) 382 MB/s, 1 MiB 455, 4 MiB 466,
+/// 16 MiB 476.
+const READ_AHEAD_KIB: u32 = 4096;
+
 /// Mounts and serves until the filesystem is unmounted (`umount`, `twinfs umount`) or the
 /// process gets SIGTERM/SIGINT (then it flushes open files and unmounts). `ready` is called
 /// once the mount is live.
@@ -148,6 +153,16 @@ pub fn run(
         let _guard = rt.enter();
         spawn_tidy(etcd.clone(), shared.fs.clone(), cfg.volume.clone())
     };
+    // The stat waits for INIT (the kernel holds requests until then) and is answered by the
+    // session just started; only then does a larger read-ahead stick.
+    match std::fs::metadata(&mountpoint)
+        .map_err(anyhow::Error::from)
+        .and_then(|_| crate::mountpoint::set_read_ahead(&mountpoint, READ_AHEAD_KIB))
+    {
+        Ok(()) => tracing::debug!(kib = READ_AHEAD_KIB, "kernel read-ahead set"),
+        // Read-only sysfs (an unprivileged container): slower sequential reads, nothing else.
+        Err(e) => tracing::info!(error = %format!("{e:#}"), "kernel read-ahead left at 128 KiB"),
+    }
     tracing::info!(volume = %cfg.volume, path = %mountpoint.display(), "mounted");
     let gauge = twinfs_cluster::metrics::metrics().mounts.clone();
     gauge.inc();

@@ -76,6 +76,32 @@ fn count_twinfs_mounts(mountinfo: &str, abs: &Path) -> usize {
         .count()
 }
 
+/// The device number (`major:minor`) of the topmost twinfs mount at `path`.
+pub fn device_of(path: &Path) -> Option<String> {
+    let abs = absolute(path).ok()?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    device_in(&info, &abs)
+}
+
+/// The last (topmost) mountinfo line of a twinfs mount at `abs`: its field 3.
+fn device_in(mountinfo: &str, abs: &Path) -> Option<String> {
+    mountinfo
+        .lines()
+        .rfind(|l| count_twinfs_mounts(l, abs) == 1)
+        .and_then(|l| l.split(' ').nth(2))
+        .map(str::to_string)
+}
+
+/// Sets the kernel's read-ahead for the twinfs mount at `path` (its backing device in sysfs).
+/// FUSE offers 128 KiB at INIT and a filesystem cannot ask for more there; a larger window
+/// makes the kernel send 1 MiB reads several at a time. Call once the mount has answered a
+/// request (INIT processed), or INIT would lower it again.
+pub fn set_read_ahead(path: &Path, kib: u32) -> Result<()> {
+    let dev = device_of(path).with_context(|| format!("no twinfs mount at {}", path.display()))?;
+    let knob = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    std::fs::write(&knob, kib.to_string()).with_context(|| format!("writing {knob}"))
+}
+
 /// Whether `path` is a live twinfs mount, a dead one, or no twinfs mount.
 pub fn state(path: &Path) -> MountState {
     if twinfs_mounts_at(path) == 0 {
@@ -187,6 +213,12 @@ mod tests {
             count_twinfs_mounts("garbage\n\n- -", Path::new("/mnt/a")),
             0
         );
+        // The topmost of two stacked mounts (a new one over a dead one) is the last line.
+        assert_eq!(
+            device_in(info, Path::new("/mnt/a")).as_deref(),
+            Some("0:33")
+        );
+        assert_eq!(device_in(info, Path::new("/mnt/b")), None);
     }
 
     #[test]

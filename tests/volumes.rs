@@ -555,5 +555,22 @@ fn watch_cache_never_answers_older_than_a_read() {
             Ok(true)
         );
         assert_eq!(kv.cached(b"/w/i/c"), None, "removed by the own DeleteRange");
+
+        // A transaction that fails with an error (here: over etcd's operation limit) may, in
+        // general, have committed: the cache forgets what it holds but stays in use, serving
+        // what the watch applies afterwards.
+        let r6 = put_rev(other.put("/w/i/e", "e", None).await.expect("put"));
+        kv.cache_apply(&[(b"/w/i/e".to_vec(), value("e"), r6)], r6);
+        assert_eq!(kv.cached(b"/w/i/e"), Some((b"e".to_vec(), r6)));
+        let too_many: Vec<TxnOp> = (0..1000).map(|i| put(&format!("/w/x/{i}"), "x")).collect();
+        assert!(kv.txn(vec![], too_many).await.is_err());
+        assert_eq!(
+            kv.cached(b"/w/i/e"),
+            None,
+            "forgotten after an unknown outcome"
+        );
+        let r7 = put_rev(other.put("/w/i/e", "e2", None).await.expect("put"));
+        kv.cache_apply(&[(b"/w/i/e".to_vec(), value("e2"), r7)], r7);
+        assert_eq!(kv.cached(b"/w/i/e"), Some((b"e2".to_vec(), r7)));
     });
 }

@@ -101,6 +101,9 @@ impl WatchCache {
     /// `key` is known absent as of `rev`: not answered, and older puts of it not taken in,
     /// until the watch has applied `rev`.
     fn gone(&mut self, key: &[u8], rev: Revision) {
+        if self.map.get(key).is_some_and(|(_, held)| *held > rev) {
+            return; // re-created since (an own commit written through after a slower read)
+        }
         self.map.remove(key);
         if rev <= self.applied {
             return;
@@ -294,6 +297,15 @@ impl EtcdKv {
         let mut c = self.cache();
         c.applied = c.applied.max(from);
         c.valid = true;
+    }
+
+    /// A transaction's outcome is unknown (it may have committed at a revision never learnt):
+    /// forget every cached value, so that only what the watch applies from now on is served
+    /// (that includes the transaction's changes if it did commit). The cache stays in use: the
+    /// watch still follows. (It used to be switched off until the watch restarted, which on a
+    /// quiet stream could be never: every lookup then went to etcd.)
+    fn cache_forget(&self) {
+        self.cache().map.clear();
     }
 
     /// The watch broke or fell behind: forget everything until it follows again.
@@ -548,13 +560,12 @@ impl EtcdKv {
         let resp = match resp {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                // It may have been applied at a revision we will never learn: the watch cache
-                // can no longer promise to include our own writes.
-                self.cache_reset();
+                // It may have been applied at a revision we will never learn.
+                self.cache_forget();
                 return Err(classify(e));
             }
             Err(_) => {
-                self.cache_reset();
+                self.cache_forget();
                 return Err(KvError::Unavailable(format!(
                     "etcd txn did not answer within {:?} (it may or may not have been applied)",
                     self.timeout
@@ -574,7 +585,7 @@ impl EtcdKv {
                 }
                 _ => {
                     tracing::warn!("etcd txn response without a revision");
-                    self.cache_reset();
+                    self.cache_forget();
                 }
             }
         }

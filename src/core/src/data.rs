@@ -41,7 +41,12 @@ const MAX_READ: usize = 64 << 20;
 /// the gaps are filled from the chunk's committed content at flush time.
 #[derive(Default, Clone)]
 struct DirtyChunk {
+    /// The written bytes while the chunk is being written (see [`DirtyChunk::bytes`]).
     data: Vec<u8>,
+    /// The chunk's bytes once it was filled completely and its upload started: shared with
+    /// the upload instead of copied (4 MiB per full chunk); a later write to the chunk moves
+    /// them back into `data`.
+    full: Option<Bytes>,
     ranges: Vec<(usize, usize)>,
     /// The block of `data`, being stored in the background since the chunk was filled
     /// completely (dropped by any later write to the chunk).
@@ -62,7 +67,7 @@ type PendingUpload =
 impl std::fmt::Debug for DirtyChunk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DirtyChunk")
-            .field("len", &self.data.len())
+            .field("len", &self.len())
             .field("ranges", &self.ranges)
             .field("uploading", &self.upload.is_some())
             .finish()
@@ -70,8 +75,30 @@ impl std::fmt::Debug for DirtyChunk {
 }
 
 impl DirtyChunk {
+    /// The written bytes, at their offsets within the chunk.
+    fn bytes(&self) -> &[u8] {
+        match &self.full {
+            Some(b) => b,
+            None => &self.data,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.bytes().len()
+    }
+
+    /// The chunk, full, as the bytes of its block: moved, not copied.
+    fn freeze(&mut self) -> Bytes {
+        let b = Bytes::from(std::mem::take(&mut self.data));
+        self.full = Some(b.clone());
+        b
+    }
+
     fn write(&mut self, off: usize, bytes: &[u8]) {
         self.upload = None;
+        if let Some(full) = self.full.take() {
+            self.data = Vec::from(full);
+        }
         let end = off + bytes.len();
         if self.data.len() < end {
             self.data.resize(end, 0);
@@ -98,11 +125,12 @@ impl DirtyChunk {
 
     /// Writes the written ranges over `base` (grown with zeros as needed).
     fn patch(&self, base: &mut Vec<u8>) {
-        if base.len() < self.data.len() {
-            base.resize(self.data.len(), 0);
+        let data = self.bytes();
+        if base.len() < data.len() {
+            base.resize(data.len(), 0);
         }
         for &(s, e) in &self.ranges {
-            if let (Some(dst), Some(src)) = (base.get_mut(s..e), self.data.get(s..e)) {
+            if let (Some(dst), Some(src)) = (base.get_mut(s..e), data.get(s..e)) {
                 dst.copy_from_slice(src);
             }
         }
@@ -153,7 +181,7 @@ impl OpenFile {
         self.dirty
             .iter()
             .next_back()
-            .map_or(0, |(idx, d)| idx * cs + d.data.len() as u64)
+            .map_or(0, |(idx, d)| idx * cs + d.len() as u64)
     }
 }
 
@@ -272,18 +300,22 @@ impl Fs {
             let n = ((cs - pos % cs) as usize).min(src.len());
             let (piece, rest) = src.split_at(n);
             let chunk = h.dirty.entry(idx).or_default();
-            if chunk.data.capacity() == 0 && within == 0 && self.opts.spawn.is_some() {
+            if chunk.full.is_none()
+                && chunk.data.capacity() == 0
+                && within == 0
+                && self.opts.spawn.is_some()
+            {
                 // A writer starting at a chunk's beginning usually fills it: one allocation.
                 chunk.data.reserve_exact(cs as usize);
             }
-            let before = chunk.data.len();
+            let before = chunk.len();
             chunk.write(within, piece);
-            h.dirty_bytes += chunk.data.len() - before;
+            h.dirty_bytes += chunk.len() - before;
             if let Some(spawn) = &self.opts.spawn {
-                if chunk.data.len() as u64 == cs && chunk.covers(0, cs as usize) {
+                if chunk.len() as u64 == cs && chunk.covers(0, cs as usize) {
                     // Full: its block cannot depend on the committed content. Store it now.
                     let blocks = self.blocks.clone();
-                    let data = Bytes::from(chunk.data.clone());
+                    let data = chunk.freeze();
                     let upload = async move { blocks.put(data).await }.boxed().shared();
                     let driver = upload.clone();
                     spawn(
@@ -485,8 +517,8 @@ impl Fs {
                 .get_mut(dst_off..dst_off + (b - a))
                 .ok_or_else(|| FsError::Corrupt("internal: read range".into()))?;
             match dirty {
-                Some(d) if d.covers(a, b) && b <= d.data.len() => {
-                    if let Some(src) = d.data.get(a..b) {
+                Some(d) if d.covers(a, b) && b <= d.len() => {
+                    if let Some(src) = d.bytes().get(a..b) {
                         dst.copy_from_slice(src);
                     }
                 }
@@ -573,12 +605,12 @@ impl Fs {
                     let Some(d) = h.dirty.get(&idx) else { continue };
                     let cur = current.remove(&idx).flatten();
                     let crev = cur.as_ref().map_or(0, |(_, r)| *r);
-                    new_size = new_size.max(idx * cs + d.data.len() as u64);
+                    new_size = new_size.max(idx * cs + d.len() as u64);
                     let fresh = now_ns().saturating_sub(d.upload_started_ns) < REUPLOAD_AFTER_NS;
                     if let Some(up) = d.upload.clone().filter(|_| fresh) {
                         // A full chunk stored in the background: its block is the content
                         // whatever the committed base is.
-                        let len = u32::try_from(d.data.len())
+                        let len = u32::try_from(d.len())
                             .map_err(|_| FsError::Corrupt("chunk too large".into()))?;
                         match up.await {
                             Ok(hash) => {
@@ -600,8 +632,8 @@ impl Fs {
                         }
                         _ => {
                             let base_len = cur.as_ref().map_or(0, |(c, _)| c.len as usize);
-                            let content = if d.covers(0, d.data.len()) && d.data.len() >= base_len {
-                                d.data.clone()
+                            let content = if d.covers(0, d.len()) && d.len() >= base_len {
+                                d.bytes().to_vec()
                             } else {
                                 let mut base = match &cur {
                                     Some((c, _)) => self.fetch_chunk(c).await?.to_vec(),
@@ -661,7 +693,7 @@ impl Fs {
             self.invalidate(h.ino);
             for idx in batch {
                 if let Some(d) = h.dirty.remove(idx) {
-                    h.dirty_bytes = h.dirty_bytes.saturating_sub(d.data.len());
+                    h.dirty_bytes = h.dirty_bytes.saturating_sub(d.len());
                 }
             }
             self.set_unflushed(h.ino, h.fh, h.pending_end(cs));

@@ -1037,12 +1037,16 @@ impl Filesystem for TwinFs {
         let exclusive = flags & libc::O_EXCL != 0;
         self.spawn("create", async move {
             let r = async {
-                let (attr, _created) = this
+                let (attr, created) = this
                     .shared
                     .fs
                     .create(parent.0, &name, mode & 0o7777, uid, gid, exclusive)
                     .await?;
-                let f = this.shared.fs.open_created(&attr)?;
+                let f = if created {
+                    this.shared.fs.open_new(&attr)?
+                } else {
+                    this.shared.fs.open_created(&attr)?
+                };
                 Ok::<_, FsError>((attr, f))
             }
             .await;

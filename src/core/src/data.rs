@@ -149,6 +149,10 @@ pub struct OpenFile {
     /// The committed size and chunk map as last read through this handle, tagged with the
     /// inode's invalidation generation at the time of reading (see [`Fs::invalidate`]).
     meta: std::sync::Mutex<Option<MetaCache>>,
+    /// Created by this handle's create and not flushed since: the first flush guesses that
+    /// the file has no chunk records and takes the inode from the watch cache, so it reads
+    /// nothing (its transaction compares both; a wrong guess costs one retry).
+    new_here: bool,
 }
 
 /// What a handle remembers of the committed file between reads, so a sequential read costs
@@ -231,6 +235,14 @@ impl Fs {
         Ok(h)
     }
 
+    /// [`Fs::open_created`] for a file the create really made (not an existing one it
+    /// returned): its first flush needs no read (see `OpenFile::new_here`).
+    pub fn open_new(&self, attr: &crate::fs::Attr) -> FsResult<OpenFile> {
+        let mut h = self.open_created(attr)?;
+        h.new_here = true;
+        Ok(h)
+    }
+
     fn new_handle(&self, ino: u64) -> OpenFile {
         *self
             .open_counts
@@ -244,6 +256,7 @@ impl Fs {
             dirty: BTreeMap::new(),
             dirty_bytes: 0,
             meta: std::sync::Mutex::new(None),
+            new_here: false,
         }
     }
 
@@ -577,20 +590,35 @@ impl Fs {
             let mut stored: HashMap<u64, (Revision, BlockHash, u32)> = HashMap::new();
             let mut attempt = 0;
             loop {
-                // The inode and every chunk record of the batch, in one round trip.
                 let ikey = self.keys.inode(h.ino);
-                let mut keys = vec![ikey.clone()];
-                keys.extend(batch.iter().map(|&idx| self.keys.chunk(h.ino, idx)));
-                let got = self.kv.get_many(&keys).await?;
-                let mut got = got.into_iter();
-                let (mut rec, rev) = match got.next().flatten() {
-                    Some((v, rev)) => (crate::schema::decode_inode(&ikey, &v)?, rev),
-                    None => return Err(FsError::NotFound),
-                };
                 let mut current: HashMap<u64, Option<(ChunkRec, Revision)>> = HashMap::new();
-                for (&idx, v) in batch.iter().zip(got) {
-                    current.insert(idx, self.decode_chunk(h.ino, idx, v)?);
-                }
+                // A file created by this handle and not flushed yet: no chunk records, the
+                // inode as the watch cache knows it (this mount's create was written through).
+                let guess = if attempt == 0 && h.new_here {
+                    self.kv.cached_to_compare(&ikey).and_then(|(v, rev)| {
+                        Some((crate::schema::decode_inode(&ikey, &v).ok()?, rev))
+                    })
+                } else {
+                    None
+                };
+                let (mut rec, rev) = match guess {
+                    Some(known) => known,
+                    None => {
+                        // The inode and every chunk record of the batch, in one round trip.
+                        let mut keys = vec![ikey.clone()];
+                        keys.extend(batch.iter().map(|&idx| self.keys.chunk(h.ino, idx)));
+                        let got = self.kv.get_many(&keys).await?;
+                        let mut got = got.into_iter();
+                        let known = match got.next().flatten() {
+                            Some((v, rev)) => (crate::schema::decode_inode(&ikey, &v)?, rev),
+                            None => return Err(FsError::NotFound),
+                        };
+                        for (&idx, v) in batch.iter().zip(got) {
+                            current.insert(idx, self.decode_chunk(h.ino, idx, v)?);
+                        }
+                        known
+                    }
+                };
                 if rec.kind != FileKind::File {
                     return Err(FsError::Invalid("not a regular file"));
                 }
@@ -690,6 +718,7 @@ impl Fs {
                 }
                 self.backoff(&mut attempt).await?;
             }
+            h.new_here = false;
             self.invalidate(h.ino);
             for idx in batch {
                 if let Some(d) = h.dirty.remove(idx) {

@@ -266,3 +266,47 @@ fn unlinks_from_a_stale_cache_remove_exactly_what_etcd_holds() {
         .collect();
     assert_eq!(names, vec![b"linked2".to_vec()]);
 }
+
+#[test]
+fn a_new_files_first_flush_reads_nothing_and_a_wrong_guess_costs_only_a_retry() {
+    let (mem, kv, a, b) = stale_pair();
+    let read_back = |fs: &Fs, ino: u64| {
+        block_on(async {
+            let h = fs.open(ino).await.unwrap();
+            let data = fs.read(&h, 0, 1 << 10).await.unwrap();
+            fs.release(h).await.unwrap();
+            data.to_vec()
+        })
+    };
+    // Plain case: create, write, close through A, the cache knowing the new inode (as the
+    // mount's write-through does): the flush's only store access is its transaction.
+    let (attr, created) = block_on(a.create(ROOT_INO, b"new", 0o644, 0, 0, true)).unwrap();
+    assert!(created);
+    kv.freeze();
+    let mut h = a.open_new(&attr).unwrap();
+    block_on(a.write(&mut h, 0, b"hello")).unwrap();
+    let reads = kv.reads();
+    block_on(a.release(h)).unwrap();
+    assert_eq!(kv.reads(), reads, "a new file's first flush reads nothing");
+    assert_eq!(read_back(&b, attr.ino), b"hello");
+
+    // Wrong guess: B wrote the file between A's create and A's flush. A's first transaction
+    // fails on the chunk it thought absent; the retry patches A's byte over B's content.
+    let (attr, _) = block_on(a.create(ROOT_INO, b"raced", 0o644, 0, 0, true)).unwrap();
+    kv.freeze();
+    let mut h = a.open_new(&attr).unwrap();
+    block_on(async {
+        let mut hb = b.open(attr.ino).await.unwrap();
+        b.write(&mut hb, 0, b"from b, longer").await.unwrap();
+        b.release(hb).await.unwrap();
+    });
+    block_on(a.write(&mut h, 0, b"A")).unwrap();
+    let failed = mem.stats().failed_txns;
+    block_on(a.release(h)).unwrap();
+    assert!(
+        mem.stats().failed_txns > failed,
+        "the guess was tried and failed"
+    );
+    assert_eq!(read_back(&b, attr.ino), b"Arom b, longer");
+    assert_eq!(read_back(&a, attr.ino), b"Arom b, longer");
+}

@@ -152,6 +152,17 @@ fn namespace_changes_through_one_mount_are_seen_through_the_other() {
     // And the other way round.
     fs::write(b.join("from-b"), b"B writes too").unwrap();
     assert_eq!(fs::read(a.join("from-b")).unwrap(), b"B writes too");
+
+    // A answers getxattr of a file it created without asking etcd, until another node
+    // changes the inode: an xattr set through B reaches A through the watch.
+    fs::write(a.join("made-by-a"), b"x").unwrap();
+    assert!(get_xattr(&a.join("made-by-a"), "user.tag").is_err());
+    set_xattr(&b.join("made-by-a"), "user.tag", b"from B").unwrap();
+    within("xattr set through the other mount", PUSHED_WITHIN, || {
+        get_xattr(&a.join("made-by-a"), "user.tag")
+            .ok()
+            .filter(|v| v == b"from B")
+    });
 }
 
 #[test]

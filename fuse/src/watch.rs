@@ -185,6 +185,7 @@ async fn follow(
                 let mut changes = Vec::new();
                 let mut usage = Vec::new();
                 let mut notices = Vec::new();
+                let mut xattr_suspects = Vec::new();
                 let mut upto = 0;
                 for ev in resp.events() {
                     let Some(kv) = ev.kv() else { continue };
@@ -217,6 +218,14 @@ async fn follow(
                         EventType::Delete => None,
                     };
                     if let Some(inv) = classify(&keys, kv.key(), prev, new) {
+                        // A rewrite or delete (not the creation) of an inode may be an xattr
+                        // change. Creations are skipped because this mount's own create can
+                        // reach the watch before its transaction's reply marks it as own.
+                        if let (Invalidation::Inode { ino, .. }, true) =
+                            (&inv, prev.is_some() || new.is_none())
+                        {
+                            xattr_suspects.push(*ino);
+                        }
                         notices.push(inv);
                     }
                 }
@@ -228,6 +237,9 @@ async fn follow(
                         shared.fs.invalidate(*ino);
                         shared.changed_elsewhere(*ino, *data);
                     }
+                }
+                for ino in xattr_suspects {
+                    shared.fs.xattrs_may_exist(ino);
                 }
                 cache.cache_apply(&changes, upto);
                 if !usage.is_empty() {

@@ -28,6 +28,8 @@ pub const NAME_MAX: usize = 255;
 pub const SYMLINK_MAX: usize = 4095;
 /// Largest xattr value (Linux's XATTR_SIZE_MAX).
 pub const XATTR_SIZE_MAX: usize = 64 * 1024;
+/// Inodes remembered as created here without xattrs (the set starts over when full).
+const XATTR_FREE_MAX: usize = 1 << 20;
 /// Largest file size (2^60 bytes keeps every offset well inside i64).
 pub const MAX_FILE_SIZE: u64 = 1 << 60;
 /// Operations a namespace transaction may need, whatever `max_txn_ops` is (etcd allows 128).
@@ -375,6 +377,11 @@ pub struct Fs {
     /// generation they were filled at.
     generations: Mutex<HashMap<u64, u64>>,
     generation_seq: AtomicU64,
+    /// Inodes this instance created that have had no xattr since, as far as it knows: their
+    /// getxattr (the kernel asks for `security.capability` before every write) is answered
+    /// without a read. Every xattr change also rewrites the inode, so the watch drops an
+    /// inode from the set when another node rewrites it ([`Fs::xattrs_may_exist`]).
+    xattr_free: Mutex<std::collections::HashSet<u64>>,
     /// Inodes whose last link went while open here: purged at their last release.
     pending_orphans: Mutex<std::collections::HashSet<u64>>,
     /// Where the unflushed writes of this instance's open handles end: inode → handle → end
@@ -529,6 +536,7 @@ impl Fs {
             instance: instance_id(),
             next_fh: AtomicU64::new(1),
             generations: Mutex::new(HashMap::new()),
+            xattr_free: Mutex::new(std::collections::HashSet::new()),
             generation_seq: AtomicU64::new(0),
             pending_orphans: Mutex::new(std::collections::HashSet::new()),
             unflushed: Mutex::new(HashMap::new()),
@@ -570,6 +578,10 @@ impl Fs {
 
     /// Forgets every handle's cached metadata (after the watch lost track of changes).
     pub fn invalidate_all(&self) {
+        self.xattr_free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         let g = self.generation_seq.fetch_add(1, Ordering::Relaxed) + 1;
         let mut gens = self.generations.lock().unwrap_or_else(|e| e.into_inner());
         for v in gens.values_mut() {
@@ -577,6 +589,22 @@ impl Fs {
         }
         // Inodes not in the map read generation 0; move the floor above every cached tag.
         gens.insert(0, g);
+    }
+
+    /// `ino` may have xattrs (from now on its getxattr reads etcd). The mount's watch calls
+    /// this when another node rewrote or deleted the inode (every xattr change rewrites it).
+    pub fn xattrs_may_exist(&self, ino: u64) {
+        self.xattr_free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&ino);
+    }
+
+    fn is_xattr_free(&self, ino: u64) -> bool {
+        self.xattr_free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&ino)
     }
 
     pub(crate) fn generation(&self, ino: u64) -> u64 {
@@ -1045,6 +1073,28 @@ impl Fs {
     ) -> FsResult<Attr> {
         check_name(name)?;
         let ino = self.alloc_ino().await?;
+        {
+            // Before the inode exists, so no other node's xattr change can precede this.
+            let mut free = self.xattr_free.lock().unwrap_or_else(|e| e.into_inner());
+            if free.len() >= XATTR_FREE_MAX {
+                free.clear();
+            }
+            free.insert(ino);
+        }
+        let made = self.make_node_as(parent, name, node, ino).await;
+        if made.is_err() {
+            self.xattrs_may_exist(ino);
+        }
+        made
+    }
+
+    async fn make_node_as(
+        &self,
+        parent: u64,
+        name: &[u8],
+        node: NewNode,
+        ino: u64,
+    ) -> FsResult<Attr> {
         let mut attempt = 0;
         loop {
             let mut stage = Stage::default();
@@ -1733,6 +1783,9 @@ impl Fs {
 
     pub async fn get_xattr(&self, ino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
         check_xattr_name(name)?;
+        if self.is_xattr_free(ino) {
+            return Err(FsError::NoData);
+        }
         // The attribute and the inode in one round trip: a miss (the common answer: most
         // files have no xattrs, and `ls -l` asks for ACLs) must still tell ENODATA from ENOENT.
         let keys = [self.keys.xattr(ino, name), self.keys.inode(ino)];
@@ -1755,6 +1808,8 @@ impl Fs {
         if value.len() > XATTR_SIZE_MAX {
             return Err(FsError::TooBig);
         }
+        // Before the transaction: whatever its outcome, the inode may have xattrs now.
+        self.xattrs_may_exist(ino);
         let key = self.keys.xattr(ino, name);
         let mut attempt = 0;
         loop {
@@ -1780,6 +1835,9 @@ impl Fs {
 
     /// Names of `ino`'s xattrs, in key order.
     pub async fn list_xattr(&self, ino: u64) -> FsResult<Vec<Vec<u8>>> {
+        if self.is_xattr_free(ino) {
+            return Ok(Vec::new());
+        }
         self.get_inode(ino).await?;
         let prefix = self.keys.xattrs(ino);
         let end = prefix_end(&prefix);
@@ -1840,6 +1898,7 @@ impl Fs {
     /// Deletes an orphaned inode: its chunk map and xattrs in bounded batches, then the inode
     /// and its orphan record together. Does nothing to an inode that still has links.
     pub async fn purge(&self, ino: u64) -> FsResult<()> {
+        self.xattrs_may_exist(ino);
         let batch = self.opts.max_txn_ops.saturating_sub(2).max(1);
         let mut attempt = 0;
         loop {

@@ -413,17 +413,18 @@ impl EtcdKv {
                 async move { kv.get(key, None).await }
             })
             .await?;
-        let found = resp
-            .kvs()
+        Ok(self.found(resp.kvs(), key, header_revision(resp.header())))
+    }
+
+    /// `key`'s value and mod revision among a read's results (served at revision `at`),
+    /// noted for the watch cache's floor (see [`EtcdKv::observed`]).
+    fn found(&self, kvs: &[etcd_client::KeyValue], key: &[u8], at: Revision) -> Versioned {
+        let found = kvs
             .iter()
             .find(|kv| kv.key() == key)
             .map(|kv| (kv.value().to_vec(), kv.mod_revision()));
-        self.observed(
-            key,
-            found.as_ref().map(|f| f.1),
-            header_revision(resp.header()),
-        );
-        Ok(found)
+        self.observed(key, found.as_ref().map(|f| f.1), at);
+        found
     }
 
     async fn range_impl(
@@ -619,15 +620,7 @@ impl EtcdKv {
         let mut out = Vec::with_capacity(keys.len());
         for (key, r) in keys.iter().zip(replies) {
             match r {
-                TxnOpResponse::Get(g) => {
-                    let found = g
-                        .kvs()
-                        .iter()
-                        .find(|kv| kv.key() == key.as_slice())
-                        .map(|kv| (kv.value().to_vec(), kv.mod_revision()));
-                    self.observed(key, found.as_ref().map(|f| f.1), at);
-                    out.push(found)
-                }
+                TxnOpResponse::Get(g) => out.push(self.found(g.kvs(), key, at)),
                 _ => return Err(KvError::Other("etcd answered a read with a write".into())),
             }
         }
@@ -686,13 +679,7 @@ impl EtcdKv {
                 return Err(KvError::Other("etcd answered a read with a write".into()));
             };
             if let Some(key) = keys.get(i) {
-                let found = g
-                    .kvs()
-                    .iter()
-                    .find(|kv| kv.key() == key.as_slice())
-                    .map(|kv| (kv.value().to_vec(), kv.mod_revision()));
-                self.observed(key, found.as_ref().map(|f| f.1), at);
-                values.push(found);
+                values.push(self.found(g.kvs(), key, at));
             } else {
                 page.more = g.more();
                 page.entries = g

@@ -347,6 +347,25 @@ impl EtcdKv {
         }
     }
 
+    /// `key` from the watch cache while it follows etcd; with `floor`, only once it has applied
+    /// everything this instance read (see [`MetaKv::cached`]).
+    fn cache_lookup(&self, key: &[u8], floor: bool) -> Versioned {
+        let least = if floor {
+            self.floor.load(Ordering::Relaxed)
+        } else {
+            Revision::MIN
+        };
+        let mut c = self.cache();
+        if !c.valid || c.applied < least || (floor && c.absent.contains_key(key)) {
+            return None;
+        }
+        let hit = c.map.get(key).cloned();
+        if hit.is_some() {
+            c.hits += 1;
+        }
+        hit
+    }
+
     /// Lookups answered from the watch cache so far.
     pub fn cache_hits(&self) -> u64 {
         self.cache().hits
@@ -735,29 +754,12 @@ impl MetaKv for EtcdKv {
     /// writer's truncate (size 0): the 150-round overwrite test read an empty or old file in
     /// about 1 of 3 runs.
     fn cached(&self, key: &[u8]) -> Versioned {
-        let floor = self.floor.load(Ordering::Relaxed);
-        let mut c = self.cache();
-        if !c.valid || c.applied < floor || c.absent.contains_key(key) {
-            return None;
-        }
-        let hit = c.map.get(key).cloned();
-        if hit.is_some() {
-            c.hits += 1;
-        }
-        hit
+        self.cache_lookup(key, true)
     }
 
     /// From the watch cache while it follows etcd, whatever the floor.
     fn cached_to_compare(&self, key: &[u8]) -> Versioned {
-        let mut c = self.cache();
-        if !c.valid {
-            return None;
-        }
-        let hit = c.map.get(key).cloned();
-        if hit.is_some() {
-            c.hits += 1;
-        }
-        hit
+        self.cache_lookup(key, false)
     }
 
     fn get_many_and_range<'a>(

@@ -65,9 +65,10 @@ pub struct FsOptions {
     /// Background execution for eager block uploads; `None` stores every block at flush.
     pub spawn: Option<Spawner>,
     /// Answer lookup and getattr of files from [`MetaKv::cached`] (the values the volume's
-    /// watch delivered). Off: with it on, the 150-round overwrite test in tests/filesystem.rs
-    /// still reads stale data after the writer's close in about 1 run of 3 (rounds 50, 57,
-    /// 113 seen), also in rounds without a `stat`; the cause is not found yet. (Unlink's and
+    /// watch delivered). Off by default (a store without a watch has nothing to offer); mounts
+    /// turn it on. Close-to-open holds because `open` reads the store, the store's cache never
+    /// answers older than what was read (its read floor), and the mount drops the kernel's pages
+    /// of any file the watch saw change (the FUSE adapter's `pages_stale`). (Unlink's and
     /// create's first attempts use the cache regardless: their transactions compare what they
     /// read.)
     pub cached_lookups: bool,
@@ -972,8 +973,8 @@ impl Fs {
     }
 
     /// A lookup answered from the store's watch-fed cache, when the entry and its inode are
-    /// both there (regular files and other non-directories: a directory's times may live in a
-    /// key the cache cannot vouch for). Anything odd falls back to etcd.
+    /// both there (a directory only with its times key, see `cached_inode_for_attr`). Anything
+    /// odd falls back to etcd.
     fn lookup_cached(&self, parent: u64, name: &[u8]) -> Option<Attr> {
         let dkey = self.keys.dirent(parent, name);
         let (dv, _) = self.kv.cached(&dkey)?;

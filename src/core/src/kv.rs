@@ -164,8 +164,8 @@ pub trait MetaKv: Send + Sync {
     /// Like [`MetaKv::cached`] but possibly older than what this store has already seen: only
     /// for the first attempt of a transaction that compares the value's revision, where a
     /// stale value costs one failed transaction and a retry from the store, never a wrong
-    /// answer. (A mount's own last commit has usually not come back through its watch when
-    /// the next create or unlink starts; waiting for it would cost a read each time.)
+    /// answer. (A mount's cache waits for its watch to pass every value the mount read; a
+    /// create or unlink need not wait, nor read instead.)
     fn cached_to_compare(&self, key: &[u8]) -> Versioned {
         self.cached(key)
     }

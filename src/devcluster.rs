@@ -10,7 +10,7 @@ use std::fs::{self, File};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -45,7 +45,7 @@ fn find_etcd() -> Result<PathBuf> {
     bail!("etcd not found on PATH; install Debian's etcd-server (scripts/setup.sh does) or set TWINFS_ETCD_BIN")
 }
 
-fn spawn_background(cmd: &mut Command, log: &Path) -> Result<u32> {
+fn spawn_background(cmd: &mut Command, log: &Path) -> Result<Child> {
     let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let err = out.try_clone()?;
     let child = cmd
@@ -55,7 +55,7 @@ fn spawn_background(cmd: &mut Command, log: &Path) -> Result<u32> {
         .process_group(0)
         .spawn()
         .with_context(|| format!("starting {:?}", cmd.get_program()))?;
-    Ok(child.id())
+    Ok(child)
 }
 
 /// True when PID is alive and its command line mentions `marker` (our directory), so a PID the
@@ -109,18 +109,63 @@ fn is_zombie(pid: u32) -> bool {
         .unwrap_or(true)
 }
 
+/// What a running `up` has started, as child handles: until `up` ends they are its children, so
+/// `try_wait` says exactly whether one has exited and its PID cannot be recycled (an unreaped
+/// child keeps its PID). Reading /proc/PID/cmdline instead, as `down` must, misjudged a child
+/// that had just been spawned: between exec reporting success and the new program's arguments
+/// being set up, the kernel returns an empty cmdline, so a healthy mount was declared dead
+/// (a CI failure of 2026-12-03, under load).
 struct Started {
-    pids: Vec<u32>,
-    marker: String,
+    children: Vec<Child>,
+    /// Mount points to detach if `up` fails (a mount killed by the cleanup can leave one).
+    mount_points: Vec<PathBuf>,
+}
+
+impl Started {
+    fn push(&mut self, child: Child) -> (usize, u32) {
+        let pid = child.id();
+        self.children.push(child);
+        (self.children.len() - 1, pid)
+    }
+
+    /// Why child `index` has exited, or None while it runs.
+    fn exited(&mut self, index: usize) -> Option<String> {
+        match self.children[index].try_wait() {
+            Ok(Some(status)) => Some(status.to_string()),
+            Ok(None) => None,
+            Err(e) => Some(format!("state unknown ({e})")),
+        }
+    }
 }
 
 impl Drop for Started {
-    /// On a failed `up`, stop whatever was already started.
+    /// On a failed `up`, stop whatever was already started, newest first.
     fn drop(&mut self) {
-        for &pid in self.pids.iter().rev() {
-            stop(pid, &self.marker, Duration::from_secs(3));
+        for child in self.children.iter_mut().rev() {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                continue;
+            }
+            signal(child.id(), libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        for path in &self.mount_points {
+            twinfs_fuse::mount::detach_all(path);
         }
     }
+}
+
+/// The last `lines` lines of a log file (empty if it cannot be read).
+fn log_tail(log: &Path, lines: usize) -> String {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// What `dev-cluster up` starts.
@@ -159,8 +204,8 @@ pub async fn up(dir: &Path, opts: &UpOptions) -> Result<()> {
     let etcd_bin = find_etcd()?;
     let exe = std::env::current_exe().context("finding the twinfs executable")?;
     let mut started = Started {
-        pids: Vec::new(),
-        marker: marker.clone(),
+        children: Vec::new(),
+        mount_points: Vec::new(),
     };
 
     // etcd, on free loopback ports, with a fresh data directory.
@@ -171,7 +216,7 @@ pub async fn up(dir: &Path, opts: &UpOptions) -> Result<()> {
     let peer_port = free_tcp_port()?;
     let client_url = format!("http://127.0.0.1:{client_port}");
     let peer_url = format!("http://127.0.0.1:{peer_port}");
-    let etcd_pid = spawn_background(
+    let etcd_child = spawn_background(
         Command::new(&etcd_bin)
             .arg("--name=twinfs-dev")
             .arg(format!("--data-dir={}", etcd_dir.join("data").display()))
@@ -185,7 +230,7 @@ pub async fn up(dir: &Path, opts: &UpOptions) -> Result<()> {
             .arg("--log-level=warn"),
         &etcd_dir.join("etcd.log"),
     )?;
-    started.pids.push(etcd_pid);
+    let (_, etcd_pid) = started.push(etcd_child);
     let etcd_cfg = EtcdConfig {
         endpoints: vec![client_url.clone()],
         ..Default::default()
@@ -221,7 +266,7 @@ pub async fn up(dir: &Path, opts: &UpOptions) -> Result<()> {
         pki::issue_cert(&ca_dir, &format!("node-{i}"), CertRole::Node, &tls_dir)?;
         let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()?).parse()?;
         let log = node_dir.join("node.log");
-        let pid = spawn_background(
+        let child = spawn_background(
             Command::new(&exe)
                 .arg("node")
                 .arg("--data-dir")
@@ -237,7 +282,7 @@ pub async fn up(dir: &Path, opts: &UpOptions) -> Result<()> {
                 .args(&opts.node_args),
             &log,
         )?;
-        started.pids.push(pid);
+        let (_, pid) = started.push(child);
         nodes.push((pid, addr, data_dir, tls_dir, log));
     }
 
@@ -290,22 +335,26 @@ pub async fn up(dir: &Path, opts: &UpOptions) -> Result<()> {
     // A volume and M mounts of it, each its own process (as on different nodes).
     if opts.mounts > 0 {
         twinfs_fuse::volume::create(&etcd_client, &opts.volume, 2, None).await?;
+        let mount_command = |path: &Path| {
+            let mut cmd = Command::new(&exe);
+            cmd.arg("--cluster")
+                .arg(&cluster_json)
+                .arg("mount")
+                .arg(&opts.volume)
+                .arg(path)
+                .arg("--foreground");
+            cmd
+        };
+        // Index into `started` of each mount's process.
+        let mut mount_children = Vec::new();
         for i in 0..opts.mounts {
             let path = dir.join("mnt").join(format!("mount-{i}"));
             twinfs_fuse::mount::detach_all(&path);
             fs::create_dir_all(&path)?;
+            started.mount_points.push(path.clone());
             let log = dir.join("mnt").join(format!("mount-{i}.log"));
-            let pid = spawn_background(
-                Command::new(&exe)
-                    .arg("--cluster")
-                    .arg(&cluster_json)
-                    .arg("mount")
-                    .arg(&opts.volume)
-                    .arg(&path)
-                    .arg("--foreground"),
-                &log,
-            )?;
-            started.pids.push(pid);
+            let (index, pid) = started.push(spawn_background(&mut mount_command(&path), &log)?);
+            mount_children.push(index);
             file.mounts.push(MountEntry {
                 path,
                 pid,
@@ -314,46 +363,40 @@ pub async fn up(dir: &Path, opts: &UpOptions) -> Result<()> {
             });
         }
         let deadline = Instant::now() + Duration::from_secs(30);
-        for i in 0..file.mounts.len() {
+        for (i, child_index) in mount_children.iter_mut().enumerate() {
             let mut retried = false;
             while twinfs_fuse::mount::mount_state(&file.mounts[i].path)
                 != twinfs_fuse::mount::MountState::Live
             {
+                let exited = started.exited(*child_index);
                 let m = &file.mounts[i];
-                let died = !is_ours(m.pid, &marker) || is_zombie(m.pid);
                 let log = m.log.clone().unwrap_or_default();
-                let tail = std::fs::read_to_string(&log)
-                    .map(|t| {
-                        let lines: Vec<&str> = t.lines().collect();
-                        lines[lines.len().saturating_sub(8)..].join("\n")
-                    })
-                    .unwrap_or_default();
-                if died && !retried && Instant::now() < deadline {
-                    // Seen once under heavy load in CI, cause not known yet: start it once
-                    // more, and say so with what its log said.
-                    eprintln!(
-                        "mount at {} exited before mounting; starting it again. Its log:\n{tail}",
-                        m.path.display()
-                    );
-                    retried = true;
-                    let pid = spawn_background(
-                        Command::new(&exe)
-                            .arg("--cluster")
-                            .arg(&cluster_json)
-                            .arg("mount")
-                            .arg(&opts.volume)
-                            .arg(&m.path)
-                            .arg("--foreground"),
-                        &log.with_extension("retry.log"),
-                    )?;
-                    started.pids.push(pid);
-                    file.mounts[i].pid = pid;
-                    file.mounts[i].log = Some(log.with_extension("retry.log"));
-                    continue;
+                let tail = log_tail(&log, 8);
+                if let Some(status) = &exited {
+                    if !retried && Instant::now() < deadline {
+                        // A mount that fails on its own before mounting (e.g. etcd briefly
+                        // unreachable under load) gets one more try; its log is kept.
+                        eprintln!(
+                            "mount at {} exited ({status}) before mounting; starting it again. Its log:\n{tail}",
+                            m.path.display()
+                        );
+                        retried = true;
+                        let retry_log = log.with_extension("retry.log");
+                        let (index, pid) = started
+                            .push(spawn_background(&mut mount_command(&m.path), &retry_log)?);
+                        *child_index = index;
+                        file.mounts[i].pid = pid;
+                        file.mounts[i].log = Some(retry_log);
+                        continue;
+                    }
                 }
-                if died || Instant::now() > deadline {
+                if exited.is_some() || Instant::now() > deadline {
+                    let what = match &exited {
+                        Some(status) => format!("exited ({status})"),
+                        None => "was not mounted within 30 s".to_string(),
+                    };
                     bail!(
-                        "mount at {} did not come up; the end of {}:\n{tail}",
+                        "mount at {} {what}; the end of {}:\n{tail}",
                         m.path.display(),
                         log.display()
                     );
@@ -363,7 +406,9 @@ pub async fn up(dir: &Path, opts: &UpOptions) -> Result<()> {
         }
         file.save(&cluster_json)?;
     }
-    started.pids.clear(); // success: leave them running
+    // Success: leave every process running (dropping a Child neither kills nor waits).
+    started.children.clear();
+    started.mount_points.clear();
     println!(
         "dev cluster up: etcd at {} and {n} nodes",
         file.etcd.endpoints[0]

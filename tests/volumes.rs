@@ -572,5 +572,34 @@ fn watch_cache_never_answers_older_than_a_read() {
         let r7 = put_rev(other.put("/w/i/e", "e2", None).await.expect("put"));
         kv.cache_apply(&[(b"/w/i/e".to_vec(), value("e2"), r7)], r7);
         assert_eq!(kv.cached(b"/w/i/e"), Some((b"e2".to_vec(), r7)));
+
+        // The watch can bring a commit's events before its reply: while the transaction is
+        // unanswered, its puts are known as this mount's own by their values (so the kernel
+        // is not told to forget what this mount just made); after the reply, by revision.
+        let commit = kv.txn(vec![cmp("/w/d/f", 0)], vec![put("/w/d/f", "own entry")]);
+        let mut commit = std::pin::pin!(commit);
+        assert!(
+            tokio::time::timeout(Duration::ZERO, &mut commit)
+                .await
+                .is_err(),
+            "a round trip to etcd cannot be answered on the first poll"
+        );
+        let unknown_revision = i64::MAX;
+        assert!(kv.is_own_write(unknown_revision, b"/w/d/f", Some(b"own entry")));
+        assert!(!kv.is_own_write(unknown_revision, b"/w/d/f", Some(b"other entry")));
+        assert!(!kv.is_own_write(unknown_revision, b"/w/d/g", Some(b"own entry")));
+        assert!(!kv.is_own_write(unknown_revision, b"/w/d/f", None));
+        assert_eq!(commit.await, Ok(true));
+        let (_, rf) = kv.get(b"/w/d/f").await.expect("get").expect("f");
+        assert!(kv.is_own_write(rf, b"/w/d/f", Some(b"own entry")));
+        assert!(
+            !kv.is_own_write(unknown_revision, b"/w/d/f", Some(b"own entry")),
+            "answered: no longer in flight"
+        );
+        let rg = put_rev(other.put("/w/d/f", "own entry", None).await.expect("put"));
+        assert!(
+            !kv.is_own_write(rg, b"/w/d/f", Some(b"own entry")),
+            "another's put"
+        );
     });
 }

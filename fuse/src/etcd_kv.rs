@@ -15,7 +15,7 @@
 //!
 //! The instance remembers the revisions of its own committed write transactions (the last
 //! [`OWN_REVISIONS_KEPT`]), so the mount's etcd watch can tell its own changes from other
-//! mounts' ([`EtcdKv::is_own_revision`]).
+//! mounts' ([`EtcdKv::is_own_write`]), also when an event overtakes its transaction's reply.
 //!
 //! The futures use `tokio::time` and must be polled inside a tokio runtime.
 
@@ -50,6 +50,10 @@ pub struct EtcdKv {
     kv: KvClient,
     timeout: Duration,
     own: Mutex<BTreeSet<Revision>>,
+    /// Puts of cached kinds in transactions sent but not yet answered, by transaction: the
+    /// watch can bring a commit's events before its reply does, when the revision is not yet
+    /// known to be ours (see [`EtcdKv::is_own_write`]).
+    in_flight: Mutex<InFlight>,
     round_trips: AtomicU64,
     /// The oldest revision the watch cache may answer from: the highest revision of every
     /// value this instance has read from etcd under `cache_prefix` (its own commits are
@@ -58,6 +62,29 @@ pub struct EtcdKv {
     /// The keys the watch follows (empty: all).
     cache_prefix: Vec<u8>,
     cache: Mutex<WatchCache>,
+}
+
+/// A key and the value a transaction puts there.
+type KeyValue = (Vec<u8>, Vec<u8>);
+
+#[derive(Default)]
+struct InFlight {
+    next_id: u64,
+    txns: HashMap<u64, Vec<KeyValue>>,
+}
+
+/// Takes a transaction's puts out of [`EtcdKv::in_flight`] when it is answered (or abandoned).
+struct InFlightGuard<'a> {
+    kv: &'a EtcdKv,
+    id: Option<u64>,
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            self.kv.in_flight().txns.remove(&id);
+        }
+    }
 }
 
 /// Inode and entry values as the volume's watch last reported them (see [`EtcdKv::cached`]).
@@ -192,6 +219,7 @@ impl EtcdKv {
             kv: client.kv_client(),
             timeout: DEFAULT_TIMEOUT,
             own: Mutex::new(BTreeSet::new()),
+            in_flight: Mutex::new(InFlight::default()),
             round_trips: AtomicU64::new(0),
             floor: AtomicI64::new(0),
             cache_prefix: Vec::new(),
@@ -381,6 +409,45 @@ impl EtcdKv {
             .contains(&rev)
     }
 
+    /// True when a watch event is this instance's own write: its revision is one of ours, or
+    /// it puts exactly the value one of our unanswered transactions puts under that key (the
+    /// watch and the reply race; inode and entry values carry inode numbers and nanosecond
+    /// times, so another mount's identical bytes are not a practical case, and would leave
+    /// nothing to invalidate anyway). Deletes are judged by revision only.
+    pub fn is_own_write(&self, rev: Revision, key: &[u8], put: Option<&[u8]>) -> bool {
+        if self.is_own_revision(rev) {
+            return true;
+        }
+        let Some(value) = put else { return false };
+        self.in_flight()
+            .txns
+            .values()
+            .flatten()
+            .any(|(k, v)| k == key && v == value)
+    }
+
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, InFlight> {
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn track_in_flight(&self, through: &[(Vec<u8>, Option<Vec<u8>>)]) -> InFlightGuard<'_> {
+        let puts: Vec<KeyValue> = through
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.clone()?)))
+            .collect();
+        if puts.is_empty() {
+            return InFlightGuard { kv: self, id: None };
+        }
+        let mut f = self.in_flight();
+        let id = f.next_id;
+        f.next_id += 1;
+        f.txns.insert(id, puts);
+        InFlightGuard {
+            kv: self,
+            id: Some(id),
+        }
+    }
+
     fn remember_own(&self, rev: Revision) {
         let mut own = self.own.lock().unwrap_or_else(|e| e.into_inner());
         own.insert(rev);
@@ -560,6 +627,9 @@ impl EtcdKv {
                     })
                     .collect::<Vec<_>>(),
             );
+        // Dropped after the reply is handled, so after `remember_own`: no gap in which the
+        // watch could see neither.
+        let _in_flight = self.track_in_flight(&through);
         let deadline = Instant::now() + self.timeout;
         let mut backoff = READ_BACKOFF;
         let resp = loop {

@@ -6,8 +6,9 @@
 //!   forgets its attributes, and, when size or mtime changed (new data), its cached pages.
 //! - `d/<parent>/<hash>/<name>` created or deleted → the kernel forgets that dentry (positive
 //!   or negative), so the next lookup asks etcd.
-//! - Events whose revision is one of this mount's own transactions are skipped: the kernel
-//!   already knows about changes made through it.
+//! - Events of this mount's own transactions are skipped: the kernel already knows about
+//!   changes made through it. An event can arrive before its transaction's reply; it is known
+//!   as own then by the value it puts ([`EtcdKv::is_own_write`]).
 //!
 //! Kernel notifications are written to `/dev/fuse` by a dedicated thread, never from a tokio
 //! worker: `inval_entry` takes the directory's lock in the kernel and may wait for a request
@@ -209,14 +210,14 @@ async fn follow(
                         usage.push((kv.key().to_vec(), value));
                     }
                     upto = upto.max(rev);
-                    if cache.is_own_revision(rev) {
-                        continue;
-                    }
-                    let prev = ev.prev_kv().map(|p| p.value());
                     let new = match ev.event_type() {
                         EventType::Put => Some(kv.value()),
                         EventType::Delete => None,
                     };
+                    if cache.is_own_write(rev, kv.key(), new) {
+                        continue;
+                    }
+                    let prev = ev.prev_kv().map(|p| p.value());
                     if let Some(inv) = classify(&keys, kv.key(), prev, new) {
                         // A rewrite or delete (not the creation) of an inode may be an xattr
                         // change. Creations are skipped because this mount's own create can

@@ -1103,8 +1103,10 @@ impl Fs {
             let now = now_ns();
             // First try: the parent as the watch cache knows it, and no read of the entry at
             // all: the transaction compares both (parent unchanged, name absent), so a stale
-            // cache or an existing name only makes it fail, and the retry reads etcd.
-            let cached_parent = if attempt == 0 && node.kind != FileKind::Dir {
+            // cache or an existing name only makes it fail, and the retry reads etcd. A mkdir
+            // rewrites the parent (its link count) from that value, which the same comparison
+            // makes safe.
+            let cached_parent = if attempt == 0 {
                 self.kv
                     .cached_to_compare(&self.keys.inode(parent))
                     .and_then(|(v, rev)| {

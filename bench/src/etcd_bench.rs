@@ -1,0 +1,121 @@
+//! etcd round-trip latency from this machine, as the mounts see it: the floor under every
+//! metadata operation. Measures, over one client connection, a linearizable and a serializable
+//! get of a missing key, a put, and a two-key compare-and-put transaction (the shape of a create),
+//! each sequentially (one at a time, like a single `cp`), and reports medians and p90s in µs.
+//!
+//! `block-bench`'s sibling: run `etcd-bench --endpoint http://127.0.0.1:PORT` against a dev
+//! cluster's etcd (`twinfs dev-cluster up` prints it).
+
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Parser;
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long)]
+    endpoint: String,
+    /// Operations of each kind.
+    #[arg(long, default_value_t = 2000)]
+    count: usize,
+    /// Key prefix used (deleted at the end).
+    #[arg(long, default_value = "/twinfs-etcd-bench/")]
+    prefix: String,
+}
+
+fn report(name: &str, mut micros: Vec<u64>) {
+    micros.sort_unstable();
+    let at = |q: f64| micros[((micros.len() - 1) as f64 * q) as usize];
+    println!(
+        "{name:<24} median {:>6} µs   p90 {:>6} µs   ({} ops)",
+        at(0.5),
+        at(0.9),
+        micros.len()
+    );
+}
+
+async fn timed<F, Fut>(count: usize, mut op: F) -> Result<Vec<u64>>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let mut out = Vec::with_capacity(count);
+    for i in 0..count {
+        let start = Instant::now();
+        op(i).await?;
+        out.push(start.elapsed().as_micros() as u64);
+    }
+    Ok(out)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let client = Client::connect([args.endpoint.as_str()], None).await?;
+    let p = args.prefix.clone();
+    let n = args.count;
+    let kv = client.kv_client();
+
+    let c = kv.clone();
+    let pp = p.clone();
+    let lin = timed(n, move |i| {
+        let (mut c, k) = (c.clone(), format!("{pp}missing/{i}"));
+        async move {
+            c.get(k, None).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let c = kv.clone();
+    let pp = p.clone();
+    let ser = timed(n, move |i| {
+        let (mut c, k) = (c.clone(), format!("{pp}missing/{i}"));
+        async move {
+            c.get(k, Some(GetOptions::new().with_serializable()))
+                .await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let c = kv.clone();
+    let pp = p.clone();
+    let put = timed(n, move |i| {
+        let (mut c, k) = (c.clone(), format!("{pp}put/{i}"));
+        async move {
+            c.put(k, vec![0u8; 200], None).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let c = kv.clone();
+    let pp = p.clone();
+    let txn = timed(n, move |i| {
+        let mut c = c.clone();
+        let (entry, inode) = (format!("{pp}d/{i}"), format!("{pp}i/{i}"));
+        async move {
+            let t = Txn::new()
+                .when([Compare::create_revision(entry.clone(), CompareOp::Equal, 0)])
+                .and_then([
+                    TxnOp::put(entry, vec![1u8; 16], None),
+                    TxnOp::put(inode, vec![2u8; 120], None),
+                ]);
+            c.txn(t).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let mut c = kv.clone();
+    c.delete(
+        p.clone(),
+        Some(etcd_client::DeleteOptions::new().with_prefix()),
+    )
+    .await?;
+
+    println!("etcd at {} from one client, sequential:", args.endpoint);
+    report("get (linearizable)", lin);
+    report("get (serializable)", ser);
+    report("put", put);
+    report("txn create-shaped", txn);
+    Ok(())
+}

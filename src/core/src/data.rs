@@ -100,11 +100,17 @@ impl DirtyChunk {
             self.data = Vec::from(full);
         }
         let end = off + bytes.len();
-        if self.data.len() < end {
-            self.data.resize(end, 0);
-        }
-        if let Some(dst) = self.data.get_mut(off..end) {
-            dst.copy_from_slice(bytes);
+        if off >= self.data.len() {
+            // Appending (the common case): no zero-fill of bytes about to be overwritten.
+            self.data.resize(off, 0);
+            self.data.extend_from_slice(bytes);
+        } else {
+            if self.data.len() < end {
+                self.data.resize(end, 0);
+            }
+            if let Some(dst) = self.data.get_mut(off..end) {
+                dst.copy_from_slice(bytes);
+            }
         }
         self.ranges.push((off, end));
         self.ranges.sort_unstable();

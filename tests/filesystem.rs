@@ -220,6 +220,76 @@ fn an_unlinked_file_stays_readable_through_its_open_descriptor() {
     );
 }
 
+fn listing(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+#[test]
+fn a_large_directory_lists_every_entry_once_even_while_it_changes() {
+    // More entries than one page an open directory reads from etcd (512) and far more than
+    // one kernel request holds (~25), with names of varied length.
+    let c = cluster();
+    let (a, b) = (&c.mounts[0], &c.mounts[1]);
+    fs::create_dir(a.join("big")).unwrap();
+    let stable: Vec<String> = (0..1300)
+        .map(|i| format!("upload-{i}{}", "x".repeat(i % 40)))
+        .collect();
+    for n in &stable {
+        fs::File::create(a.join("big").join(n)).unwrap();
+    }
+    let mut doomed: Vec<String> = (0..300).map(|i| format!("doomed-{i}")).collect();
+    for n in &doomed {
+        fs::File::create(a.join("big").join(n)).unwrap();
+    }
+    let mut expect: Vec<String> = stable.iter().chain(&doomed).cloned().collect();
+    expect.sort();
+    for dir in [a.join("big"), b.join("big")] {
+        let mut got = listing(&dir);
+        got.sort();
+        assert_eq!(got.len(), expect.len(), "{}: entries listed", dir.display());
+        assert!(got == expect, "{}: names listed", dir.display());
+    }
+
+    // While B lists, A removes some names and adds others. POSIX leaves open whether those
+    // are listed; every name that stays must be, and none twice.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let changer = {
+        let (dir, stop) = (a.join("big"), stop.clone());
+        let doomed = std::mem::take(&mut doomed);
+        std::thread::spawn(move || {
+            for (i, n) in doomed.iter().enumerate() {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                fs::remove_file(dir.join(n)).unwrap();
+                fs::File::create(dir.join(format!("new-{i}"))).unwrap();
+            }
+        })
+    };
+    for round in 0..5 {
+        let got = listing(&b.join("big"));
+        let mut seen = std::collections::HashSet::new();
+        for n in &got {
+            assert!(seen.insert(n.clone()), "round {round}: {n} listed twice");
+            assert!(
+                n.starts_with("upload-") || n.starts_with("doomed-") || n.starts_with("new-"),
+                "round {round}: unknown name {n}"
+            );
+        }
+        for n in &stable {
+            assert!(
+                seen.contains(n),
+                "round {round}: {n} missing from the listing"
+            );
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    changer.join().unwrap();
+}
+
 #[test]
 fn one_gib_written_through_one_mount_reads_back_identical_through_the_other() {
     let c = cluster();

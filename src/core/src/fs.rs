@@ -1684,6 +1684,13 @@ impl Fs {
         limit: usize,
     ) -> FsResult<Vec<(DirEntry, Option<Attr>)>> {
         let entries = self.readdir(dir, cookie, limit).await?;
+        let attrs = self.entry_attrs(&entries).await?;
+        Ok(entries.into_iter().zip(attrs).collect())
+    }
+
+    /// The attributes of listed entries (None: the inode is gone), from the watch cache where
+    /// it may answer, else from etcd in batches.
+    pub async fn entry_attrs(&self, entries: &[DirEntry]) -> FsResult<Vec<Option<Attr>>> {
         let mut out = Vec::with_capacity(entries.len());
         for batch in entries.chunks(32) {
             // Each entry's inode and, for directories, its times: one round trip.
@@ -1708,7 +1715,7 @@ impl Fs {
                     }
                     None => None,
                 };
-                out.push((e.clone(), attr));
+                out.push(attr);
             }
         }
         Ok(out)

@@ -318,13 +318,21 @@ impl BlockClient {
             .await
         {
             Ok(Message::Data(data)) => {
-                // Whole blocks are verified here too; ranges were verified by the node, which
-                // hashes the whole block before sending any part of it.
+                // Whole blocks are verified here only (the node sends them as stored); ranges
+                // were verified by the node, which hashes the whole block before sending any
+                // part of it.
                 if range.is_none() && !hash.verifies(&data) {
                     self.stats
                         .corrupt_copies_seen
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::error!(node = %node.id, block = %hash, "node returned bytes that do not match the hash");
+                    // Have the node re-hash its copy: a bad one is quarantined and counted
+                    // there, and repair re-creates it. Awaited (bounded), so whoever reads
+                    // next is not sent the same bytes; its answer changes nothing here.
+                    let verify = Message::Verify { hashes: vec![hash] };
+                    let _ = self
+                        .request(node, &verify, self.opts.get_attempt_timeout)
+                        .await;
                     return Err(AttemptError::Failed("returned corrupt bytes".into()));
                 }
                 Ok(data)

@@ -42,6 +42,46 @@ pub struct MountArgs {
     /// rather wait.
     #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
     pub etcd_timeout: f64,
+    /// Serve Prometheus /metrics (FUSE operations, etcd round trips and block requests, with
+    /// latency histograms) and /healthz, /readyz on ADDR, e.g. 127.0.0.1:9481.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// Serves the process's metrics on `addr` from a thread of its own; fails if it cannot bind.
+fn serve_metrics(
+    addr: std::net::SocketAddr,
+    health: std::sync::Arc<twinfs_cluster::metrics::Health>,
+) -> Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(anyhow::anyhow!("metrics runtime: {e}")));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let bound = twinfs_cluster::metrics::serve(addr, health).await;
+                let ok = bound.is_ok();
+                let _ = tx.send(bound);
+                if ok {
+                    std::future::pending::<()>().await;
+                }
+            });
+        })
+        .context("starting the metrics thread")?;
+    let local = rx
+        .recv()
+        .context("the metrics thread ended before binding")??;
+    tracing::info!(addr = %local, "serving /metrics, /healthz and /readyz");
+    Ok(())
 }
 
 pub fn mount(conn: &ConnArgs, args: MountArgs) -> Result<()> {
@@ -69,9 +109,29 @@ pub fn mount(conn: &ConnArgs, args: MountArgs) -> Result<()> {
     cfg.etcd_timeout = Duration::from_secs_f64(args.etcd_timeout);
     let volume = args.volume.clone();
     let dir = args.dir.clone();
+    let health = std::sync::Arc::new(twinfs_cluster::metrics::Health::default());
+    // Not a node: nothing to register, readiness is the mount's.
+    health
+        .node_registered
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let where_ = dir.display().to_string();
+    health.set_mount(
+        &volume,
+        &where_,
+        twinfs_cluster::metrics::MountHealth::Starting,
+    );
+    if let Some(addr) = args.metrics_addr {
+        serve_metrics(addr, health.clone())?;
+    }
+    let mounted = health.clone();
     mount::run(
         cfg,
         move || {
+            mounted.set_mount(
+                &volume,
+                &where_,
+                twinfs_cluster::metrics::MountHealth::Mounted,
+            );
             // The line a background parent waits for.
             println!("mounted volume {volume} at {}", dir.display());
             let _ = std::io::stdout().flush();
@@ -125,8 +185,11 @@ fn daemonize(conn: &ConnArgs, args: &MountArgs) -> Result<()> {
         .arg("--threads")
         .arg(args.threads.to_string())
         .arg("--etcd-timeout")
-        .arg(args.etcd_timeout.to_string())
-        .stdin(Stdio::null())
+        .arg(args.etcd_timeout.to_string());
+    if let Some(addr) = args.metrics_addr {
+        cmd.arg("--metrics-addr").arg(addr.to_string());
+    }
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log_file)
         .process_group(0);

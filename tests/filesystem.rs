@@ -395,8 +395,15 @@ fn mounts_stop_cleanly_and_bad_mounts_fail_clearly() {
     drop(f);
     assert!(!is_mounted(b), "SIGTERM unmounted");
 
-    // Mount again (background): both files are there, with their data.
-    let out = run(c.cmd().arg("mount").arg("uploads").arg(a));
+    // Mount again (background, serving its metrics): both files are there, with their data.
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+    let out = run(c
+        .cmd()
+        .arg("mount")
+        .arg("uploads")
+        .arg(a)
+        .arg("--metrics-addr")
+        .arg(metrics.to_string()));
     assert!(
         out.status.success(),
         "{}",
@@ -407,6 +414,16 @@ fn mounts_stop_cleanly_and_bad_mounts_fail_clearly() {
         fs::read(a.join("open-at-sigterm")).unwrap(),
         b"flushed at shutdown"
     );
+    let ready = http_get(metrics, "/readyz").unwrap_or_default();
+    assert!(ready.starts_with("HTTP/1.1 200"), "/readyz: {ready}");
+    let scraped = http_get(metrics, "/metrics").unwrap_or_default();
+    for series in [
+        "twinfs_fuse_ops_total{op=\"lookup\"}",
+        "twinfs_etcd_requests_seconds_bucket",
+        "twinfs_client_requests_total{op=\"get\"}",
+    ] {
+        assert!(scraped.contains(series), "{series} in /metrics:\n{scraped}");
+    }
     let out = run(c.cmd().arg("umount").arg(a));
     assert!(
         out.status.success(),

@@ -437,6 +437,28 @@ fn put_rev(resp: etcd_client::PutResponse) -> i64 {
 /// whose watch still held the writer's truncate answered size 0 after the writer's close.
 /// The store's own commits go into the cache at once (written through), so the lookups and
 /// directory `getattr`s that follow a create or unlink need no read.
+/// A process stopped with SIGSTOP until this is dropped (then SIGCONT).
+struct Stopped(i32);
+
+impl Stopped {
+    fn new(pid: i32) -> Stopped {
+        // SAFETY: kill(2) has no memory-safety preconditions; the PID is this test's etcd.
+        unsafe {
+            libc::kill(pid, libc::SIGSTOP);
+        }
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: as in `new`.
+        unsafe {
+            libc::kill(self.0, libc::SIGCONT);
+        }
+    }
+}
+
 #[test]
 fn watch_cache_never_answers_older_than_a_read() {
     let c = DevCluster::up(1, 10);
@@ -576,19 +598,21 @@ fn watch_cache_never_answers_older_than_a_read() {
         // The watch can bring a commit's events before its reply: while the transaction is
         // unanswered, its puts are known as this mount's own by their values (so the kernel
         // is not told to forget what this mount just made); after the reply, by revision.
-        let commit = kv.txn(vec![cmp("/w/d/f", 0)], vec![put("/w/d/f", "own entry")]);
-        let mut commit = std::pin::pin!(commit);
-        assert!(
-            tokio::time::timeout(Duration::ZERO, &mut commit)
-                .await
-                .is_err(),
-            "a round trip to etcd cannot be answered on the first poll"
-        );
+        // etcd is stopped (SIGSTOP) so the transaction certainly stays unanswered while the
+        // checks run; it continues when `held` is dropped, whatever the checks find.
+        let held = Stopped::new(c.json["etcd"]["pid"].as_u64().expect("etcd pid") as i32);
+        let mut commit = kv.txn(vec![cmp("/w/d/f", 0)], vec![put("/w/d/f", "own entry")]);
+        let first = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::future::Future::poll(commit.as_mut(), cx).is_pending())
+        })
+        .await;
+        assert!(first, "a stopped etcd cannot have answered");
         let unknown_revision = i64::MAX;
         assert!(kv.is_own_write(unknown_revision, b"/w/d/f", Some(b"own entry")));
         assert!(!kv.is_own_write(unknown_revision, b"/w/d/f", Some(b"other entry")));
         assert!(!kv.is_own_write(unknown_revision, b"/w/d/g", Some(b"own entry")));
         assert!(!kv.is_own_write(unknown_revision, b"/w/d/f", None));
+        drop(held);
         assert_eq!(commit.await, Ok(true));
         let (_, rf) = kv.get(b"/w/d/f").await.expect("get").expect("f");
         assert!(kv.is_own_write(rf, b"/w/d/f", Some(b"own entry")));

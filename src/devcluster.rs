@@ -369,6 +369,10 @@ pub async fn up(dir: &Path, opts: &UpOptions) -> Result<()> {
                 != twinfs_fuse::mount::MountState::Live
             {
                 let exited = started.exited(*child_index);
+                if exited.is_none() && Instant::now() <= deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
                 let m = &file.mounts[i];
                 let log = m.log.clone().unwrap_or_default();
                 let tail = log_tail(&log, 8);
@@ -390,18 +394,15 @@ pub async fn up(dir: &Path, opts: &UpOptions) -> Result<()> {
                         continue;
                     }
                 }
-                if exited.is_some() || Instant::now() > deadline {
-                    let what = match &exited {
-                        Some(status) => format!("exited ({status})"),
-                        None => "was not mounted within 30 s".to_string(),
-                    };
-                    bail!(
-                        "mount at {} {what}; the end of {}:\n{tail}",
-                        m.path.display(),
-                        log.display()
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                let what = match &exited {
+                    Some(status) => format!("exited ({status})"),
+                    None => "was not mounted within 30 s".to_string(),
+                };
+                bail!(
+                    "mount at {} {what}; the end of {}:\n{tail}",
+                    m.path.display(),
+                    log.display()
+                );
             }
         }
         file.save(&cluster_json)?;

@@ -257,15 +257,27 @@ impl Shared {
             .cloned()
     }
 
-    fn dir_stream(&self, fh: FileHandle) -> Arc<tokio::sync::Mutex<DirStream>> {
+    /// The open directory `fh`, locked and positioned at the entry after `offset`. The lock is
+    /// held across etcd reads: the kernel sends one request at a time per open directory, so
+    /// nothing else waits on it.
+    async fn dir_stream_at(
+        &self,
+        fh: FileHandle,
+        dir: u64,
+        offset: u64,
+    ) -> Result<tokio::sync::OwnedMutexGuard<DirStream>, FsError> {
         // A handle we did not hand out (none should come) gets a stream of its own, which
         // reads etcd at every request, as a listing without opendir would.
-        self.dirs
+        let stream: Arc<tokio::sync::Mutex<DirStream>> = self
+            .dirs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&fh.0)
             .cloned()
-            .unwrap_or_default()
+            .unwrap_or_default();
+        let mut ds = stream.lock_owned().await;
+        ds.seek(&self.fs, dir, offset).await?;
+        Ok(ds)
     }
 
     fn add_handle(&self, f: OpenFile) -> u64 {
@@ -947,15 +959,14 @@ impl Filesystem for TwinFs {
             if offset <= 1 && reply.add(ino, 2, FileType::Directory, "..") {
                 return reply.ok();
             }
-            let stream = this.shared.dir_stream(fh);
-            // Held across etcd reads: the kernel sends one request at a time per open
-            // directory, so nothing else waits on it.
-            let mut ds = stream.lock().await;
             let fs = &this.shared.fs;
-            if let Err(e) = ds.seek(fs, ino.0, offset).await {
-                this.count_err(&e);
-                return reply.error(errno(&e));
-            }
+            let mut ds = match this.shared.dir_stream_at(fh, ino.0, offset).await {
+                Ok(ds) => ds,
+                Err(e) => {
+                    this.count_err(&e);
+                    return reply.error(errno(&e));
+                }
+            };
             loop {
                 let mut added = 0;
                 let mut full = false;
@@ -1011,14 +1022,14 @@ impl Filesystem for TwinFs {
                     return reply.ok();
                 }
             }
-            let stream = this.shared.dir_stream(fh);
-            // Held across etcd reads: see readdir.
-            let mut ds = stream.lock().await;
             let fs = &this.shared.fs;
-            if let Err(e) = ds.seek(fs, ino.0, offset).await {
-                this.count_err(&e);
-                return reply.error(errno(&e));
-            }
+            let mut ds = match this.shared.dir_stream_at(fh, ino.0, offset).await {
+                Ok(ds) => ds,
+                Err(e) => {
+                    this.count_err(&e);
+                    return reply.error(errno(&e));
+                }
+            };
             loop {
                 let batch: Vec<DirEntry> =
                     ds.rest().iter().take(READDIRPLUS_BATCH).cloned().collect();

@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::{CompareOp, DeleteOptions, GetOptions, KvClient, TxnOpResponse};
@@ -50,7 +50,7 @@ pub struct EtcdKv {
     kv: KvClient,
     timeout: Duration,
     own: Mutex<BTreeSet<Revision>>,
-    /// Puts of cached kinds in transactions sent but not yet answered, by transaction: the
+    /// Writes of cached kinds in transactions sent but not yet answered, by transaction: the
     /// watch can bring a commit's events before its reply does, when the revision is not yet
     /// known to be ours (see [`EtcdKv::is_own_write`]).
     in_flight: Mutex<InFlight>,
@@ -64,13 +64,13 @@ pub struct EtcdKv {
     cache: Mutex<WatchCache>,
 }
 
-/// A key and the value a transaction puts there.
-type KeyValue = (Vec<u8>, Vec<u8>);
+/// What a transaction writes under cached kinds: each key with its new value (`None`: deleted).
+type Writes = Arc<[(Vec<u8>, Option<Vec<u8>>)]>;
 
 #[derive(Default)]
 struct InFlight {
     next_id: u64,
-    txns: HashMap<u64, Vec<KeyValue>>,
+    txns: HashMap<u64, Writes>,
 }
 
 /// Takes a transaction's puts out of [`EtcdKv::in_flight`] when it is answered (or abandoned).
@@ -422,26 +422,23 @@ impl EtcdKv {
         self.in_flight()
             .txns
             .values()
-            .flatten()
-            .any(|(k, v)| k == key && v == value)
+            .flat_map(|w| w.iter())
+            .any(|(k, v)| k == key && v.as_deref() == Some(value))
     }
 
     fn in_flight(&self) -> std::sync::MutexGuard<'_, InFlight> {
         self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn track_in_flight(&self, through: &[(Vec<u8>, Option<Vec<u8>>)]) -> InFlightGuard<'_> {
-        let puts: Vec<KeyValue> = through
-            .iter()
-            .filter_map(|(k, v)| Some((k.clone(), v.clone()?)))
-            .collect();
-        if puts.is_empty() {
+    /// Registers a transaction's writes (shared, not copied) until the guard drops.
+    fn track_in_flight(&self, through: &Writes) -> InFlightGuard<'_> {
+        if !through.iter().any(|(_, v)| v.is_some()) {
             return InFlightGuard { kv: self, id: None };
         }
         let mut f = self.in_flight();
         let id = f.next_id;
         f.next_id += 1;
-        f.txns.insert(id, puts);
+        f.txns.insert(id, through.clone());
         InFlightGuard {
             kv: self,
             id: Some(id),
@@ -629,6 +626,7 @@ impl EtcdKv {
             );
         // Dropped after the reply is handled, so after `remember_own`: no gap in which the
         // watch could see neither.
+        let through: Writes = through.into();
         let _in_flight = self.track_in_flight(&through);
         let deadline = Instant::now() + self.timeout;
         let mut backoff = READ_BACKOFF;

@@ -220,8 +220,7 @@ async fn follow(
                     let prev = ev.prev_kv().map(|p| p.value());
                     if let Some(inv) = classify(&keys, kv.key(), prev, new) {
                         // A rewrite or delete (not the creation) of an inode may be an xattr
-                        // change. Creations are skipped because this mount's own create can
-                        // reach the watch before its transaction's reply marks it as own.
+                        // change: a new inode has none, and setting one rewrites it.
                         if let (Invalidation::Inode { ino, .. }, true) =
                             (&inv, prev.is_some() || new.is_none())
                         {

@@ -1674,22 +1674,10 @@ impl Fs {
         Ok(out)
     }
 
-    /// A page of [`Fs::readdir`] with each entry's attributes, read in batches of one round
-    /// trip per 64 entries (readdirplus: the kernel then needs no lookup per name). An entry
-    /// whose inode vanished meanwhile (a concurrent unlink) comes with `None`.
-    pub async fn readdir_plus(
-        &self,
-        dir: u64,
-        cookie: u64,
-        limit: usize,
-    ) -> FsResult<Vec<(DirEntry, Option<Attr>)>> {
-        let entries = self.readdir(dir, cookie, limit).await?;
-        let attrs = self.entry_attrs(&entries).await?;
-        Ok(entries.into_iter().zip(attrs).collect())
-    }
-
-    /// The attributes of listed entries (None: the inode is gone), from the watch cache where
-    /// it may answer, else from etcd in batches.
+    /// The attributes of entries [`Fs::readdir`] listed, for readdirplus (the kernel then needs
+    /// no lookup per name): from the watch cache where it may answer, else from etcd, one round
+    /// trip per 32 entries. An entry whose inode vanished meanwhile (a concurrent unlink) gets
+    /// `None`.
     pub async fn entry_attrs(&self, entries: &[DirEntry]) -> FsResult<Vec<Option<Attr>>> {
         let mut out = Vec::with_capacity(entries.len());
         for batch in entries.chunks(32) {

@@ -1,6 +1,8 @@
 //! block-bench: put and get N MiB as fixed-size blocks through the twinfs block client, next to a
 //! reference measured in the same run on the same disk (the same bytes written as files with
-//! fsync, then read back), and the latency of 64 KiB range gets next to 64 KiB preads.
+//! fsync, then read back), the latency of 64 KiB range gets next to 64 KiB preads, and the latency
+//! of small puts made one at a time (as a flush on close makes them) next to the same durable
+//! writes of the same number of copies on this disk.
 //!
 //! Usage: block-bench --cluster DIR/cluster.json --ref-dir DIR [--total-mib 1024] [--runs 3]
 //! Prints one line per run and the medians; run it through bench/block_bench.sh.
@@ -40,6 +42,12 @@ struct Args {
     small_gets: usize,
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Sequential small puts (one in flight, as a file's flush on close does), to time the put
+    /// path's latency rather than its throughput; 0 skips them.
+    #[arg(long, default_value_t = 200)]
+    small_puts: usize,
+    #[arg(long, default_value_t = 200)]
+    small_put_kib: usize,
     /// Keep the page cache before reads (by default it is dropped, when running as root, so that
     /// both the reference read and the twinfs get read from the disk).
     #[arg(long)]
@@ -62,6 +70,10 @@ struct RunResult {
     ref_p99: f64,
     get_p50: f64,
     get_p99: f64,
+    small_put_p50: f64,
+    small_ref_p50: f64,
+    has_p50: f64,
+    small_get_p50: f64,
 }
 
 fn make_blocks(seed: u64, n: usize, size: usize) -> Vec<bytes::Bytes> {
@@ -92,6 +104,17 @@ fn mib_per_s(bytes: usize, d: Duration) -> f64 {
     bytes as f64 / (1 << 20) as f64 / d.as_secs_f64()
 }
 
+/// A block store's durable write: temp file, fsync, rename, fsync of the directory.
+fn durable_write(dir: &Path, name: &str, data: &[u8]) -> Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
 /// The reference write: what a durable block write costs on this disk (temp file, fsync,
 /// rename, fsync of the directory), with the same concurrency.
 fn reference_write(dir: &Path, blocks: &[bytes::Bytes], concurrency: usize) -> Result<Duration> {
@@ -110,12 +133,7 @@ fn reference_write(dir: &Path, blocks: &[bytes::Bytes], concurrency: usize) -> R
             .map(|work| {
                 s.spawn(move || -> Result<()> {
                     for (i, b) in work {
-                        let tmp = dir.join(format!("{i}.tmp"));
-                        let mut f = std::fs::File::create(&tmp)?;
-                        f.write_all(&b)?;
-                        f.sync_all()?;
-                        std::fs::rename(&tmp, dir.join(i.to_string()))?;
-                        std::fs::File::open(dir)?.sync_all()?;
+                        durable_write(dir, &i.to_string(), &b)?;
                     }
                     Ok(())
                 })
@@ -127,6 +145,28 @@ fn reference_write(dir: &Path, blocks: &[bytes::Bytes], concurrency: usize) -> R
         Ok(())
     })?;
     Ok(start.elapsed())
+}
+
+/// One durable write per copy, the copies written at the same time by one thread each (the
+/// nodes of a dev cluster share this disk): what a replicated block put cannot beat here.
+fn reference_small_writes(dir: &Path, blocks: &[bytes::Bytes], copies: usize) -> Result<Vec<f64>> {
+    std::fs::create_dir_all(dir)?;
+    let mut lat = Vec::with_capacity(blocks.len());
+    for (i, b) in blocks.iter().enumerate() {
+        let t = Instant::now();
+        std::thread::scope(|s| -> Result<()> {
+            let handles: Vec<_> = (0..copies)
+                .map(|c| s.spawn(move || durable_write(dir, &format!("s{i}.{c}"), b)))
+                .collect();
+            for h in handles {
+                h.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+            }
+            Ok(())
+        })?;
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    lat.sort_by(|a, b| a.total_cmp(b));
+    Ok(lat)
 }
 
 fn reference_read(dir: &Path, n: usize, concurrency: usize) -> Result<Duration> {
@@ -256,6 +296,55 @@ async fn run_once(args: &Args, client: &Arc<BlockClient>, seed: u64) -> Result<R
     .await??;
     ref_lat.sort_by(|a, b| a.total_cmp(b));
 
+    // Small puts, one at a time, against the same durable writes of the same copies.
+    let small = make_blocks(seed + 7, args.small_puts, args.small_put_kib << 10);
+    let mut small_lat = Vec::with_capacity(small.len());
+    for b in &small {
+        let t = Instant::now();
+        let outcome = client.put(b.clone()).await?;
+        small_lat.push(t.elapsed().as_secs_f64() * 1e3);
+        anyhow::ensure!(!outcome.under_replicated(), "put was under-replicated");
+        hashes.push(outcome.hash);
+    }
+    small_lat.sort_by(|a, b| a.total_cmp(b));
+    // The same small blocks read back whole, one at a time (after the first read, from the
+    // nodes' page cache: this is the transport's share).
+    let mut small_get_lat = Vec::with_capacity(small.len());
+    for (b, h) in small.iter().zip(&hashes[hashes.len() - small.len()..]) {
+        let t = Instant::now();
+        let d = client.get(*h, None).await?;
+        small_get_lat.push(t.elapsed().as_secs_f64() * 1e3);
+        anyhow::ensure!(d[..] == b[..], "small block read back differs");
+    }
+    small_get_lat.sort_by(|a, b| a.total_cmp(b));
+    let rd = ref_dir.clone();
+    let copies = args.replicas;
+    let small_ref =
+        tokio::task::spawn_blocking(move || reference_small_writes(&rd, &small, copies)).await??;
+
+    // The smallest request (is one block here?) to one node, one at a time: the round trip
+    // every put pays on top of its disk work.
+    let node = client
+        .membership()
+        .live()
+        .into_iter()
+        .next()
+        .context("no live node")?;
+    let mut has_lat = Vec::with_capacity(args.small_puts);
+    for h in hashes.iter().cycle().take(args.small_puts.max(1)) {
+        let t = Instant::now();
+        client
+            .ask_bits(
+                &node,
+                &Message::Has { hashes: vec![*h] },
+                1,
+                Duration::from_secs(5),
+            )
+            .await?;
+        has_lat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    has_lat.sort_by(|a, b| a.total_cmp(b));
+
     // Clean up: delete the blocks from every node and the reference files.
     for node in client.membership().live() {
         for h in &hashes {
@@ -275,6 +364,10 @@ async fn run_once(args: &Args, client: &Arc<BlockClient>, seed: u64) -> Result<R
         ref_p99: percentile(&ref_lat, 0.99),
         get_p50: percentile(&lat, 0.5),
         get_p99: percentile(&lat, 0.99),
+        small_put_p50: percentile(&small_lat, 0.5),
+        small_ref_p50: percentile(&small_ref, 0.5),
+        has_p50: percentile(&has_lat, 0.5),
+        small_get_p50: percentile(&small_get_lat, 0.5),
     })
 }
 
@@ -330,13 +423,13 @@ async fn main() -> Result<()> {
     } else if !args.keep_cache {
         println!("page cache dropped before each read phase: reads come from the disk");
     }
-    println!("run  ref-write  put      put/ref  ref-read  get      get/ref  | 64KiB p50/p99 ms: ref        twinfs");
+    println!("run  ref-write  put      put/ref  ref-read  get      get/ref  | 64KiB p50/p99 ms: ref        twinfs        | {} KiB put p50 ms: ref   twinfs", args.small_put_kib);
     let mut results = Vec::new();
     for run in 0..args.runs {
         let seed = rand::random::<u32>() as u64 + run as u64;
         let r = run_once(&args, &client, seed).await?;
         println!(
-            "{run:<4} {:>8.0}  {:>7.0}  {:>6.2}   {:>8.0}  {:>7.0}  {:>6.2}   |     {:>6.3}/{:<6.3}  {:>6.3}/{:<6.3}",
+            "{run:<4} {:>8.0}  {:>7.0}  {:>6.2}   {:>8.0}  {:>7.0}  {:>6.2}   |     {:>6.3}/{:<6.3}  {:>6.3}/{:<6.3} |                {:>6.3}  {:>6.3}",
             r.ref_write,
             r.put,
             r.put / r.ref_write,
@@ -346,7 +439,9 @@ async fn main() -> Result<()> {
             r.ref_p50,
             r.ref_p99,
             r.get_p50,
-            r.get_p99
+            r.get_p99,
+            r.small_ref_p50,
+            r.small_put_p50
         );
         results.push(r);
     }
@@ -366,6 +461,22 @@ async fn main() -> Result<()> {
         m(&|r| r.get_p99),
         m(&|r| r.ref_p50),
         m(&|r| r.ref_p99)
+    );
+    if args.small_puts > 0 {
+        println!(
+            "median: {} KiB put, one at a time, p50 {:.3} ms = {:.2} x reference ({:.3} ms: {} durable writes at once on this disk)",
+            args.small_put_kib,
+            m(&|r| r.small_put_p50),
+            m(&|r| r.small_put_p50 / r.small_ref_p50),
+            m(&|r| r.small_ref_p50),
+            args.replicas
+        );
+    }
+    println!(
+        "median: round trip of the smallest request (has one block) p50 {:.3} ms; {} KiB get p50 {:.3} ms",
+        m(&|r| r.has_p50),
+        args.small_put_kib,
+        m(&|r| r.small_get_p50)
     );
     for p in client.path_stats() {
         eprintln!(

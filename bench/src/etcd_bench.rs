@@ -105,6 +105,24 @@ async fn main() -> Result<()> {
         }
     })
     .await?;
+    // A get and an open-shaped read-only transaction (one key and a range, as `open` reads an
+    // inode and its chunk map), alternated so that the machine's noise hits both alike.
+    let (mut c, pp) = (kv.clone(), p.clone());
+    let (mut alt_get, mut alt_txn) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in 0..n {
+        let inode = format!("{pp}i/{i}");
+        let start = Instant::now();
+        c.get(inode.clone(), None).await?;
+        alt_get.push(start.elapsed().as_micros() as u64);
+        let (from, to) = (format!("{pp}put/{i}"), format!("{pp}put/{i}~"));
+        let t = Txn::new().and_then([
+            TxnOp::get(inode, None),
+            TxnOp::get(from, Some(GetOptions::new().with_range(to))),
+        ]);
+        let start = Instant::now();
+        c.txn(t).await?;
+        alt_txn.push(start.elapsed().as_micros() as u64);
+    }
     let mut c = kv.clone();
     c.delete(
         p.clone(),
@@ -117,5 +135,7 @@ async fn main() -> Result<()> {
     report("get (serializable)", ser);
     report("put", put);
     report("txn create-shaped", txn);
+    report("get, alternated with the next", alt_get);
+    report("read-only txn open-shaped", alt_txn);
     Ok(())
 }

@@ -740,8 +740,13 @@ impl Filesystem for TwinFs {
         });
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let this = self.this();
+        // An open for reading is nearly always followed by a read of the start: let the
+        // first block travel while `open_attr` reads the metadata.
+        if flags.0 & libc::O_ACCMODE != libc::O_WRONLY && flags.0 & libc::O_TRUNC == 0 {
+            this.shared.fs.prefetch_first_block(ino.0);
+        }
         self.spawn("open", async move {
             let r = this
                 .shared

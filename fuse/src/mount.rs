@@ -290,6 +290,7 @@ async fn open(cfg: &MountConfig, mountpoint: &Path) -> Result<Opened> {
     .unwrap_or(0);
     let sleep: twinfs_core::Sleeper =
         Arc::new(|d| Box::pin(tokio::time::sleep(d)) as futures::future::BoxFuture<'static, ()>);
+    let runtime = tokio::runtime::Handle::current();
     let fs = Fs::open_volume(
         kv.clone() as Arc<dyn MetaKv>,
         blocks,
@@ -299,8 +300,10 @@ async fn open(cfg: &MountConfig, mountpoint: &Path) -> Result<Opened> {
             max_dirty_bytes: cfg.write_buffer_bytes,
             cached_lookups: true,
             sleep: Some(sleep),
-            spawn: Some(Arc::new(|f| {
-                tokio::spawn(f);
+            // Through the handle: the core may spawn from a fuser thread (a prefetch at open),
+            // which has no runtime context of its own.
+            spawn: Some(Arc::new(move |f| {
+                runtime.spawn(f);
             })),
             ..Default::default()
         },

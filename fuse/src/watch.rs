@@ -217,6 +217,9 @@ async fn follow(
                     if cache.is_own_write(rev, kv.key(), new) {
                         continue;
                     }
+                    if rest.starts_with(b"c/") {
+                        shared.fs.note_chunk_change(kv.key(), new);
+                    }
                     let prev = ev.prev_kv().map(|p| p.value());
                     if let Some(inv) = classify(&keys, kv.key(), prev, new) {
                         // A rewrite or delete (not the creation) of an inode may be an xattr

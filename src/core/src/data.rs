@@ -379,6 +379,47 @@ impl Fs {
         Ok(committed.max(self.unflushed_end(h.ino)))
     }
 
+    /// The volume's watch saw chunk record `key` written (`value`) or deleted (`None`) by
+    /// another mount: remember a file's first block, for [`Fs::prefetch_first_block`].
+    pub fn note_chunk_change(&self, key: &[u8], value: Option<&[u8]>) {
+        let Ok((ino, 0)) = self.keys.parse_any_chunk(key) else {
+            return;
+        };
+        let hash = value
+            .and_then(|v| decode::<ChunkRec>(key, v).ok())
+            .and_then(|c| c.hash().ok());
+        let mut hints = self.first_blocks.lock().unwrap_or_else(|e| e.into_inner());
+        match hash {
+            Some(hash) => hints.insert(ino, hash),
+            None => hints.remove(ino),
+        }
+    }
+
+    /// Starts fetching, in the background, the block the watch last saw as `ino`'s first
+    /// chunk, so that it travels while `open` reads the file's metadata from etcd (a round
+    /// trip that close-to-open forbids skipping) instead of after it: for a small file the
+    /// first read then waits for one round trip, not two. Only a guess: the read uses the
+    /// chunk map `open` reads, and a stale guess costs a fetch, never wrong data (blocks are
+    /// named by their hash and verified). Nothing without a spawner or a hint.
+    pub fn prefetch_first_block(&self, ino: u64) {
+        let Some(spawn) = &self.opts.spawn else {
+            return;
+        };
+        let hint = self
+            .first_blocks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(ino);
+        let Some(hash) = hint else { return };
+        let blocks = self.blocks.clone();
+        spawn(
+            async move {
+                let _ = blocks.get(hash).await;
+            }
+            .boxed(),
+        );
+    }
+
     async fn fetch_chunk(&self, rec: &ChunkRec) -> FsResult<Bytes> {
         let hash = rec.hash()?;
         let bytes = self.blocks.get(hash).await?;
@@ -923,5 +964,77 @@ mod tests {
         let mut base = b"0123456789".to_vec();
         d.patch(&mut base);
         assert_eq!(&base, b"xyzzab6789");
+    }
+}
+
+/// Files' first blocks as the watch saw other mounts commit them, newest [`FIRST_BLOCK_HINTS`]
+/// inodes (oldest forgotten first).
+#[derive(Default)]
+pub(crate) struct FirstBlockHints {
+    map: HashMap<u64, BlockHash>,
+    order: std::collections::VecDeque<u64>,
+}
+
+/// ~1 MiB of hints: more files than a directory tree being copied in usually has.
+pub(crate) const FIRST_BLOCK_HINTS: usize = 16_384;
+
+impl FirstBlockHints {
+    fn insert(&mut self, ino: u64, hash: BlockHash) {
+        if self.map.insert(ino, hash).is_none() {
+            self.order.push_back(ino);
+        }
+        // `order` may name inodes removed since, or one twice (removed, then hinted again;
+        // its older place may then evict it early: a hint is only a hint). Bounded at twice
+        // the map.
+        while self.map.len() > FIRST_BLOCK_HINTS || self.order.len() > 2 * FIRST_BLOCK_HINTS {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if self.map.len() > FIRST_BLOCK_HINTS {
+                self.map.remove(&old);
+            }
+        }
+    }
+
+    fn remove(&mut self, ino: u64) {
+        self.map.remove(&ino);
+    }
+
+    fn get(&self, ino: u64) -> Option<BlockHash> {
+        self.map.get(&ino).copied()
+    }
+}
+
+#[cfg(test)]
+mod hint_tests {
+    use super::*;
+
+    fn hash(i: u64) -> BlockHash {
+        BlockHash::of(&i.to_le_bytes())
+    }
+
+    #[test]
+    fn first_block_hints_keep_the_newest_files_and_stay_bounded() {
+        let mut h = FirstBlockHints::default();
+        let n = FIRST_BLOCK_HINTS as u64;
+        for ino in 0..n + 100 {
+            h.insert(ino, hash(ino));
+        }
+        assert_eq!(h.map.len(), FIRST_BLOCK_HINTS);
+        assert_eq!(h.get(99), None, "the oldest are forgotten");
+        assert_eq!(h.get(100), Some(hash(100)));
+        assert_eq!(h.get(n + 99), Some(hash(n + 99)));
+        // A rewritten first chunk replaces the hint in place.
+        h.insert(n + 99, hash(7));
+        assert_eq!(h.get(n + 99), Some(hash(7)));
+        // Files hinted, removed (deleted) and hinted again, many times: still bounded.
+        for round in 0..5 * n {
+            let ino = 1_000_000 + round % 3;
+            h.remove(ino);
+            h.insert(ino, hash(round));
+        }
+        assert!(h.map.len() <= FIRST_BLOCK_HINTS);
+        assert!(h.order.len() <= 2 * FIRST_BLOCK_HINTS);
+        assert!(h.get(1_000_000 + (5 * n - 1) % 3).is_some());
     }
 }

@@ -383,6 +383,9 @@ pub struct Fs {
     /// without a read. Every xattr change also rewrites the inode, so the watch drops an
     /// inode from the set when another node rewrites it ([`Fs::xattrs_may_exist`]).
     xattr_free: Mutex<std::collections::HashSet<u64>>,
+    /// The first block of files as other mounts last committed them (see
+    /// [`Fs::prefetch_first_block`]).
+    pub(crate) first_blocks: Mutex<crate::data::FirstBlockHints>,
     /// Inodes whose last link went while open here: purged at their last release.
     pending_orphans: Mutex<std::collections::HashSet<u64>>,
     /// Where the unflushed writes of this instance's open handles end: inode → handle → end
@@ -540,6 +543,7 @@ impl Fs {
             xattr_free: Mutex::new(std::collections::HashSet::new()),
             generation_seq: AtomicU64::new(0),
             pending_orphans: Mutex::new(std::collections::HashSet::new()),
+            first_blocks: Mutex::new(Default::default()),
             unflushed: Mutex::new(HashMap::new()),
             usage: Mutex::new(UsageView::default()),
             own_usage: AtomicI64::new(0),

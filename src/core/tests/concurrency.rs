@@ -310,3 +310,86 @@ fn a_new_files_first_flush_reads_nothing_and_a_wrong_guess_costs_only_a_retry() 
     assert_eq!(read_back(&b, attr.ino), b"Arom b, longer");
     assert_eq!(read_back(&a, attr.ino), b"Arom b, longer");
 }
+
+/// B learns from the watch which block another node committed as a file's first chunk and
+/// fetches it when the file is opened, before (in a mount: while) the open reads the chunk
+/// map: the read that follows finds it cached. Another chunk, or a deleted record, gives no
+/// hint; a stale hint costs a fetch, not wrong data.
+#[test]
+fn an_open_fetches_the_first_block_the_watch_announced() {
+    use twinfs_core::{BlockIo, CachedBlocks, MetaKv, Spawner};
+    let kv = Arc::new(MemKv::new());
+    let stored = Arc::new(MemBlocks::new());
+    let a = block_on(Fs::open_volume(
+        kv.clone(),
+        stored.clone(),
+        "v",
+        FsOptions::default(),
+    ))
+    .unwrap();
+    let queued: Arc<std::sync::Mutex<Vec<futures::future::BoxFuture<'static, ()>>>> =
+        Arc::default();
+    let q = queued.clone();
+    let spawn: Spawner = Arc::new(move |f| q.lock().unwrap().push(f));
+    let cached: Arc<dyn BlockIo> = Arc::new(CachedBlocks::new(stored.clone(), 64 << 20));
+    let b = block_on(Fs::open_volume(
+        kv.clone(),
+        cached,
+        "v",
+        FsOptions {
+            spawn: Some(spawn),
+            ..FsOptions::default()
+        },
+    ))
+    .unwrap();
+    let run_queued = || {
+        let fs: Vec<_> = std::mem::take(&mut *queued.lock().unwrap());
+        let n = fs.len();
+        for f in fs {
+            block_on(f);
+        }
+        n
+    };
+
+    let (attr, _) = block_on(a.create(ROOT_INO, b"photo.jpg", 0o644, 0, 0, true)).unwrap();
+    let mut h = block_on(a.open(attr.ino)).unwrap();
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    block_on(a.write(&mut h, 0, &body)).unwrap();
+    block_on(a.flush(&mut h)).unwrap();
+    block_on(a.release(h)).unwrap();
+
+    // No hint yet: nothing is fetched ahead.
+    b.prefetch_first_block(attr.ino);
+    assert_eq!(run_queued(), 0);
+
+    // What the watch delivers: the chunk records A committed (chunk 1 of another file too).
+    let key0 = b.keys().chunk(attr.ino, 0);
+    let (value0, _) = block_on(kv.get(&key0)).unwrap().expect("chunk 0 committed");
+    b.note_chunk_change(&b.keys().chunk(attr.ino + 1, 1), Some(&value0));
+    b.prefetch_first_block(attr.ino + 1);
+    assert_eq!(run_queued(), 0, "only a first chunk is a hint");
+    b.note_chunk_change(&key0, Some(&value0));
+
+    let gets_before = stored.counts().1;
+    b.prefetch_first_block(attr.ino);
+    assert_eq!(run_queued(), 1);
+    assert_eq!(
+        stored.counts().1,
+        gets_before + 1,
+        "the hinted block was fetched"
+    );
+    let hb = block_on(b.open(attr.ino)).unwrap();
+    let got = block_on(b.read(&hb, 0, body.len())).unwrap();
+    assert_eq!(&got[..], &body[..]);
+    assert_eq!(
+        stored.counts().1,
+        gets_before + 1,
+        "the read found the prefetched block in the cache"
+    );
+    block_on(b.release(hb)).unwrap();
+
+    // A deleted record takes the hint away.
+    b.note_chunk_change(&key0, None);
+    b.prefetch_first_block(attr.ino);
+    assert_eq!(run_queued(), 0);
+}

@@ -473,6 +473,11 @@ fn watch_cache_never_answers_older_than_a_read() {
         kv.cache_start(r1 - 1);
         kv.cache_apply(&[(b"/w/i/a".to_vec(), value("old"), r1)], r1);
         assert_eq!(kv.cached(b"/w/i/a"), Some((b"old".to_vec(), r1)));
+        // What a watch event of a later revision replaced (the watch asks etcd for no previous
+        // values); nothing for a revision the cached value is not older than.
+        assert_eq!(kv.value_before(b"/w/i/a", r1 + 1), value("old"));
+        assert_eq!(kv.value_before(b"/w/i/a", r1), None);
+        assert_eq!(kv.value_before(b"/w/i/missing", r1 + 1), None);
 
         // Another mount overwrites it; this mount's watch has not delivered that yet. Until
         // this mount sees the new value, answering the old one is a watch delay, allowed.

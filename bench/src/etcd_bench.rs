@@ -27,10 +27,12 @@ struct Args {
 fn report(name: &str, mut micros: Vec<u64>) {
     micros.sort_unstable();
     let at = |q: f64| micros[((micros.len() - 1) as f64 * q) as usize];
+    let mean = micros.iter().sum::<u64>() / micros.len().max(1) as u64;
     println!(
-        "{name:<24} median {:>6} µs   p90 {:>6} µs   ({} ops)",
+        "{name:<29} median {:>6} µs   p90 {:>6} µs   mean {:>6} µs   ({} ops)",
         at(0.5),
         at(0.9),
+        mean,
         micros.len()
     );
 }

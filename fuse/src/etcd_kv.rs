@@ -394,6 +394,18 @@ impl EtcdKv {
         hit
     }
 
+    /// The value the watch cache holds for `key` from before revision `rev` (what a watch
+    /// event at `rev` replaced), if it holds one. The watch asks for no previous values from
+    /// etcd: each one costs etcd a historical read per event and watcher (~1 ms of etcd CPU per
+    /// create or unlink here, per mount).
+    pub fn value_before(&self, key: &[u8], rev: Revision) -> Option<Vec<u8>> {
+        let c = self.cache();
+        match c.map.get(key) {
+            Some((v, held)) if c.valid && *held < rev => Some(v.clone()),
+            _ => None,
+        }
+    }
+
     /// Lookups answered from the watch cache so far.
     pub fn cache_hits(&self) -> u64 {
         self.cache().hits

@@ -18,6 +18,7 @@
 //! restart, leader change). If etcd compacted past that revision, the changes in between are
 //! unknown: every cached inode is invalidated, and dentries fall back to their TTL.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::mpsc;
@@ -163,9 +164,11 @@ async fn follow(
     let mut backoff = Duration::from_millis(100);
     loop {
         let mut c = client.clone();
+        // No previous values (`with_prev_key`): etcd reads each one back from its history,
+        // per event and per watcher, which doubled its CPU per create. The watch cache holds
+        // the previous value of the keys whose previous value matters (inodes).
         let opts = WatchOptions::new()
             .with_prefix()
-            .with_prev_key()
             .with_start_revision(revision + 1);
         let result: Result<(), String> = async {
             let (_watcher, mut stream) = c
@@ -188,6 +191,8 @@ async fn follow(
                 let mut notices = Vec::new();
                 let mut xattr_suspects = Vec::new();
                 let mut upto = 0;
+                // Values put earlier in this response: the cache takes them only at its end.
+                let mut earlier: HashMap<&[u8], Option<&[u8]>> = HashMap::new();
                 for ev in resp.events() {
                     let Some(kv) = ev.kv() else { continue };
                     // For deletes too, mod_revision is the revision of the change.
@@ -214,18 +219,27 @@ async fn follow(
                         EventType::Put => Some(kv.value()),
                         EventType::Delete => None,
                     };
+                    let before = earlier.insert(kv.key(), new);
                     if cache.is_own_write(rev, kv.key(), new) {
                         continue;
                     }
                     if rest.starts_with(b"c/") {
                         shared.fs.note_chunk_change(kv.key(), new);
                     }
-                    let prev = ev.prev_kv().map(|p| p.value());
+                    // Unknown (not cached): classified as a change of everything.
+                    let cached_prev;
+                    let prev = match before {
+                        Some(earlier_value) => earlier_value,
+                        None => {
+                            cached_prev = cache.value_before(kv.key(), rev);
+                            cached_prev.as_deref()
+                        }
+                    };
                     if let Some(inv) = classify(&keys, kv.key(), prev, new) {
-                        // A rewrite or delete (not the creation) of an inode may be an xattr
-                        // change: a new inode has none, and setting one rewrites it.
+                        // A rewrite or delete (not the creation, version 1) of an inode may be
+                        // an xattr change: a new inode has none, and setting one rewrites it.
                         if let (Invalidation::Inode { ino, .. }, true) =
-                            (&inv, prev.is_some() || new.is_none())
+                            (&inv, kv.version() > 1 || new.is_none())
                         {
                             xattr_suspects.push(*ino);
                         }

@@ -945,9 +945,28 @@ impl Fs {
             }
         }
         let dkey = self.keys.dirent(parent, name);
+        // A missing entry is ENOENT in a directory, ENOTDIR in anything else: the parent is
+        // read with the entry unless the watch cache knows it is a directory (an inode's kind
+        // never changes, so any cached value of it will do; a directory removed meanwhile
+        // gives ENOENT either way). The new name of every create is looked up first: one
+        // plain read instead of a two-key transaction there.
+        let parent_is_dir = self
+            .kv
+            .cached_to_compare(&self.keys.inode(parent))
+            .and_then(|(v, _)| decode_inode(&self.keys.inode(parent), &v).ok())
+            .is_some_and(|p| p.kind == FileKind::Dir);
         for _ in 0..self.opts.max_retries {
-            let (dirent, parent_rec) = self.read_dirent_and_parent(parent, name).await?;
+            let (dirent, parent_rec) = if parent_is_dir {
+                let d = match self.kv.get(&dkey).await? {
+                    Some((v, rev)) => Some((decode::<DirentRec>(&dkey, &v)?, rev)),
+                    None => None,
+                };
+                (d, None)
+            } else {
+                self.read_dirent_and_parent(parent, name).await?
+            };
             match dirent {
+                None if parent_is_dir => return Err(FsError::NotFound),
                 None => {
                     let (p, _) = parent_rec.ok_or(FsError::NotFound)?;
                     return Err(if p.kind == FileKind::Dir {

@@ -14,6 +14,16 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// A command with none of the caller's `TWINFS_*` settings: what these tests run must depend on
+/// the arguments and files they give it, not on a cluster file left in the environment.
+fn plain_command(program: &str) -> Command {
+    let mut c = Command::new(program);
+    for var in ["TWINFS_CLUSTER", "TWINFS_ETCD", "TWINFS_TLS_DIR"] {
+        c.env_remove(var);
+    }
+    c
+}
+
 fn free_udp_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0")
         .and_then(|s| s.local_addr())
@@ -22,7 +32,7 @@ fn free_udp_port() -> u16 {
 }
 
 fn sh(cmd: &str) -> bool {
-    Command::new("sh")
+    plain_command("sh")
         .arg("-c")
         .arg(cmd)
         .stdout(Stdio::null())
@@ -160,7 +170,7 @@ struct Pod(Child);
 
 impl Pod {
     fn start() -> Pod {
-        let child = Command::new("unshare")
+        let child = plain_command("unshare")
             .args(["-m", "--propagation", "slave", "sleep", "600"])
             .stdin(Stdio::null())
             .spawn()
@@ -178,7 +188,7 @@ impl Pod {
 
     /// Runs `cmd` with sh inside the pod's mount namespace; true when it succeeds.
     fn run(&self, cmd: &str) -> bool {
-        Command::new("nsenter")
+        plain_command("nsenter")
             .args(["-t", &self.0.id().to_string(), "-m", "sh", "-c", cmd])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -188,7 +198,7 @@ impl Pod {
     }
 
     fn output(&self, cmd: &str) -> String {
-        let out = Command::new("nsenter")
+        let out = plain_command("nsenter")
             .args(["-t", &self.0.id().to_string(), "-m", "sh", "-c", cmd])
             .output()
             .expect("nsenter");
@@ -347,7 +357,7 @@ fn mount_helper_mounts_as_fstab_would_and_umount_unmounts() {
         ),
     )
     .expect("fstab");
-    let out = Command::new("mount")
+    let out = plain_command("mount")
         .arg("-T")
         .arg(&fstab)
         .arg(&dir)
@@ -365,7 +375,7 @@ fn mount_helper_mounts_as_fstab_would_and_umount_unmounts() {
         std::fs::read_to_string(dir.join("hello.txt")).expect("read"),
         "via fstab\n"
     );
-    let out = Command::new("umount").arg(&dir).output().expect("umount");
+    let out = plain_command("umount").arg(&dir).output().expect("umount");
     assert!(
         out.status.success(),
         "umount failed: {}",
@@ -374,7 +384,7 @@ fn mount_helper_mounts_as_fstab_would_and_umount_unmounts() {
     assert!(!is_mounted(&dir));
 
     // The same through mount -t with -o, and the file written before is there.
-    let out = Command::new("mount")
+    let out = plain_command("mount")
         .args(["-t", "fuse.twinfs", "uploads"])
         .arg(&dir)
         .arg("-o")
@@ -390,7 +400,7 @@ fn mount_helper_mounts_as_fstab_would_and_umount_unmounts() {
         std::fs::read_to_string(dir.join("hello.txt")).expect("read"),
         "via fstab\n"
     );
-    assert!(Command::new("umount")
+    assert!(plain_command("umount")
         .arg(&dir)
         .status()
         .expect("umount")
@@ -399,7 +409,7 @@ fn mount_helper_mounts_as_fstab_would_and_umount_unmounts() {
     assert!(wait_for(Duration::from_secs(10), || !is_mounted(&dir)).is_some());
 
     // A wrong option is refused with the reason, before anything is mounted.
-    let out = Command::new("mount")
+    let out = plain_command("mount")
         .args(["-t", "fuse.twinfs", "uploads"])
         .arg(&dir)
         .args(["-o", "bogus=1"])

@@ -307,8 +307,8 @@ async fn run_once(args: &Args, client: &Arc<BlockClient>, seed: u64) -> Result<R
         hashes.push(outcome.hash);
     }
     small_lat.sort_by(|a, b| a.total_cmp(b));
-    // The same small blocks read back whole, one at a time (after the first read, from the
-    // nodes' page cache: this is the transport's share).
+    // The same small blocks read back whole, one at a time (the put dropped them from the
+    // nodes' page cache, so each is read from the disk once).
     let mut small_get_lat = Vec::with_capacity(small.len());
     for (b, h) in small.iter().zip(&hashes[hashes.len() - small.len()..]) {
         let t = Instant::now();

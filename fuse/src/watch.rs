@@ -226,14 +226,16 @@ async fn follow(
                     if rest.starts_with(b"c/") {
                         shared.fs.note_chunk_change(kv.key(), new);
                     }
-                    // Unknown (not cached): classified as a change of everything.
+                    // Only an inode's previous value matters (did size or mtime change?);
+                    // unknown (not cached) counts as a change of everything.
                     let cached_prev;
                     let prev = match before {
                         Some(earlier_value) => earlier_value,
-                        None => {
+                        None if rest.starts_with(b"i/") => {
                             cached_prev = cache.value_before(kv.key(), rev);
                             cached_prev.as_deref()
                         }
+                        None => None,
                     };
                     if let Some(inv) = classify(&keys, kv.key(), prev, new) {
                         // A rewrite or delete (not the creation, version 1) of an inode may be

@@ -414,6 +414,15 @@ pub(crate) fn now_ns() -> i64 {
     }
 }
 
+/// A directory entry as read (`None`: no such entry), with its revision.
+fn decode_dirent(
+    key: &[u8],
+    read: Option<(Vec<u8>, Revision)>,
+) -> FsResult<Option<(DirentRec, Revision)>> {
+    read.map(|(v, rev)| Ok((decode::<DirentRec>(key, &v)?, rev)))
+        .transpose()
+}
+
 fn check_name(name: &[u8]) -> FsResult<()> {
     if name.len() > NAME_MAX {
         return Err(FsError::NameTooLong);
@@ -956,17 +965,13 @@ impl Fs {
             .and_then(|(v, _)| decode_inode(&self.keys.inode(parent), &v).ok())
             .is_some_and(|p| p.kind == FileKind::Dir);
         for _ in 0..self.opts.max_retries {
+            // Without the parent's record, a missing entry is ENOENT below.
             let (dirent, parent_rec) = if parent_is_dir {
-                let d = match self.kv.get(&dkey).await? {
-                    Some((v, rev)) => Some((decode::<DirentRec>(&dkey, &v)?, rev)),
-                    None => None,
-                };
-                (d, None)
+                (decode_dirent(&dkey, self.kv.get(&dkey).await?)?, None)
             } else {
                 self.read_dirent_and_parent(parent, name).await?
             };
             match dirent {
-                None if parent_is_dir => return Err(FsError::NotFound),
                 None => {
                     let (p, _) = parent_rec.ok_or(FsError::NotFound)?;
                     return Err(if p.kind == FileKind::Dir {
@@ -1065,10 +1070,7 @@ impl Fs {
         let keys = [self.keys.dirent(parent, name), self.keys.inode(parent)];
         let got = self.kv.get_many(&keys).await?;
         let mut it = got.into_iter();
-        let dirent = match it.next().flatten() {
-            Some((v, rev)) => Some((decode::<DirentRec>(&keys[0], &v)?, rev)),
-            None => None,
-        };
+        let dirent = decode_dirent(&keys[0], it.next().flatten())?;
         let parent_rec = match it.next().flatten() {
             Some((v, rev)) => Some((decode_inode(&keys[1], &v)?, rev)),
             None => None,

@@ -876,7 +876,10 @@ mod tests {
         {
             let store = BlockStore::open(dir.path()).unwrap();
             assert!(store.put(&small, &small_data).unwrap());
-            assert!(!store.put(&small, &small_data).unwrap(), "second put is a no-op");
+            assert!(
+                !store.put(&small, &small_data).unwrap(),
+                "second put is a no-op"
+            );
             assert!(store.put(&large, &large_data).unwrap());
             assert!(!store.path_of(&small).exists(), "no file for a small block");
             assert!(store.path_of(&large).exists());
@@ -898,7 +901,9 @@ mod tests {
         assert_eq!(store.index_len().unwrap(), 2);
         assert_eq!(store.get(&small, None).unwrap(), small_data);
         let (page, _) = store.list(None, 10).unwrap();
-        assert!(page.iter().any(|e| e.hash == small && e.size == small_data.len() as u64));
+        assert!(page
+            .iter()
+            .any(|e| e.hash == small && e.size == small_data.len() as u64));
         // Deleting and collecting take it out of the database, and its space out of the count.
         store.delete(&small).unwrap();
         assert!(!store.contains(&small).unwrap());

@@ -459,6 +459,72 @@ impl Drop for Stopped {
     }
 }
 
+/// A mount that did not watch a file being made (it started later) keeps what it reads in the
+/// watch cache, and answers later lookups and `stat`s from it like a mount that watched; but
+/// never when its watch has applied changes past the read, which could have removed the key
+/// without a trace.
+#[test]
+fn reads_fill_the_watch_cache_only_when_the_watch_is_not_past_them() {
+    let c = DevCluster::up(1, 10);
+    let rt = runtime();
+    let endpoint = etcd_endpoint(&c);
+    rt.block_on(async {
+        let client = connect(&endpoint).await;
+        let mut other = client.clone();
+        let kv = EtcdKv::new(client.clone()).with_cache_prefix(b"/f/");
+        let r1 = put_rev(
+            other
+                .put("/f/i/old", "made before", None)
+                .await
+                .expect("put"),
+        );
+        kv.cache_start(r1);
+        assert_eq!(kv.cached(b"/f/i/old"), None, "never seen");
+        assert_eq!(
+            kv.get(b"/f/i/old").await.expect("get"),
+            Some((b"made before".to_vec(), r1))
+        );
+        assert_eq!(
+            kv.cached(b"/f/i/old"),
+            Some((b"made before".to_vec(), r1)),
+            "a read fills the cache"
+        );
+        // A range read (a directory listing) too; keys of other kinds (chunks) are not held.
+        let r2 = put_rev(other.put("/f/d/x", "entry", None).await.expect("put"));
+        put_rev(other.put("/f/c/x", "chunk", None).await.expect("put"));
+        kv.range(b"/f/", &prefix_end(b"/f/"), 0)
+            .await
+            .expect("range");
+        assert_eq!(
+            kv.cached(b"/f/d/x"),
+            None,
+            "not before the watch reaches it"
+        );
+        kv.cache_apply(&[], r2 + 1);
+        assert_eq!(kv.cached(b"/f/d/x"), Some((b"entry".to_vec(), r2)));
+        assert_eq!(kv.cached(b"/f/c/x"), None);
+        // A later change through the watch replaces a filled value.
+        let r3 = put_rev(other.put("/f/i/old", "changed", None).await.expect("put"));
+        kv.cache_apply(&[(b"/f/i/old".to_vec(), Some(b"changed".to_vec()), r3)], r3);
+        assert_eq!(kv.cached(b"/f/i/old"), Some((b"changed".to_vec(), r3)));
+
+        // The race: a read answered at revision `at`, then the key deleted elsewhere, and the
+        // watch applies that delete (of a key the cache does not hold: no trace) before the
+        // read's value reaches the cache. Simulated by a watch already past the read.
+        let r4 = put_rev(other.put("/f/i/late", "v", None).await.expect("put"));
+        kv.cache_apply(&[], r4 + 100);
+        assert_eq!(
+            kv.get(b"/f/i/late").await.expect("get"),
+            Some((b"v".to_vec(), r4))
+        );
+        assert_eq!(
+            kv.cached(b"/f/i/late"),
+            None,
+            "not filled: the watch is past the read"
+        );
+    });
+}
+
 #[test]
 fn watch_cache_never_answers_older_than_a_read() {
     let c = DevCluster::up(1, 10);

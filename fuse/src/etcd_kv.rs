@@ -362,9 +362,10 @@ impl EtcdKv {
         }
     }
 
-    /// [`EtcdKv::observed`] for the entries of a range read (present values only: the names
-    /// a range did not return are not known to be absent from the cache).
-    fn observed_entries(&self, entries: &[KvEntry]) {
+    /// [`EtcdKv::observed`] for the entries of a range read served at revision `at` (present
+    /// values only: the names a range did not return are not known to be absent from the
+    /// cache), which also go into the cache.
+    fn observed_entries(&self, entries: &[KvEntry], at: Revision) {
         if let Some(max) = entries
             .iter()
             .filter(|e| e.key.starts_with(&self.cache_prefix))
@@ -372,6 +373,33 @@ impl EtcdKv {
             .max()
         {
             self.floor.fetch_max(max, Ordering::Relaxed);
+        }
+        self.fill(
+            entries
+                .iter()
+                .map(|e| (e.key.as_slice(), e.value.as_slice(), e.mod_revision)),
+            at,
+        );
+    }
+
+    /// Values a read returned as of etcd revision `at` (key, value, mod revision) go into the
+    /// watch cache, so that a mount that did not see a file being made (it started later)
+    /// answers the next `stat` or lookup of it without etcd, as one that watched it does.
+    /// Safe only while the watch has applied nothing past `at`: every later change of those
+    /// keys is then still to come through the watch and replaces the value (a change the
+    /// watch already applied after `at`, a delete of a key the cache did not hold, would
+    /// leave no trace to stop a stale value). Otherwise the values are left out.
+    fn fill<'k>(&self, found: impl Iterator<Item = (&'k [u8], &'k [u8], Revision)>, at: Revision) {
+        let mut found = found.filter(|(k, _, _)| self.caches_key(k)).peekable();
+        if found.peek().is_none() {
+            return;
+        }
+        let mut c = self.cache();
+        if !c.valid || c.applied > at {
+            return;
+        }
+        for (key, value, rev) in found {
+            c.put(key, Some(&value.to_vec()), rev);
         }
     }
 
@@ -519,6 +547,9 @@ impl EtcdKv {
             .find(|kv| kv.key() == key)
             .map(|kv| (kv.value().to_vec(), kv.mod_revision()));
         self.observed(key, found.as_ref().map(|f| f.1), at);
+        if let Some((value, rev)) = &found {
+            self.fill(std::iter::once((key, value.as_slice(), *rev)), at);
+        }
         found
     }
 
@@ -553,6 +584,7 @@ impl EtcdKv {
             })
             .await?;
         let more = resp.more();
+        let at = header_revision(resp.header());
         let mut entries: Vec<KvEntry> = resp
             .take_kvs()
             .into_iter()
@@ -573,7 +605,7 @@ impl EtcdKv {
         } else {
             more
         };
-        self.observed_entries(&entries);
+        self.observed_entries(&entries, at);
         Ok(RangePage { entries, more })
     }
 
@@ -794,7 +826,7 @@ impl EtcdKv {
                     page.entries.truncate(limit);
                     page.more = true;
                 }
-                self.observed_entries(&page.entries);
+                self.observed_entries(&page.entries, at);
             }
         }
         Ok((values, page))

@@ -163,6 +163,30 @@ fn namespace_changes_through_one_mount_are_seen_through_the_other() {
             .ok()
             .filter(|v| v == b"from B")
     });
+
+    // B found no xattr on a file A made (and now answers that without etcd, while the inode
+    // stays as it read it): an xattr A sets still reaches B, and so does its removal.
+    fs::write(a.join("made-by-a-too"), b"y").unwrap();
+    let on_b = b.join("made-by-a-too");
+    for _ in 0..2 {
+        assert!(get_xattr(&on_b, "user.tag").is_err());
+        assert!(get_xattr(&on_b, "security.capability").is_err());
+    }
+    set_xattr(&a.join("made-by-a-too"), "user.tag", b"from A").unwrap();
+    within(
+        "xattr set on a file the other mount knew without any",
+        PUSHED_WITHIN,
+        || get_xattr(&on_b, "user.tag").ok().filter(|v| v == b"from A"),
+    );
+    let removed = CString::new(a.join("made-by-a-too").as_os_str().as_bytes()).unwrap();
+    // SAFETY: both arguments are valid NUL-terminated strings for the duration of the call.
+    let rc = unsafe { libc::removexattr(removed.as_ptr(), c"user.tag".as_ptr()) };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    within(
+        "xattr removal seen through the other mount",
+        PUSHED_WITHIN,
+        || get_xattr(&on_b, "user.tag").is_err().then_some(()),
+    );
 }
 
 #[test]

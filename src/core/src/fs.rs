@@ -383,6 +383,12 @@ pub struct Fs {
     /// without a read. Every xattr change also rewrites the inode, so the watch drops an
     /// inode from the set when another node rewrites it ([`Fs::xattrs_may_exist`]).
     xattr_free: Mutex<std::collections::HashSet<u64>>,
+    /// Inodes a read found without any xattr, with the inode's revision at that read. Every
+    /// xattr change rewrites the inode, so while the watch cache holds the inode at that same
+    /// revision it still has none: `ls -l` (an ACL and a security label asked of every file)
+    /// and the kernel's `security.capability` before each write are then answered without
+    /// etcd for files other mounts made too.
+    xattr_free_at: Mutex<HashMap<u64, Revision>>,
     /// The first block of files as other mounts last committed them (see
     /// [`Fs::prefetch_first_block`]).
     pub(crate) first_blocks: Mutex<crate::data::FirstBlockHints>,
@@ -550,6 +556,7 @@ impl Fs {
             next_fh: AtomicU64::new(1),
             generations: Mutex::new(HashMap::new()),
             xattr_free: Mutex::new(std::collections::HashSet::new()),
+            xattr_free_at: Mutex::new(HashMap::new()),
             generation_seq: AtomicU64::new(0),
             pending_orphans: Mutex::new(std::collections::HashSet::new()),
             first_blocks: Mutex::new(Default::default()),
@@ -612,6 +619,39 @@ impl Fs {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&ino);
+        self.xattr_free_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&ino);
+    }
+
+    /// Whether `ino` has no xattr as far as this instance knows: it made the inode and saw no
+    /// change of it since, or a read found none at the inode revision the watch cache still
+    /// holds.
+    fn knows_xattr_free(&self, ino: u64) -> bool {
+        if self.is_xattr_free(ino) {
+            return true;
+        }
+        let Some(at) = self
+            .xattr_free_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ino)
+            .copied()
+        else {
+            return false;
+        };
+        self.kv
+            .cached(&self.keys.inode(ino))
+            .is_some_and(|(_, rev)| rev == at)
+    }
+
+    fn note_xattr_free_at(&self, ino: u64, rev: Revision) {
+        let mut m = self.xattr_free_at.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() >= XATTR_FREE_MAX {
+            m.clear();
+        }
+        m.insert(ino, rev);
     }
 
     fn is_xattr_free(&self, ino: u64) -> bool {
@@ -1806,16 +1846,27 @@ impl Fs {
 
     pub async fn get_xattr(&self, ino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
         check_xattr_name(name)?;
-        if self.is_xattr_free(ino) {
+        if self.knows_xattr_free(ino) {
             return Err(FsError::NoData);
         }
-        // The attribute and the inode in one round trip: a miss (the common answer: most
-        // files have no xattrs, and `ls -l` asks for ACLs) must still tell ENODATA from ENOENT.
+        // The attribute, the inode and whether it has any xattr at all, in one round trip: a
+        // miss (the common answer: most files have no xattrs, and `ls -l` asks for ACLs) must
+        // still tell ENODATA from ENOENT, and a file with none is then known to have none.
         let keys = [self.keys.xattr(ino, name), self.keys.inode(ino)];
-        let mut got = self.kv.get_many(&keys).await?.into_iter();
+        let prefix = self.keys.xattrs(ino);
+        let (got, any) = self
+            .kv
+            .get_many_and_range(&keys, &prefix, &prefix_end(&prefix), 1)
+            .await?;
+        let mut got = got.into_iter();
         match (got.next().flatten(), got.next().flatten()) {
             (Some((v, _)), _) => decode_raw(&keys[0], &v),
-            (None, Some(_)) => Err(FsError::NoData),
+            (None, Some((_, rev))) => {
+                if any.entries.is_empty() {
+                    self.note_xattr_free_at(ino, rev);
+                }
+                Err(FsError::NoData)
+            }
             (None, None) => Err(FsError::NotFound),
         }
     }
@@ -1858,7 +1909,7 @@ impl Fs {
 
     /// Names of `ino`'s xattrs, in key order.
     pub async fn list_xattr(&self, ino: u64) -> FsResult<Vec<Vec<u8>>> {
-        if self.is_xattr_free(ino) {
+        if self.knows_xattr_free(ino) {
             return Ok(Vec::new());
         }
         self.get_inode(ino).await?;

@@ -393,3 +393,28 @@ fn an_open_fetches_the_first_block_the_watch_announced() {
     b.prefetch_first_block(attr.ino);
     assert_eq!(run_queued(), 0);
 }
+
+#[test]
+fn a_file_found_without_xattrs_is_asked_again_once_its_inode_changes() {
+    let (_mem, kv, a, b) = stale_pair();
+    // Made by the other instance: A has no knowledge of it of its own.
+    let (f, _) = block_on(b.create(ROOT_INO, b"f", 0o644, 0, 0, true)).unwrap();
+    kv.freeze();
+    let reads = kv.reads();
+    assert_eq!(
+        block_on(a.get_xattr(f.ino, b"user.tag")),
+        Err(FsError::NoData)
+    );
+    assert_eq!(kv.reads(), reads + 1, "the first answer reads the store");
+    // Any name, and the list, are then answered while the cache holds the inode as read.
+    assert_eq!(
+        block_on(a.get_xattr(f.ino, b"security.capability")),
+        Err(FsError::NoData)
+    );
+    assert_eq!(block_on(a.list_xattr(f.ino)), Ok(vec![]));
+    assert_eq!(kv.reads(), reads + 1, "answered without the store");
+    // B sets one (rewriting the inode); once A's cache has the new inode, A reads again.
+    block_on(b.set_xattr(f.ino, b"user.tag", b"v", twinfs_core::XattrSet::Any)).unwrap();
+    kv.freeze();
+    assert_eq!(block_on(a.get_xattr(f.ino, b"user.tag")), Ok(b"v".to_vec()));
+}

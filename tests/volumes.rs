@@ -465,13 +465,7 @@ impl Drop for Stopped {
 /// without a trace.
 #[test]
 fn reads_fill_the_watch_cache_only_when_the_watch_is_not_past_them() {
-    let c = DevCluster::up(1, 10);
-    let rt = runtime();
-    let endpoint = etcd_endpoint(&c);
-    rt.block_on(async {
-        let client = connect(&endpoint).await;
-        let mut other = client.clone();
-        let kv = EtcdKv::new(client.clone()).with_cache_prefix(b"/f/");
+    with_watch_cache(b"/f/", async |_, kv, mut other| {
         let r1 = put_rev(
             other
                 .put("/f/i/old", "made before", None)
@@ -525,15 +519,23 @@ fn reads_fill_the_watch_cache_only_when_the_watch_is_not_past_them() {
     });
 }
 
-#[test]
-fn watch_cache_never_answers_older_than_a_read() {
+/// Runs `test` against a real etcd with an [`EtcdKv`] whose watch cache follows `prefix` (the
+/// test drives the cache by hand, as a watch would) and a plain client standing for another
+/// mount; the test also gets the cluster (to stop its etcd).
+fn with_watch_cache(prefix: &'static [u8], test: impl AsyncFnOnce(&DevCluster, EtcdKv, Client)) {
     let c = DevCluster::up(1, 10);
     let rt = runtime();
     let endpoint = etcd_endpoint(&c);
     rt.block_on(async {
         let client = connect(&endpoint).await;
-        let mut other = client.clone();
-        let kv = EtcdKv::new(client.clone()).with_cache_prefix(b"/w/");
+        let kv = EtcdKv::new(client.clone()).with_cache_prefix(prefix);
+        test(&c, kv, client).await;
+    });
+}
+
+#[test]
+fn watch_cache_never_answers_older_than_a_read() {
+    with_watch_cache(b"/w/", async |c, kv, mut other| {
         let value = |v: &str| Some(v.as_bytes().to_vec());
         let r1 = put_rev(other.put("/w/i/a", "old", None).await.expect("put"));
         kv.cache_start(r1 - 1);

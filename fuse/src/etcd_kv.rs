@@ -106,7 +106,7 @@ impl WatchCache {
     /// `key` became `value` (`None`: deleted) at `rev`, unless the cache already knows a later
     /// state of it: this mount's own commits are written through before the watch brings
     /// them, and a read may have found the key gone after `rev`.
-    fn put(&mut self, key: &[u8], value: Option<&Vec<u8>>, rev: Revision) {
+    fn put(&mut self, key: &[u8], value: Option<&[u8]>, rev: Revision) {
         if self.absent.get(key).is_some_and(|gone| rev <= *gone)
             || self.map.get(key).is_some_and(|(_, held)| rev < *held)
         {
@@ -117,7 +117,7 @@ impl WatchCache {
                 if self.map.len() >= CACHE_MAX_ENTRIES {
                     self.map.clear();
                 }
-                self.map.insert(key.to_vec(), (v.clone(), rev));
+                self.map.insert(key.to_vec(), (v.to_vec(), rev));
             }
             None => {
                 self.map.remove(key);
@@ -277,7 +277,7 @@ impl EtcdKv {
         }
         for (key, value) in writes {
             match value {
-                Some(_) => c.put(key, value.as_ref(), rev),
+                Some(_) => c.put(key, value.as_deref(), rev),
                 None => c.gone(key, rev),
             }
         }
@@ -310,7 +310,7 @@ impl EtcdKv {
     pub fn cache_apply(&self, changes: &[CacheChange], upto: Revision) {
         let mut c = self.cache();
         for (key, value, rev) in changes {
-            c.put(key, value.as_ref(), *rev);
+            c.put(key, value.as_deref(), *rev);
         }
         c.applied = c.applied.max(upto);
         if !c.absent.is_empty() {
@@ -399,7 +399,7 @@ impl EtcdKv {
             return;
         }
         for (key, value, rev) in found {
-            c.put(key, Some(&value.to_vec()), rev);
+            c.put(key, Some(value), rev);
         }
     }
 

@@ -562,3 +562,54 @@ fn invalidation_survives_an_etcd_restart() {
         "B's watch did not resume within 10 s of etcd's return"
     );
 }
+
+/// A mount answers lookups of absent names in directories it made without etcd (it holds a
+/// claim on them); a name made through the other mount is still found through it as soon as
+/// the other mount's call returns (the other mount recalls the claim first), and a mount that
+/// died holding a claim delays a create in its directory by its lease TTL at most.
+#[test]
+fn a_name_made_in_a_directory_the_other_mount_made_is_found_at_once() {
+    let c = cluster();
+    let (a, b) = (&c.mounts[0], &c.mounts[1]);
+    let _dead_mount = DetachOnDrop(a.clone());
+    for i in 0..20 {
+        let d = format!("made-by-a-{i}");
+        fs::create_dir(a.join(&d)).unwrap();
+        // Absent through A (from its cache); B learns the directory from etcd.
+        assert!(!a.join(&d).join("x").exists());
+        within("B to see the directory", Duration::from_secs(5), || {
+            b.join(&d).is_dir().then_some(())
+        });
+        fs::write(b.join(&d).join("x"), b"from b").unwrap();
+        assert_eq!(
+            fs::read(a.join(&d).join("x")).unwrap(),
+            b"from b",
+            "round {i}: the name B made is found through A at once"
+        );
+        // A goes on making names there (without its claim now).
+        fs::write(a.join(&d).join("y"), b"from a").unwrap();
+        assert_eq!(fs::read(b.join(&d).join("y")).unwrap(), b"from a");
+    }
+
+    // A dies holding the claim of a directory it made: B's create there waits for A's lease.
+    fs::create_dir(a.join("orphaned")).unwrap();
+    assert!(!a.join("orphaned").join("x").exists());
+    within("B to see the directory", Duration::from_secs(5), || {
+        b.join("orphaned").is_dir().then_some(())
+    });
+    // SAFETY: kill(2) has no memory-safety preconditions; the PID is this test's mount.
+    unsafe {
+        libc::kill(c.mount_pids[0] as i32, libc::SIGKILL);
+    }
+    let started = Instant::now();
+    fs::write(b.join("orphaned").join("x"), b"after a died").unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(15),
+        "a dead holder's claim goes with its lease (waited {waited:?})"
+    );
+    assert_eq!(
+        fs::read(b.join("orphaned").join("x")).unwrap(),
+        b"after a died"
+    );
+}

@@ -519,6 +519,100 @@ fn reads_fill_the_watch_cache_only_when_the_watch_is_not_past_them() {
     });
 }
 
+/// A directory the store knows whole (it proved its entries empty in a commit, or listed
+/// them all at a revision the watch had not passed) answers the names it lacks as absent
+/// without etcd, and follows every later change the watch brings; anything that could have
+/// lost a change (the cache emptied, a listing cut short, a watch already past the listing)
+/// leaves it unknown.
+#[test]
+fn a_directory_known_whole_answers_absent_names_until_the_watch_brings_them() {
+    with_watch_cache(b"/n/", async |_, kv, mut other| {
+        let dir = |d: &str| format!("/n/d/{d}/").into_bytes();
+        let name = |d: &str, n: &str| format!("/n/d/{d}/{n}").into_bytes();
+        let proves_empty = |d: &str| Compare::range_empty(dir(d), prefix_end(&dir(d)));
+        let r0 = put_rev(other.put("/n/i/0", "root", None).await.expect("put"));
+        kv.cache_start(r0);
+        assert!(
+            !kv.cached_absent(&name("1", "x"), &dir("1")),
+            "not known yet"
+        );
+
+        // A mkdir's commit proves the new directory empty.
+        assert_eq!(
+            kv.txn(vec![proves_empty("1")], vec![put("/n/i/1", "dir")])
+                .await,
+            Ok(true)
+        );
+        assert!(kv.cached_absent(&name("1", "x"), &dir("1")));
+        assert!(
+            !kv.cached_absent(&name("2", "x"), &dir("1")),
+            "not under it"
+        );
+        // Another mount makes x: absent until the watch brings it (a watch delay), then not.
+        let r1 = put_rev(other.put(name("1", "x"), "e", None).await.expect("put"));
+        kv.cache_apply(&[(name("1", "x"), Some(b"e".to_vec()), r1)], r1);
+        assert!(!kv.cached_absent(&name("1", "x"), &dir("1")));
+        assert_eq!(kv.cached(&name("1", "x")), Some((b"e".to_vec(), r1)));
+        let r2 = other
+            .delete(name("1", "x"), None)
+            .await
+            .expect("delete")
+            .header()
+            .expect("header")
+            .revision();
+        kv.cache_apply(&[(name("1", "x"), None, r2)], r2);
+        assert!(kv.cached_absent(&name("1", "x"), &dir("1")), "gone again");
+        // A read newer than the watch holds every answer back, absences too.
+        let r3 = put_rev(other.put("/n/i/9", "v", None).await.expect("put"));
+        kv.get(b"/n/i/9").await.expect("get");
+        assert!(!kv.cached_absent(&name("1", "x"), &dir("1")));
+        kv.cache_apply(&[], r3);
+        assert!(kv.cached_absent(&name("1", "x"), &dir("1")));
+
+        // A mount that did not see directory 2 made learns it whole from a complete listing
+        // (one page), and not from a page cut short.
+        put_rev(other.put(name("2", "a"), "e", None).await.expect("put"));
+        put_rev(other.put(name("3", "a"), "e", None).await.expect("put"));
+        let r4 = put_rev(other.put(name("3", "b"), "e", None).await.expect("put"));
+        kv.cache_apply(&[], r4);
+        let page = kv
+            .range(&dir("3"), &prefix_end(&dir("3")), 1)
+            .await
+            .expect("range");
+        assert!(page.more);
+        assert!(
+            !kv.cached_absent(&name("3", "c"), &dir("3")),
+            "listing cut short"
+        );
+        kv.range(&dir("2"), &prefix_end(&dir("2")), 0)
+            .await
+            .expect("range");
+        assert!(kv.cached_absent(&name("2", "b"), &dir("2")));
+        assert!(!kv.cached_absent(&name("2", "a"), &dir("2")), "listed");
+        // Not when the watch is already past the listing (it may have applied a change of
+        // the directory the listing predates).
+        let r5 = put_rev(other.put(name("4", "a"), "e", None).await.expect("put"));
+        kv.cache_apply(&[], r5 + 100);
+        kv.range(&dir("4"), &prefix_end(&dir("4")), 0)
+            .await
+            .expect("range");
+        assert!(!kv.cached_absent(&name("4", "b"), &dir("4")));
+
+        // The cache emptied (the watch broke): nothing is known whole, and a proof from a
+        // commit older than the emptying is not taken (changes after it may be lost).
+        kv.cache_reset();
+        kv.cache_start(r5 + 100);
+        assert!(!kv.cached_absent(&name("1", "x"), &dir("1")));
+        assert!(!kv.cached_absent(&name("2", "b"), &dir("2")));
+        assert_eq!(
+            kv.txn(vec![proves_empty("5")], vec![put("/n/i/5", "dir")])
+                .await,
+            Ok(true)
+        );
+        assert!(!kv.cached_absent(&name("5", "x"), &dir("5")));
+    });
+}
+
 /// Runs `test` against a real etcd with an [`EtcdKv`] whose watch cache follows `prefix` (the
 /// test drives the cache by hand, as a watch would) and a plain client standing for another
 /// mount; the test also gets the cluster (to stop its etcd).

@@ -19,16 +19,17 @@
 //!
 //! The futures use `tokio::time` and must be polled inside a tokio runtime.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use etcd_client::{CompareOp, DeleteOptions, GetOptions, KvClient, TxnOpResponse};
+use crate::claim_session::ClaimSession;
+use etcd_client::{CompareOp, DeleteOptions, GetOptions, KvClient, PutOptions, TxnOpResponse};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use tokio::time::Instant;
-use twinfs_core::kv::Versioned;
+use twinfs_core::kv::{prefix_end, Versioned};
 use twinfs_core::{Compare, KvEntry, KvError, MetaKv, RangePage, Revision, TxnOp};
 
 /// Default bound on one request, its retries included: while etcd is unreachable (a restart, a
@@ -62,6 +63,8 @@ pub struct EtcdKv {
     /// The keys the watch follows (empty: all).
     cache_prefix: Vec<u8>,
     cache: Mutex<WatchCache>,
+    /// The lease [`TxnOp::PutOwned`] puts go under (directory claims); none: no sessions.
+    claims: Option<Arc<ClaimSession>>,
 }
 
 /// What a transaction writes under cached kinds: each key with its new value (`None`: deleted).
@@ -99,6 +102,16 @@ struct WatchCache {
     /// not served, and puts up to that revision (still on their way through the watch) are
     /// not taken in, until the watch has applied it.
     absent: HashMap<Vec<u8>, Revision>,
+    /// Key prefixes (directories' entry prefixes) of which the map holds every key: known
+    /// whole at some revision (an own transaction proved the prefix empty, or a read listed
+    /// all of it) with every change since applied. Emptied with the map.
+    complete: HashSet<Vec<u8>>,
+    /// `applied` when the map was last emptied: a prefix known whole at an older revision
+    /// may have lost keys the watch put in before that.
+    cleared_at: Revision,
+    /// How many times the map was emptied: a prefix is marked whole only if the map was not
+    /// emptied while its keys went in.
+    clears: u64,
     hits: u64,
 }
 
@@ -115,7 +128,7 @@ impl WatchCache {
         match value {
             Some(v) => {
                 if self.map.len() >= CACHE_MAX_ENTRIES {
-                    self.map.clear();
+                    self.clear();
                 }
                 self.map.insert(key.to_vec(), (v.to_vec(), rev));
             }
@@ -136,13 +149,39 @@ impl WatchCache {
             return;
         }
         if self.absent.len() >= CACHE_MAX_ENTRIES {
-            self.map.clear();
+            self.clear();
             self.absent.clear();
         }
         let seen = self.absent.entry(key.to_vec()).or_insert(rev);
         *seen = (*seen).max(rev);
     }
+
+    /// Forgets every value (and so every prefix known whole).
+    fn clear(&mut self) {
+        self.map.clear();
+        self.complete.clear();
+        self.cleared_at = self.applied;
+        self.clears += 1;
+    }
+
+    /// Every key under `prefix` as of revision `at` went into the map (none, or all a read
+    /// returned) since the map's `clears` count was `clears`: the prefix is whole from now on,
+    /// provided every change after `at` is in the map too, which holds when the map was not
+    /// emptied after the watch passed `at`. (The watch puts every change of a cached kind,
+    /// held before or not, and moves `applied` past a change only with it in the map.)
+    fn whole_at(&mut self, prefix: &[u8], at: Revision, clears: u64) {
+        if !self.valid || at < self.cleared_at || clears != self.clears {
+            return;
+        }
+        if self.complete.len() >= COMPLETE_PREFIXES_MAX {
+            self.complete.clear();
+        }
+        self.complete.insert(prefix.to_vec());
+    }
 }
+
+/// Most directories the watch cache knows whole at once (a prefix each; beyond, it starts over).
+const COMPLETE_PREFIXES_MAX: usize = 100_000;
 
 /// Key kinds (after the volume prefix) the watch cache holds: inodes, directory entries and
 /// directory times.
@@ -224,6 +263,20 @@ impl EtcdKv {
             floor: AtomicI64::new(0),
             cache_prefix: Vec::new(),
             cache: Mutex::new(WatchCache::default()),
+            claims: None,
+        }
+    }
+
+    /// Owned puts go under `session`'s lease, and [`MetaKv::session`] reports it.
+    pub fn with_claim_session(mut self, session: Arc<ClaimSession>) -> EtcdKv {
+        self.claims = Some(session);
+        self
+    }
+
+    /// Ends the claim session, if any: this mount's claims go at once.
+    pub async fn end_claim_session(&self) {
+        if let Some(s) = &self.claims {
+            s.end().await;
         }
     }
 
@@ -259,27 +312,33 @@ impl EtcdKv {
     /// the cache at once, so the next lookup or `stat` after an own create or unlink (the
     /// kernel asks for the directory's attributes again) needs no read and no wait for the
     /// watch. A DeleteRange over cached keys instead makes the cache wait for the watch.
+    /// Prefixes `proven_empty` were empty at `rev`: the cache knows them whole from then on.
     fn write_through(
         &self,
         writes: &[(Vec<u8>, Option<Vec<u8>>)],
         whole_range: bool,
+        proven_empty: &[Vec<u8>],
         rev: Revision,
     ) {
         if whole_range {
             self.floor.fetch_max(rev, Ordering::Relaxed);
         }
-        if writes.is_empty() {
+        if writes.is_empty() && proven_empty.is_empty() {
             return;
         }
         let mut c = self.cache();
         if !c.valid {
             return;
         }
+        let clears = c.clears;
         for (key, value) in writes {
             match value {
                 Some(_) => c.put(key, value.as_deref(), rev),
                 None => c.gone(key, rev),
             }
+        }
+        for prefix in proven_empty {
+            c.whole_at(prefix, rev, clears);
         }
     }
 
@@ -333,13 +392,13 @@ impl EtcdKv {
     /// watch still follows. (It used to be switched off until the watch restarted, which on a
     /// quiet stream could be never: every lookup then went to etcd.)
     fn cache_forget(&self) {
-        self.cache().map.clear();
+        self.cache().clear();
     }
 
     /// The watch broke or fell behind: forget everything until it follows again.
     pub fn cache_reset(&self) {
         let mut c = self.cache();
-        c.map.clear();
+        c.clear();
         c.absent.clear();
         c.valid = false;
     }
@@ -365,7 +424,9 @@ impl EtcdKv {
     /// [`EtcdKv::observed`] for the entries of a range read served at revision `at` (present
     /// values only: the names a range did not return are not known to be absent from the
     /// cache), which also go into the cache.
-    fn observed_entries(&self, entries: &[KvEntry], at: Revision) {
+    /// `whole`: the read returned every key under this prefix (a directory listed in one
+    /// page), which the cache then knows whole (see [`MetaKv::cached_absent`]).
+    fn observed_entries(&self, entries: &[KvEntry], at: Revision, whole: Option<&[u8]>) {
         if let Some(max) = entries
             .iter()
             .filter(|e| e.key.starts_with(&self.cache_prefix))
@@ -379,6 +440,7 @@ impl EtcdKv {
                 .iter()
                 .map(|e| (e.key.as_slice(), e.value.as_slice(), e.mod_revision)),
             at,
+            whole,
         );
     }
 
@@ -389,17 +451,27 @@ impl EtcdKv {
     /// keys is then still to come through the watch and replaces the value (a change the
     /// watch already applied after `at`, a delete of a key the cache did not hold, would
     /// leave no trace to stop a stale value). Otherwise the values are left out.
-    fn fill<'k>(&self, found: impl Iterator<Item = (&'k [u8], &'k [u8], Revision)>, at: Revision) {
+    fn fill<'k>(
+        &self,
+        found: impl Iterator<Item = (&'k [u8], &'k [u8], Revision)>,
+        at: Revision,
+        whole: Option<&[u8]>,
+    ) {
         let mut found = found.filter(|(k, _, _)| self.caches_key(k)).peekable();
-        if found.peek().is_none() {
+        let whole = whole.filter(|prefix| self.caches_key(prefix));
+        if found.peek().is_none() && whole.is_none() {
             return;
         }
         let mut c = self.cache();
         if !c.valid || c.applied > at {
             return;
         }
+        let clears = c.clears;
         for (key, value, rev) in found {
             c.put(key, Some(value), rev);
+        }
+        if let Some(prefix) = whole {
+            c.whole_at(prefix, at, clears);
         }
     }
 
@@ -548,7 +620,7 @@ impl EtcdKv {
             .map(|kv| (kv.value().to_vec(), kv.mod_revision()));
         self.observed(key, found.as_ref().map(|f| f.1), at);
         if let Some((value, rev)) = &found {
-            self.fill(std::iter::once((key, value.as_slice(), *rev)), at);
+            self.fill(std::iter::once((key, value.as_slice(), *rev)), at, None);
         }
         found
     }
@@ -562,6 +634,7 @@ impl EtcdKv {
         if !end.is_empty() && start >= end {
             return Ok(RangePage::default());
         }
+        let prefix = (!end.is_empty() && end == prefix_end(start).as_slice()).then_some(start);
         // etcd refuses an empty key; "\0" is the smallest key that can exist.
         let start: Vec<u8> = if start.is_empty() {
             vec![0]
@@ -605,7 +678,7 @@ impl EtcdKv {
         } else {
             more
         };
-        self.observed_entries(&entries, at);
+        self.observed_entries(&entries, at, prefix.filter(|_| !more));
         Ok(RangePage { entries, more })
     }
 
@@ -615,7 +688,7 @@ impl EtcdKv {
         // revision. Otherwise etcd may leave the revision unchanged, and the header's revision
         // would be somebody else's write: not ours to claim.
         let writes = ops.iter().any(|op| match op {
-            TxnOp::Put { .. } => true,
+            TxnOp::Put { .. } | TxnOp::PutOwned { .. } => true,
             TxnOp::Delete { key } => compares.iter().any(|c| &c.key == key && c.mod_revision > 0),
             TxnOp::DeleteRange { .. } => false,
         });
@@ -634,6 +707,29 @@ impl EtcdKv {
                 _ => {}
             }
         }
+        // Prefixes the transaction proves empty at its revision (a new directory's entries):
+        // the cache knows them whole once it commits.
+        let proven_empty: Vec<Vec<u8>> = compares
+            .iter()
+            .filter(|c| {
+                c.mod_revision == 0
+                    && !c.range_end.is_empty()
+                    && c.range_end == prefix_end(&c.key)
+                    && self.caches_key(&c.key)
+            })
+            .map(|c| c.key.clone())
+            .collect();
+        // Owned puts go under the session's current lease; without one (it lapsed since the
+        // core asked), the transaction is not sent and counts as failed, so the core retries
+        // without the claim.
+        let owned_lease = if ops.iter().any(|op| matches!(op, TxnOp::PutOwned { .. })) {
+            match self.claims.as_ref().and_then(|s| s.current()) {
+                Some((_, lease)) => Some(lease),
+                None => return Ok(false),
+            }
+        } else {
+            None
+        };
         let txn = etcd_client::Txn::new()
             .when(
                 compares
@@ -656,6 +752,11 @@ impl EtcdKv {
                 ops.into_iter()
                     .map(|op| match op {
                         TxnOp::Put { key, value } => etcd_client::TxnOp::put(key, value, None),
+                        TxnOp::PutOwned { key, value } => etcd_client::TxnOp::put(
+                            key,
+                            value,
+                            owned_lease.map(|l| PutOptions::new().with_lease(l)),
+                        ),
                         TxnOp::Delete { key } => etcd_client::TxnOp::delete(key, None),
                         TxnOp::DeleteRange { start, end } => etcd_client::TxnOp::delete(
                             start,
@@ -691,6 +792,13 @@ impl EtcdKv {
         };
         let resp = match resp {
             Ok(Ok(r)) => r,
+            // Rejected as a whole (the lease was revoked or expired): never applied.
+            Ok(Err(e)) if owned_lease.is_some() && e.to_string().contains("lease not found") => {
+                if let Some(s) = &self.claims {
+                    s.lapsed();
+                }
+                return Ok(false);
+            }
             Ok(Err(e)) => {
                 // It may have been applied at a revision we will never learn.
                 self.cache_forget();
@@ -713,7 +821,7 @@ impl EtcdKv {
                     }
                     // Without `writes` the revision may be another's; deletes written
                     // through at it only withhold keys, never answer one.
-                    self.write_through(&through, range_over_cached, rev);
+                    self.write_through(&through, range_over_cached, &proven_empty, rev);
                 }
                 _ => {
                     tracing::warn!("etcd txn response without a revision");
@@ -767,6 +875,7 @@ impl EtcdKv {
         end: &[u8],
         limit: usize,
     ) -> Result<(Vec<Versioned>, RangePage), KvError> {
+        let prefix = (!end.is_empty() && end == prefix_end(start).as_slice()).then_some(start);
         let start: Vec<u8> = if start.is_empty() {
             vec![0]
         } else {
@@ -826,7 +935,7 @@ impl EtcdKv {
                     page.entries.truncate(limit);
                     page.more = true;
                 }
-                self.observed_entries(&page.entries, at);
+                self.observed_entries(&page.entries, at, prefix.filter(|_| !page.more));
             }
         }
         Ok((values, page))
@@ -872,6 +981,27 @@ impl MetaKv for EtcdKv {
     /// From the watch cache while it follows etcd, whatever the floor.
     fn cached_to_compare(&self, key: &[u8]) -> Versioned {
         self.cache_lookup(key, false)
+    }
+
+    /// Under the same floor as [`EtcdKv::cached`]: a name another mount made is answered
+    /// absent for at most a watch delay, as the kernel's caches would, and never once this
+    /// mount has read anything as new as it.
+    fn session(&self) -> Option<u64> {
+        self.claims.as_ref()?.current().map(|(number, _)| number)
+    }
+
+    fn cached_absent(&self, key: &[u8], within: &[u8]) -> bool {
+        if !key.starts_with(within) {
+            return false;
+        }
+        let least = self.floor.load(Ordering::Relaxed);
+        let mut c = self.cache();
+        if !c.valid || c.applied < least || !c.complete.contains(within) || c.map.contains_key(key)
+        {
+            return false;
+        }
+        c.hits += 1;
+        true
     }
 
     fn get_many_and_range<'a>(

@@ -12,6 +12,7 @@
 
 pub mod adapter;
 pub mod block_io;
+pub mod claim_session;
 pub mod etcd_kv;
 pub mod mount;
 pub mod mountpoint;

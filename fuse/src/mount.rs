@@ -17,6 +17,7 @@ use twinfs_core::{BlockIo, CachedBlocks, Fs, FsOptions, MetaKv};
 
 use crate::adapter::{Shared, SpaceInfo, TwinFs};
 use crate::block_io::ClusterBlocks;
+use crate::claim_session::ClaimSession;
 use crate::etcd_kv::EtcdKv;
 pub use crate::mountpoint::MountState;
 use crate::volume;
@@ -220,6 +221,8 @@ pub fn run(
             Err(e) => tracing::warn!(error = %e,
                 "folding this mount's usage failed; the next mount folds it"),
         }
+        // Other mounts may make names in this mount's directories from now on.
+        kv.end_claim_session().await;
         if let Err(e) = registration.leave().await {
             tracing::debug!(error = %e, "leaving the mount registry");
         }
@@ -275,7 +278,8 @@ async fn open(cfg: &MountConfig, mountpoint: &Path) -> Result<Opened> {
     let kv = Arc::new(
         EtcdKv::new(etcd.clone())
             .with_timeout(cfg.etcd_timeout)
-            .with_cache_prefix(keys.prefix()),
+            .with_cache_prefix(keys.prefix())
+            .with_claim_session(ClaimSession::start(etcd.clone())),
     );
     // The revision our view starts at: the watch reports every change after it.
     let mut c = etcd.clone();

@@ -205,6 +205,24 @@ async fn follow(
                             EventType::Delete => None,
                         };
                         changes.push((kv.key().to_vec(), value, rev));
+                    } else if let (Some(dir), EventType::Put) =
+                        (keys.parse_recall(kv.key()), ev.event_type())
+                    {
+                        // Another mount wants to make a name in `dir`: if this mount holds the
+                        // directory's claim, it gives it up (see `twinfs_core::claims`).
+                        if kv.value() != shared.fs.instance_id().to_be_bytes() {
+                            let fs = shared.fs.clone();
+                            tokio::spawn(async move {
+                                for attempt in 1..=10u32 {
+                                    match fs.release_claim(dir).await {
+                                        Ok(()) => return,
+                                        Err(e) => tracing::warn!(dir, attempt, error = %e,
+                                            "giving up a directory claim failed; retrying"),
+                                    }
+                                    tokio::time::sleep(Duration::from_millis(200)).await;
+                                }
+                            });
+                        }
                     } else if rest.starts_with(b"usage/") {
                         // Own revisions too: this mount's folds rewrite the base, and the
                         // core ignores its own delta keys.

@@ -263,6 +263,8 @@ pub(crate) struct Txn {
     purges: Vec<u64>,
     /// "No key in [start, end)" compares (an empty directory stays empty).
     empty_ranges: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Puts that last only while the store's session does ([`TxnOp::PutOwned`]).
+    owned_puts: Vec<(Vec<u8>, Vec<u8>)>,
     /// Set when the same key was read twice with different revisions: a conflict already.
     stale: bool,
     /// Change of the volume's usage (bytes of regular files) this transaction makes; put in
@@ -283,6 +285,10 @@ impl Txn {
     }
     pub fn del(&mut self, key: Vec<u8>) {
         self.ops.insert(key, None);
+    }
+    /// A put that goes with the store's session (see [`TxnOp::PutOwned`]).
+    pub fn put_owned(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.owned_puts.push((key, value));
     }
     /// The transaction applies only if no key exists in `[start, end)` when it commits.
     pub fn cmp_empty(&mut self, start: Vec<u8>, end: Vec<u8>) {
@@ -389,6 +395,8 @@ pub struct Fs {
     /// and the kernel's `security.capability` before each write are then answered without
     /// etcd for files other mounts made too.
     xattr_free_at: Mutex<HashMap<u64, Revision>>,
+    /// Directories this instance claimed (see [`crate::claims`]).
+    pub(crate) claims: Mutex<HashMap<u64, crate::claims::Held>>,
     /// The first block of files as other mounts last committed them (see
     /// [`Fs::prefetch_first_block`]).
     pub(crate) first_blocks: Mutex<crate::data::FirstBlockHints>,
@@ -556,6 +564,7 @@ impl Fs {
             next_fh: AtomicU64::new(1),
             generations: Mutex::new(HashMap::new()),
             xattr_free: Mutex::new(std::collections::HashSet::new()),
+            claims: Mutex::new(HashMap::new()),
             xattr_free_at: Mutex::new(HashMap::new()),
             generation_seq: AtomicU64::new(0),
             pending_orphans: Mutex::new(std::collections::HashSet::new()),
@@ -700,7 +709,7 @@ impl Fs {
         // Data operations batch to `max_txn_ops`; a namespace operation is a fixed handful of
         // keys (a rename replacing a directory: ~12), allowed whatever that option says.
         let limit = self.opts.max_txn_ops.max(NAMESPACE_TXN_OPS);
-        let usage_ops = usize::from(txn.usage != 0);
+        let usage_ops = usize::from(txn.usage != 0) + txn.owned_puts.len();
         if txn.ops.len() + ranges.len() + usage_ops > limit
             || txn.compares.len() + txn.empty_ranges.len() > limit
         {
@@ -729,6 +738,11 @@ impl Fs {
             })
             .collect();
         ops.extend(ranges);
+        ops.extend(
+            std::mem::take(&mut txn.owned_puts)
+                .into_iter()
+                .map(|(key, value)| TxnOp::PutOwned { key, value }),
+        );
         self.txn_with_usage(compares, ops, txn.usage).await
     }
 
@@ -988,12 +1002,24 @@ impl Fs {
     /// (so a miss costs one round trip), then the child's inode.
     pub async fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
         check_name(name)?;
+        let dkey = self.keys.dirent(parent, name);
         if self.opts.cached_lookups {
             if let Some(a) = self.lookup_cached(parent, name) {
                 return Ok(a);
             }
+            // The kernel looks up every new name before it makes it (create, mkdir, symlink,
+            // link, rename's target): in a directory this instance claimed (nobody else makes
+            // names in it) and its cache holds whole, that is answered without etcd.
+            if self.holds_claim(parent) && self.kv.cached_absent(&dkey, &self.keys.dir(parent)) {
+                return Err(FsError::NotFound);
+            }
         }
-        let dkey = self.keys.dirent(parent, name);
+        self.lookup_stored(parent, name, &dkey).await
+    }
+
+    /// [`Fs::lookup`] from etcd, never from the cache: what a create that found the name
+    /// taken opens (the cache may not have it yet).
+    async fn lookup_stored(&self, parent: u64, name: &[u8], dkey: &[u8]) -> FsResult<Attr> {
         // A missing entry is ENOENT in a directory, ENOTDIR in anything else: the parent is
         // read with the entry unless the watch cache knows it is a directory (an inode's kind
         // never changes, so any cached value of it will do; a directory removed meanwhile
@@ -1007,7 +1033,7 @@ impl Fs {
         for _ in 0..self.opts.max_retries {
             // Without the parent's record, a missing entry is ENOENT below.
             let (dirent, parent_rec) = if parent_is_dir {
-                (decode_dirent(&dkey, self.kv.get(&dkey).await?)?, None)
+                (decode_dirent(dkey, self.kv.get(dkey).await?)?, None)
             } else {
                 self.read_dirent_and_parent(parent, name).await?
             };
@@ -1024,7 +1050,7 @@ impl Fs {
                     Some(rec) => return Ok(self.local_attr(d.ino, &rec)),
                     None => {
                         // Either a concurrent unlink (retry) or a dangling entry (corrupt).
-                        match self.kv.get(&dkey).await? {
+                        match self.kv.get(dkey).await? {
                             Some((_, r)) if r == drev => {
                                 return Err(FsError::Corrupt(format!(
                                     "entry points to missing inode {}",
@@ -1220,7 +1246,17 @@ impl Fs {
                 // Its own times key from the start: its attributes can then be answered from
                 // the watch cache, which cannot tell a missing key from an uncached one.
                 self.touch_dir(&mut txn, ino, now);
+                // Trivially true for a new inode number; said so that the store's cache learns
+                // the directory's entries whole (every one made later reaches it), and answers
+                // lookups of new names in it (`MetaKv::cached_absent`) without etcd.
+                self.cmp_dir_empty(&mut txn, ino);
             }
+            let claimed = if node.kind == FileKind::Dir {
+                self.claim_new_dir(&mut txn, ino)
+            } else {
+                None
+            };
+            self.cmp_unclaimed(&mut txn, parent);
             let dkey = self.keys.dirent(parent, name);
             if existing.is_some() {
                 return Err(FsError::Exists);
@@ -1254,9 +1290,18 @@ impl Fs {
             );
             txn.put(self.keys.inode(ino), encode(&rec));
             stage.into_txn(self, &mut txn);
-            if self.commit(txn).await? {
+            let committed = self.commit(txn).await;
+            if let Some(session) = claimed {
+                match &committed {
+                    Ok(true) => self.note_claim(ino, Some(session)),
+                    Ok(false) => {}
+                    Err(_) => self.note_claim(ino, None),
+                }
+            }
+            if committed? {
                 return Ok(Attr::from_rec(ino, &rec));
             }
+            self.clear_claim(parent).await?;
             self.backoff(&mut attempt).await?;
         }
     }
@@ -1284,7 +1329,9 @@ impl Fs {
         match self.make_node(parent, name, node).await {
             Ok(a) => Ok((a, true)),
             Err(FsError::Exists) if !exclusive => {
-                let a = self.lookup(parent, name).await?;
+                let a = self
+                    .lookup_stored(parent, name, &self.keys.dirent(parent, name))
+                    .await?;
                 match a.kind {
                     FileKind::Dir => Err(FsError::IsDir),
                     _ => Ok((a, false)),
@@ -1491,9 +1538,12 @@ impl Fs {
             self.cmp_dir_empty(&mut txn, d.ino);
             txn.cmp(dkey.clone(), drev);
             txn.del(dkey);
+            // Its claim, if any (a blind delete: nobody else can hold it).
+            txn.del(self.keys.claim(d.ino));
             self.drop_link(&mut stage, &mut txn, d.ino, now)?;
             stage.into_txn(self, &mut txn);
             if self.commit(txn).await? {
+                self.drop_claim(d.ino);
                 return Ok(());
             }
             self.backoff(&mut attempt).await?;
@@ -1528,12 +1578,14 @@ impl Fs {
             }
             let kind = stage.peek(ino)?.kind;
             txn.cmp(dkey.clone(), 0);
+            self.cmp_unclaimed(&mut txn, newparent);
             txn.put(dkey, encode(&DirentRec { ino, kind }));
             let attr = self.local_attr(ino, stage.peek(ino)?);
             stage.into_txn(self, &mut txn);
             if self.commit(txn).await? {
                 return Ok(attr);
             }
+            self.clear_claim(newparent).await?;
             self.backoff(&mut attempt).await?;
         }
     }
@@ -1588,6 +1640,7 @@ impl Fs {
             let dst = self.get_dirent(newparent, newname).await?;
             txn.cmp(skey.clone(), sdrev);
             txn.cmp(dkey.clone(), dst.as_ref().map_or(0, |(_, r)| *r));
+            let new_name = dst.is_none();
             if flags.noreplace && dst.is_some() {
                 return Err(FsError::Exists);
             }
@@ -1688,8 +1741,14 @@ impl Fs {
                 };
                 txn.compares.remove(&k);
             }
+            if new_name {
+                self.cmp_unclaimed(&mut txn, newparent);
+            }
             if self.commit(txn).await? {
                 return Ok(());
+            }
+            if new_name {
+                self.clear_claim(newparent).await?;
             }
             self.backoff(&mut attempt).await?;
         }

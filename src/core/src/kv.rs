@@ -75,6 +75,13 @@ pub enum TxnOp {
     Delete {
         key: Vec<u8>,
     },
+    /// A put that lasts only while this store's session does (etcd: under the mount's claim
+    /// lease, so it goes when the mount dies): a directory claim. Only sent while
+    /// [`MetaKv::session`] is `Some`; a store without sessions keeps it as a plain put.
+    PutOwned {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
     /// Deletes every key in `[start, end)` (etcd's DeleteRange with a range_end): one small
     /// operation however many keys it removes.
     DeleteRange {
@@ -86,13 +93,15 @@ pub enum TxnOp {
 impl TxnOp {
     pub fn key(&self) -> &[u8] {
         match self {
-            TxnOp::Put { key, .. } | TxnOp::Delete { key } => key,
+            TxnOp::Put { key, .. } | TxnOp::PutOwned { key, .. } | TxnOp::Delete { key } => key,
             TxnOp::DeleteRange { start, .. } => start,
         }
     }
     fn encoded_len(&self) -> usize {
         match self {
-            TxnOp::Put { key, value } => key.len() + value.len() + 16,
+            TxnOp::Put { key, value } | TxnOp::PutOwned { key, value } => {
+                key.len() + value.len() + 16
+            }
             TxnOp::Delete { key } => key.len() + 16,
             TxnOp::DeleteRange { start, end } => start.len() + end.len() + 16,
         }
@@ -168,6 +177,22 @@ pub trait MetaKv: Send + Sync {
     /// create or unlink need not wait, nor read instead.)
     fn cached_to_compare(&self, key: &[u8]) -> Versioned {
         self.cached(key)
+    }
+
+    /// True when a local cache knows `key` absent: it holds every key under the prefix
+    /// `within` (a directory's entries: the directory was made by this store, or listed
+    /// whole), `key` is not among them, and the cache is as fresh as [`MetaKv::cached`]
+    /// requires. The default knows nothing.
+    fn cached_absent(&self, _key: &[u8], _within: &[u8]) -> bool {
+        false
+    }
+
+    /// While this store holds a session (etcd: a lease it keeps alive), its number: puts made
+    /// with [`TxnOp::PutOwned`] under that number certainly still exist (unless deleted).
+    /// `None` when it has none or it may have lapsed; a new number means everything owned
+    /// under an older one may be gone. The default has no sessions.
+    fn session(&self) -> Option<u64> {
+        None
     }
 
     /// Keys and one range `[start, end)` (at most `limit` entries, 0 = all) read at one
@@ -340,7 +365,7 @@ impl MemKv {
         for op in &ops {
             if let TxnOp::DeleteRange { start, end } = op {
                 let covered = ops.iter().any(|o| {
-                    matches!(o, TxnOp::Put { key, .. } | TxnOp::Delete { key }
+                    matches!(o, TxnOp::Put { key, .. } | TxnOp::PutOwned { key, .. } | TxnOp::Delete { key }
                         if key >= start && (end.is_empty() || key < end))
                 });
                 if covered {
@@ -375,7 +400,7 @@ impl MemKv {
         let rev = st.revision;
         for op in ops {
             match op {
-                TxnOp::Put { key, value } => {
+                TxnOp::Put { key, value } | TxnOp::PutOwned { key, value } => {
                     st.map.insert(key, (value, rev));
                 }
                 TxnOp::Delete { key } => {

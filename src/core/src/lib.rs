@@ -92,6 +92,7 @@
 #![forbid(unsafe_code)]
 
 pub mod blocks;
+pub mod claims;
 mod data;
 pub mod error;
 pub mod fs;

@@ -259,6 +259,24 @@ impl Keys {
     pub fn dir_times(&self, ino: u64) -> Vec<u8> {
         self.with(&format!("t/{ino:016x}"))
     }
+    /// `w/<dir>`: the claim of the mount that made directory `dir` (under its session), which
+    /// lets it answer lookups of names not in the directory without etcd; see
+    /// [`crate::Fs::lookup`].
+    pub fn claim(&self, dir: u64) -> Vec<u8> {
+        self.with(&format!("w/{dir:016x}"))
+    }
+    /// `r/<dir>`: another mount asks the holder of `dir`'s claim to give it up.
+    pub fn recall(&self, dir: u64) -> Vec<u8> {
+        self.with(&format!("r/{dir:016x}"))
+    }
+    /// Parses the directory out of an `r/<dir>` key (`None` for any other key).
+    pub fn parse_recall(&self, key: &[u8]) -> Option<u64> {
+        let rest = key.strip_prefix(self.with("r/").as_slice())?;
+        if rest.len() != 16 {
+            return None;
+        }
+        parse_hex16(rest).ok()
+    }
     pub fn orphan(&self, ino: u64) -> Vec<u8> {
         self.with(&format!("o/{ino:016x}"))
     }

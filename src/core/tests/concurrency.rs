@@ -123,6 +123,8 @@ struct StaleCache {
     snapshot: std::sync::Mutex<Snapshot>,
     /// Reads that went to the store (not the cache).
     reads: AtomicU64,
+    /// The store's session number (0: none).
+    session: AtomicU64,
 }
 
 impl Hooks for StaleCache {
@@ -131,6 +133,13 @@ impl Hooks for StaleCache {
     }
     fn cached(&self, key: &[u8]) -> twinfs_core::kv::Versioned {
         self.snapshot.lock().unwrap().get(key).cloned()
+    }
+    /// As a cache that holds every directory whole: absent if not in the snapshot.
+    fn cached_absent(&self, key: &[u8], within: &[u8]) -> bool {
+        key.starts_with(within) && !self.snapshot.lock().unwrap().contains_key(key)
+    }
+    fn session(&self) -> Option<u64> {
+        Some(self.session.load(Ordering::Relaxed)).filter(|s| *s != 0)
     }
 }
 
@@ -151,19 +160,18 @@ impl HookedKv<StaleCache> {
 /// Two instances of one volume: A reads through a cache that [`HookedKv::freeze`] fixes in
 /// time, B reads the store directly.
 fn stale_pair() -> (Arc<MemKv>, Arc<HookedKv<StaleCache>>, Fs, Fs) {
+    stale_pair_with(FsOptions::default())
+}
+
+/// [`stale_pair`] with A's options.
+fn stale_pair_with(opts: FsOptions) -> (Arc<MemKv>, Arc<HookedKv<StaleCache>>, Fs, Fs) {
     let mem = Arc::new(MemKv::new());
     let kv = Arc::new(HookedKv {
         inner: mem.clone(),
         hooks: StaleCache::default(),
     });
     let blocks = Arc::new(MemBlocks::new());
-    let a = block_on(Fs::open_volume(
-        kv.clone(),
-        blocks.clone(),
-        "v",
-        FsOptions::default(),
-    ))
-    .unwrap();
+    let a = block_on(Fs::open_volume(kv.clone(), blocks.clone(), "v", opts)).unwrap();
     let b = block_on(Fs::open_volume(
         mem.clone(),
         blocks,
@@ -172,6 +180,61 @@ fn stale_pair() -> (Arc<MemKv>, Arc<HookedKv<StaleCache>>, Fs, Fs) {
     ))
     .unwrap();
     (mem, kv, a, b)
+}
+
+/// A mount answers the lookup of a name absent from a directory it made (and claimed) from
+/// its cache, however stale, because nobody else makes names there while it holds the claim:
+/// another instance's create first fails its comparison on the claim, recalls it, and waits
+/// until the holder gave it up (which the holder's watch does; here the test). From then on,
+/// the former holder asks the store, and finds the new name at once.
+#[test]
+fn a_claimed_directory_answers_absent_names_until_another_mount_recalls_the_claim() {
+    let (mem, kv, a, b) = stale_pair_with(FsOptions {
+        cached_lookups: true,
+        ..FsOptions::default()
+    });
+    kv.hooks.session.store(1, Ordering::Relaxed);
+    let dir = block_on(a.mkdir(ROOT_INO, b"d", 0o755, 0, 0)).unwrap();
+    kv.freeze();
+    let reads = kv.reads();
+    assert_eq!(
+        block_on(a.lookup(dir.ino, b"taken")).map(|_| ()),
+        Err(FsError::NotFound)
+    );
+    assert_eq!(kv.reads(), reads, "answered without the store");
+
+    // B's create waits for the claim; A gives it up when the recall shows.
+    let b = Arc::new(b);
+    let creator = {
+        let b = b.clone();
+        std::thread::spawn(move || block_on(b.create(dir.ino, b"taken", 0o600, 7, 7, true)))
+    };
+    let recall = twinfs_core::schema::Keys::new("v").recall(dir.ino);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while mem.get_sync(&recall).is_none() {
+        assert!(std::time::Instant::now() < deadline, "B asks for the claim");
+        std::thread::yield_now();
+    }
+    block_on(a.release_claim(dir.ino)).unwrap();
+    let (theirs, created) = creator.join().expect("B's create").unwrap();
+    assert!(created);
+    assert_eq!(
+        block_on(a.lookup(dir.ino, b"taken")).map(|x| x.ino),
+        Ok(theirs.ino),
+        "found through A at once, its cache still stale"
+    );
+    let keys = twinfs_core::schema::Keys::new("v");
+    assert_eq!(mem.get_sync(&keys.claim(dir.ino)), None);
+    assert_eq!(mem.get_sync(&recall), None);
+    // Claims made under a session that lapsed are void: lookups there go to the store.
+    let dir2 = block_on(a.mkdir(ROOT_INO, b"d2", 0o755, 0, 0)).unwrap();
+    kv.freeze();
+    let reads = kv.reads();
+    assert!(block_on(a.lookup(dir2.ino, b"x")).is_err());
+    assert_eq!(kv.reads(), reads, "claimed");
+    kv.hooks.session.store(2, Ordering::Relaxed);
+    assert!(block_on(a.lookup(dir2.ino, b"x")).is_err());
+    assert!(kv.reads() > reads, "the claim lapsed with its session");
 }
 
 #[test]

@@ -22,6 +22,14 @@ pub trait Hooks: Send + Sync {
     fn cached(&self, _key: &[u8]) -> Versioned {
         None
     }
+    /// Whether the watch cache knows `key` absent (see [`MetaKv::cached_absent`]).
+    fn cached_absent(&self, _key: &[u8], _within: &[u8]) -> bool {
+        false
+    }
+    /// The store's session (see [`MetaKv::session`]; none by default).
+    fn session(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// [`MemKv`] with [`Hooks`].
@@ -72,5 +80,13 @@ impl<H: Hooks> MetaKv for HookedKv<H> {
 
     fn cached(&self, key: &[u8]) -> Versioned {
         self.hooks.cached(key)
+    }
+
+    fn cached_absent(&self, key: &[u8], within: &[u8]) -> bool {
+        self.hooks.cached_absent(key, within)
+    }
+
+    fn session(&self) -> Option<u64> {
+        self.hooks.session()
     }
 }

@@ -28,6 +28,9 @@ pub(crate) const CLAIMS_MAX: usize = 10_000;
 /// died (see the mount's claim session).
 pub const CLAIM_WAIT: Duration = Duration::from_secs(30);
 
+/// How often a waiting create repeats its recall.
+const RECALL_REPEAT: Duration = Duration::from_secs(1);
+
 /// A claim this instance may hold: under which session, if it is sure it made it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Held {
@@ -113,20 +116,28 @@ impl Fs {
                 .await?;
             return Ok(());
         }
-        self.kv
-            .txn(
+        let ask = || {
+            self.kv.txn(
                 Vec::new(),
                 vec![TxnOp::Put {
                     key: recall.clone(),
                     value: self.own_claim_value(),
                 }],
             )
-            .await?;
+        };
+        ask().await?;
         let deadline = Instant::now() + CLAIM_WAIT;
+        let mut asked = Instant::now();
         let mut pause = Duration::from_millis(1);
         loop {
             if self.kv.get(&key).await?.is_none() {
                 break;
+            }
+            // Asked again now and then: a holder whose watch restarted past a compaction
+            // never saw the first request.
+            if asked.elapsed() >= RECALL_REPEAT {
+                ask().await?;
+                asked = Instant::now();
             }
             if Instant::now() >= deadline {
                 return Err(FsError::Kv(KvError::Unavailable(format!(

@@ -794,3 +794,225 @@ fn watch_cache_never_answers_older_than_a_read() {
         );
     });
 }
+
+/// A TCP proxy in front of etcd that loses one transaction's request or its reply, the way
+/// an etcd restart does to a transaction in flight (fault injection a real etcd cannot be
+/// made to do on cue). A fault is armed for the first client write that contains `marker`.
+struct LossyProxy {
+    addr: std::net::SocketAddr,
+    state: std::sync::Arc<ProxyState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    /// (marker, lose the reply instead of the request)
+    fault: std::sync::Mutex<Option<(Vec<u8>, bool)>>,
+    /// New connections are closed at once while this is set (etcd still down).
+    closed: std::sync::atomic::AtomicBool,
+    /// Requests carrying the marker that were dropped / forwarded with their reply held.
+    lost_requests: std::sync::atomic::AtomicUsize,
+    held_replies: std::sync::atomic::AtomicUsize,
+    /// Breaks every held connection.
+    cut: tokio::sync::Notify,
+}
+
+impl LossyProxy {
+    async fn start(upstream: std::net::SocketAddr) -> LossyProxy {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let state = std::sync::Arc::new(ProxyState::default());
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if st.closed.load(SeqCst) {
+                    continue; // dropped: closed
+                }
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let _ = pump(client, server, st).await;
+                });
+            }
+        });
+        LossyProxy { addr, state, task }
+    }
+
+    fn arm(&self, marker: &str, lose_reply: bool) {
+        *self.state.fault.lock().unwrap() = Some((marker.as_bytes().to_vec(), lose_reply));
+    }
+}
+
+impl Drop for LossyProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies both ways; once the armed marker passes, either drops the connection before the
+/// request reaches etcd, or forwards it and holds every later reply until `cut`.
+async fn pump(
+    mut client: tokio::net::TcpStream,
+    mut server: tokio::net::TcpStream,
+    st: std::sync::Arc<ProxyState>,
+) -> std::io::Result<()> {
+    use std::sync::atomic::Ordering::SeqCst;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut cbuf, mut sbuf) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+    let mut holding = false;
+    loop {
+        tokio::select! {
+            n = client.read(&mut cbuf) => {
+                let n = n?;
+                if n == 0 {
+                    return Ok(());
+                }
+                let chunk = &cbuf[..n];
+                let hit = {
+                    let mut fault = st.fault.lock().unwrap();
+                    let hit = fault.as_ref().and_then(|(m, lose_reply)| {
+                        chunk.windows(m.len()).any(|w| w == m.as_slice()).then_some(*lose_reply)
+                    });
+                    if hit.is_some() {
+                        *fault = None;
+                    }
+                    hit
+                };
+                match hit {
+                    Some(false) => {
+                        st.lost_requests.fetch_add(1, SeqCst);
+                        return Ok(());
+                    }
+                    Some(true) => {
+                        server.write_all(chunk).await?;
+                        holding = true;
+                        st.held_replies.fetch_add(1, SeqCst);
+                    }
+                    None => server.write_all(chunk).await?,
+                }
+            }
+            n = server.read(&mut sbuf), if !holding => {
+                let n = n?;
+                if n == 0 {
+                    return Ok(());
+                }
+                client.write_all(&sbuf[..n]).await?;
+            }
+            _ = st.cut.notified(), if holding => return Ok(()),
+        }
+    }
+}
+
+/// A transaction whose request or reply is lost on the way (an etcd restart) is settled by
+/// reading its keys back: applied → success, never applied → sent again, never applied and
+/// overtaken by another writer → refused like any conflict (the core re-reads). Before, all
+/// three failed with EIO: a rename during the etcd-restart failover scenario reached the
+/// application as "Input/output error".
+#[test]
+fn a_transaction_whose_reply_was_lost_is_settled_by_reading_it_back() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let c = DevCluster::up(1, 10);
+    let rt = runtime();
+    let endpoint = etcd_endpoint(&c);
+    rt.block_on(async {
+        let upstream: std::net::SocketAddr = endpoint
+            .trim_start_matches("http://")
+            .parse()
+            .expect("etcd endpoint is host:port");
+        let proxy = LossyProxy::start(upstream).await;
+        let mut direct = connect(&endpoint).await;
+        let kv = std::sync::Arc::new(EtcdKv::new(
+            connect(&format!("http://{}", proxy.addr)).await,
+        ));
+        assert_eq!(kv.get(b"/s/warm").await, Ok(None));
+        let version = |resp: etcd_client::GetResponse| resp.kvs().first().map(|kv| kv.version());
+
+        // 1. Applied, reply lost.
+        proxy.arm("/s/applied", true);
+        let t = tokio::spawn({
+            let kv = kv.clone();
+            async move {
+                kv.txn(vec![cmp("/s/applied", 0)], vec![put("/s/applied", "mine")])
+                    .await
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while direct
+            .get("/s/applied", None)
+            .await
+            .expect("get")
+            .kvs()
+            .is_empty()
+        {
+            assert!(Instant::now() < deadline, "the txn never reached etcd");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(proxy.state.held_replies.load(SeqCst), 1);
+        proxy.state.cut.notify_one();
+        assert_eq!(t.await.expect("join"), Ok(true), "applied, reply lost");
+        let got = direct.get("/s/applied", None).await.expect("get");
+        assert_eq!(got.kvs()[0].value(), b"mine");
+        assert_eq!(version(got), Some(1));
+
+        // 2. Request lost while etcd is "down"; nothing else changed: sent again, once.
+        proxy.state.closed.store(true, SeqCst);
+        proxy.arm("/s/resent", false);
+        let t = tokio::spawn({
+            let kv = kv.clone();
+            async move {
+                kv.txn(vec![cmp("/s/resent", 0)], vec![put("/s/resent", "mine")])
+                    .await
+            }
+        });
+        wait_until_lost(&proxy, 1).await;
+        proxy.state.closed.store(false, SeqCst);
+        assert_eq!(t.await.expect("join"), Ok(true), "lost request sent again");
+        let got = direct.get("/s/resent", None).await.expect("get");
+        assert_eq!(got.kvs()[0].value(), b"mine");
+        assert_eq!(version(got), Some(1));
+
+        // 3. Request lost, and another writer takes the key before etcd is back: refused.
+        proxy.state.closed.store(true, SeqCst);
+        proxy.arm("/s/overtaken", false);
+        let t = tokio::spawn({
+            let kv = kv.clone();
+            async move {
+                kv.txn(
+                    vec![cmp("/s/overtaken", 0)],
+                    vec![put("/s/overtaken", "mine")],
+                )
+                .await
+            }
+        });
+        wait_until_lost(&proxy, 2).await;
+        direct
+            .put("/s/overtaken", "theirs", None)
+            .await
+            .expect("put");
+        proxy.state.closed.store(false, SeqCst);
+        assert_eq!(t.await.expect("join"), Ok(false), "overtaken: a conflict");
+        let got = direct.get("/s/overtaken", None).await.expect("get");
+        assert_eq!(got.kvs()[0].value(), b"theirs");
+    });
+}
+
+async fn wait_until_lost(proxy: &LossyProxy, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy
+        .state
+        .lost_requests
+        .load(std::sync::atomic::Ordering::SeqCst)
+        < n
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the request never passed the proxy"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

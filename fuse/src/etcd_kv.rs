@@ -9,9 +9,12 @@
 //! Every request is bounded by [`EtcdKv::timeout`] (5 s by default): an etcd that does not
 //! answer becomes [`KvError::Unavailable`], never a hang. Reads are idempotent, so a read that
 //! fails transiently is retried a couple of times with a short back-off inside that same bound.
-//! A transaction is **never** retried here: after a timeout or a broken connection it may or
-//! may not have committed, and only the caller (the core, which re-reads and re-compares) can
-//! find out safely.
+//! A transaction is sent again only when it certainly never reached etcd (no connection could
+//! be made). After a timeout or a broken connection it may or may not have committed: its keys
+//! are read back to find out (`settle`): applied → `Ok(true)`; not applied with every compare
+//! still holding → sent once more (the compares keep the two attempts exclusive); not applied
+//! with a compare failing → `Ok(false)`, so the core re-reads and retries as after any
+//! conflict. Only when the read-back itself fails does the caller see the error.
 //!
 //! The instance remembers the revisions of its own committed write transactions (the last
 //! [`OWN_REVISIONS_KEPT`]), so the mount's etcd watch can tell its own changes from other
@@ -730,88 +733,58 @@ impl EtcdKv {
         } else {
             None
         };
-        let txn = etcd_client::Txn::new()
-            .when(
-                compares
-                    .into_iter()
-                    .map(|c| {
-                        let cmp = etcd_client::Compare::mod_revision(
-                            c.key,
-                            CompareOp::Equal,
-                            c.mod_revision,
-                        );
-                        if c.range_end.is_empty() {
-                            cmp
-                        } else {
-                            cmp.with_range(c.range_end)
-                        }
-                    })
-                    .collect::<Vec<_>>(),
-            )
-            .and_then(
-                ops.into_iter()
-                    .map(|op| match op {
-                        TxnOp::Put { key, value } => etcd_client::TxnOp::put(key, value, None),
-                        TxnOp::PutOwned { key, value } => etcd_client::TxnOp::put(
-                            key,
-                            value,
-                            owned_lease.map(|l| PutOptions::new().with_lease(l)),
-                        ),
-                        TxnOp::Delete { key } => etcd_client::TxnOp::delete(key, None),
-                        TxnOp::DeleteRange { start, end } => etcd_client::TxnOp::delete(
-                            start,
-                            Some(DeleteOptions::new().with_range(if end.is_empty() {
-                                vec![0]
-                            } else {
-                                end
-                            })),
-                        ),
-                    })
-                    .collect::<Vec<_>>(),
-            );
         // Dropped after the reply is handled, so after `remember_own`: no gap in which the
         // watch could see neither.
         let through: Writes = through.into();
         let _in_flight = self.track_in_flight(&through);
-        let deadline = Instant::now() + self.timeout;
-        let mut backoff = READ_BACKOFF;
+        let txn = etcd_txn(&compares, &ops, owned_lease);
+        // Set once an attempt failed after it may have reached etcd: from then on a refusal
+        // may be our own earlier attempt's doing, and is checked (see `settle`).
+        let mut uncertain = false;
+        let mut resent = false;
         let resp = loop {
-            self.round_trips.fetch_add(1, Ordering::Relaxed);
-            let mut kv = self.kv.clone();
-            let until = deadline.min(Instant::now() + ATTEMPT_TIMEOUT);
-            match tokio::time::timeout_at(until, kv.txn(txn.clone())).await {
-                // Retried only when it certainly never reached etcd (no connection could be
-                // made: etcd restarting); after any other failure it may have committed.
-                Ok(Err(e)) if never_sent(&e) && Instant::now() + backoff < deadline => {
-                    tracing::debug!(error = %e, "etcd unreachable; retrying the txn");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+            let failure = match self.send_txn(&txn).await {
+                Ok(r) => break r,
+                // Rejected as a whole (the lease was revoked or expired): never applied.
+                Err(Some(e))
+                    if owned_lease.is_some() && e.to_string().contains("lease not found") =>
+                {
+                    if let Some(s) = &self.claims {
+                        s.lapsed();
+                    }
+                    return Ok(false);
                 }
-                r => break r,
-            }
-        };
-        let resp = match resp {
-            Ok(Ok(r)) => r,
-            // Rejected as a whole (the lease was revoked or expired): never applied.
-            Ok(Err(e)) if owned_lease.is_some() && e.to_string().contains("lease not found") => {
-                if let Some(s) = &self.claims {
-                    s.lapsed();
-                }
-                return Ok(false);
-            }
-            Ok(Err(e)) => {
-                // It may have been applied at a revision we will never learn.
-                self.cache_forget();
-                return Err(classify(e));
-            }
-            Err(_) => {
-                self.cache_forget();
-                return Err(KvError::Unavailable(format!(
+                // Never reached etcd, until the deadline: nothing to settle.
+                Err(Some(e)) if never_sent(&e) => return Err(classify(e)),
+                Err(Some(e)) => classify(e),
+                Err(None) => KvError::Unavailable(format!(
                     "etcd txn did not answer within {:?} (it may or may not have been applied)",
                     self.timeout
-                )));
+                )),
+            };
+            // It may have been applied at a revision we will never learn.
+            self.cache_forget();
+            if !matches!(failure, KvError::Unavailable(_)) {
+                return Err(failure);
+            }
+            uncertain = true;
+            match self.settle(&compares, &ops).await {
+                Ok(Settled::Applied) => return Ok(true),
+                Ok(Settled::NotApplied) => return Ok(false),
+                // Certainly not applied, and nothing it depends on changed: send it again. The
+                // compares make the two attempts exclusive, should the first still commit.
+                Ok(Settled::ComparesHold) if !resent => {
+                    resent = true;
+                    tracing::info!(error = %failure, "etcd txn lost on the way; sending it again");
+                }
+                Ok(Settled::ComparesHold) | Err(_) => return Err(failure),
             }
         };
+        if uncertain && !resp.succeeded() {
+            // Refused after a lost attempt: that attempt may have committed meanwhile.
+            self.cache_forget();
+            return Ok(self.settle(&compares, &ops).await? == Settled::Applied);
+        }
         let ok = resp.succeeded();
         if ok {
             match resp.header().map(|h| h.revision()) {
@@ -830,6 +803,167 @@ impl EtcdKv {
             }
         }
         Ok(ok)
+    }
+}
+
+/// What a read-back tells about a transaction whose reply was lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settled {
+    /// Every key it writes holds what it wrote, every key it deletes is gone.
+    Applied,
+    /// Not applied (or applied and overwritten since; see [`EtcdKv::settle`]), and a compare no
+    /// longer holds: sending it again would be refused.
+    NotApplied,
+    /// Not applied and every compare still holds: safe to send again.
+    ComparesHold,
+}
+
+/// The etcd request for a core transaction. Owned puts go under `lease`.
+fn etcd_txn(compares: &[Compare], ops: &[TxnOp], lease: Option<i64>) -> etcd_client::Txn {
+    etcd_client::Txn::new()
+        .when(
+            compares
+                .iter()
+                .map(|c| {
+                    let cmp = etcd_client::Compare::mod_revision(
+                        c.key.clone(),
+                        CompareOp::Equal,
+                        c.mod_revision,
+                    );
+                    if c.range_end.is_empty() {
+                        cmp
+                    } else {
+                        cmp.with_range(c.range_end.clone())
+                    }
+                })
+                .collect::<Vec<_>>(),
+        )
+        .and_then(
+            ops.iter()
+                .map(|op| match op {
+                    TxnOp::Put { key, value } => {
+                        etcd_client::TxnOp::put(key.clone(), value.clone(), None)
+                    }
+                    TxnOp::PutOwned { key, value } => etcd_client::TxnOp::put(
+                        key.clone(),
+                        value.clone(),
+                        lease.map(|l| PutOptions::new().with_lease(l)),
+                    ),
+                    TxnOp::Delete { key } => etcd_client::TxnOp::delete(key.clone(), None),
+                    TxnOp::DeleteRange { start, end } => etcd_client::TxnOp::delete(
+                        start.clone(),
+                        Some(DeleteOptions::new().with_range(if end.is_empty() {
+                            vec![0]
+                        } else {
+                            end.clone()
+                        })),
+                    ),
+                })
+                .collect::<Vec<_>>(),
+        )
+}
+
+impl EtcdKv {
+    /// Sends `txn` within one `timeout`, again only while it certainly never reached etcd (no
+    /// connection could be made: etcd restarting). `Err(None)`: no answer in time.
+    async fn send_txn(
+        &self,
+        txn: &etcd_client::Txn,
+    ) -> Result<etcd_client::TxnResponse, Option<etcd_client::Error>> {
+        let deadline = Instant::now() + self.timeout;
+        let mut backoff = READ_BACKOFF;
+        loop {
+            self.round_trips.fetch_add(1, Ordering::Relaxed);
+            let mut kv = self.kv.clone();
+            let until = deadline.min(Instant::now() + ATTEMPT_TIMEOUT);
+            match tokio::time::timeout_at(until, kv.txn(txn.clone())).await {
+                Ok(Ok(r)) => return Ok(r),
+                Ok(Err(e)) if never_sent(&e) && Instant::now() + backoff < deadline => {
+                    tracing::debug!(error = %e, "etcd unreachable; retrying the txn");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Ok(Err(e)) => return Err(Some(e)),
+                Err(_) => return Err(None),
+            }
+        }
+    }
+
+    /// Finds out by reading back (linearizable reads, retried while etcd is unreachable)
+    /// whether a transaction whose reply was lost (the connection broke: an etcd restart)
+    /// was applied. Its writes all present → applied: the state is what it would have made,
+    /// which is the answer the caller needs even in the unlikely case another writer made the
+    /// same values. Not all present, and a compare fails → not applied, unless another writer
+    /// changed its keys again in the moments since; the caller then retries against that
+    /// newer state, as after any refused compare. Every compare still holding → certainly not
+    /// applied (each namespace transaction compares a key it writes).
+    ///
+    /// Before this, such a transaction failed with EIO: a rename under load while etcd
+    /// restarted reached the application as "Input/output error" (the etcd-restart failover
+    /// scenario, 1 error in 2,002 writes).
+    async fn settle(&self, compares: &[Compare], ops: &[TxnOp]) -> Result<Settled, KvError> {
+        let mut keys: Vec<Vec<u8>> = Vec::new();
+        for op in ops {
+            if let TxnOp::Put { key, .. } | TxnOp::PutOwned { key, .. } | TxnOp::Delete { key } = op
+            {
+                keys.push(key.clone());
+            }
+        }
+        let written = keys.len();
+        keys.extend(
+            compares
+                .iter()
+                .filter(|c| c.range_end.is_empty())
+                .map(|c| c.key.clone()),
+        );
+        let found = self.get_many_impl(&keys).await?;
+        let (now_written, now_compared) = found.split_at(written.min(found.len()));
+        let mut applied = true;
+        for (op, now) in ops
+            .iter()
+            .filter(|op| !matches!(op, TxnOp::DeleteRange { .. }))
+            .zip(now_written)
+        {
+            applied &= match op {
+                TxnOp::Put { value, .. } | TxnOp::PutOwned { value, .. } => {
+                    now.as_ref().is_some_and(|(v, _)| v == value)
+                }
+                _ => now.is_none(),
+            };
+        }
+        for op in ops {
+            if let TxnOp::DeleteRange { start, end } = op {
+                if applied {
+                    applied = self.range_impl(start, end, 1).await?.entries.is_empty();
+                }
+            }
+        }
+        if applied {
+            return Ok(Settled::Applied);
+        }
+        let mut hold = true;
+        for (c, now) in compares
+            .iter()
+            .filter(|c| c.range_end.is_empty())
+            .zip(now_compared)
+        {
+            hold &= now.as_ref().map_or(0, |(_, rev)| *rev) == c.mod_revision;
+        }
+        for c in compares.iter().filter(|c| !c.range_end.is_empty()) {
+            // Only "the range is empty" is checked; any other range compare counts as failed.
+            hold = hold
+                && c.mod_revision == 0
+                && self
+                    .range_impl(&c.key, &c.range_end, 1)
+                    .await?
+                    .entries
+                    .is_empty();
+        }
+        Ok(if hold {
+            Settled::ComparesHold
+        } else {
+            Settled::NotApplied
+        })
     }
 }
 

@@ -400,21 +400,26 @@ impl Fs {
     /// trip that close-to-open forbids skipping) instead of after it: for a small file the
     /// first read then waits for one round trip, not two. Only a guess: the read uses the
     /// chunk map `open` reads, and a stale guess costs a fetch, never wrong data (blocks are
-    /// named by their hash and verified). Nothing without a spawner or a hint.
+    /// named by their hash and verified). Nothing without a spawner or a hint. When opens
+    /// follow the order in which other mounts wrote the files, the next files' first blocks
+    /// travel too (see `FirstBlockHints::on_open`): reading 600 uploads of 20-400 KiB in
+    /// write order waited for each block's fetch (about 0.6 ms of 1.6 ms per file).
     pub fn prefetch_first_block(&self, ino: u64) {
         let Some(spawn) = &self.opts.spawn else {
             return;
         };
-        let hint = self
+        let hashes = self
             .first_blocks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(ino);
-        let Some(hash) = hint else { return };
+            .on_open(ino);
+        if hashes.is_empty() {
+            return;
+        }
         let blocks = self.blocks.clone();
         spawn(
             async move {
-                let _ = blocks.get(hash).await;
+                futures::future::join_all(hashes.into_iter().map(|h| blocks.get(h))).await;
             }
             .boxed(),
         );
@@ -969,39 +974,80 @@ mod tests {
 
 /// Files' first blocks as the watch saw other mounts commit them, newest [`FIRST_BLOCK_HINTS`]
 /// inodes (oldest forgotten first).
+/// First blocks of files other mounts wrote, in the order the watch saw them written.
 #[derive(Default)]
 pub(crate) struct FirstBlockHints {
-    map: HashMap<u64, BlockHash>,
-    order: std::collections::VecDeque<u64>,
+    /// ino → (first block, place in the write order)
+    map: HashMap<u64, (BlockHash, u64)>,
+    /// place → ino, oldest first
+    order: BTreeMap<u64, u64>,
+    next_place: u64,
+    /// Place of the last file opened with a hint.
+    last_open: Option<u64>,
+    /// Highest place already fetched ahead.
+    ahead_to: u64,
 }
 
 /// ~1 MiB of hints: more files than a directory tree being copied in usually has.
 pub(crate) const FIRST_BLOCK_HINTS: usize = 16_384;
+/// Files fetched ahead once opens follow the write order.
+pub(crate) const OPEN_AHEAD: usize = 8;
+/// How far (in places) an open may jump forward and still count as following the order.
+const OPEN_GAP: u64 = 4;
 
 impl FirstBlockHints {
     fn insert(&mut self, ino: u64, hash: BlockHash) {
-        if self.map.insert(ino, hash).is_none() {
-            self.order.push_back(ino);
+        // A rewritten first chunk keeps the file's place.
+        if let Some((held, _)) = self.map.get_mut(&ino) {
+            *held = hash;
+            return;
         }
-        // `order` may name inodes removed since, or one twice (removed, then hinted again;
-        // its older place may then evict it early: a hint is only a hint). Bounded at twice
-        // the map.
-        while self.map.len() > FIRST_BLOCK_HINTS || self.order.len() > 2 * FIRST_BLOCK_HINTS {
-            let Some(old) = self.order.pop_front() else {
+        self.next_place += 1;
+        self.map.insert(ino, (hash, self.next_place));
+        self.order.insert(self.next_place, ino);
+        while self.map.len() > FIRST_BLOCK_HINTS {
+            let Some((_, old)) = self.order.pop_first() else {
                 break;
             };
-            if self.map.len() > FIRST_BLOCK_HINTS {
-                self.map.remove(&old);
-            }
+            self.map.remove(&old);
         }
     }
 
     fn remove(&mut self, ino: u64) {
-        self.map.remove(&ino);
+        if let Some((_, place)) = self.map.remove(&ino) {
+            self.order.remove(&place);
+        }
     }
 
+    #[cfg(test)]
     fn get(&self, ino: u64) -> Option<BlockHash> {
-        self.map.get(&ino).copied()
+        self.map.get(&ino).map(|(hash, _)| *hash)
+    }
+
+    /// `ino` is being opened: its first block, then, when this open follows the previous one
+    /// in write order (readers often go through files in the order they were written:
+    /// uploads verified or served in sequence, a tree copied out), the first blocks of the
+    /// next [`OPEN_AHEAD`] files not yet fetched ahead.
+    fn on_open(&mut self, ino: u64) -> Vec<BlockHash> {
+        let Some(&(hash, place)) = self.map.get(&ino) else {
+            return Vec::new();
+        };
+        let mut out = vec![hash];
+        let follows = self
+            .last_open
+            .is_some_and(|last| place > last && place - last <= OPEN_GAP);
+        self.last_open = Some(place);
+        if follows {
+            for (&p, next) in self.order.range(place + 1..).take(OPEN_AHEAD) {
+                if p > self.ahead_to {
+                    if let Some((h, _)) = self.map.get(next) {
+                        out.push(*h);
+                    }
+                    self.ahead_to = p;
+                }
+            }
+        }
+        out
     }
 }
 
@@ -1034,7 +1080,34 @@ mod hint_tests {
             h.insert(ino, hash(round));
         }
         assert!(h.map.len() <= FIRST_BLOCK_HINTS);
-        assert!(h.order.len() <= 2 * FIRST_BLOCK_HINTS);
+        assert_eq!(h.order.len(), h.map.len());
         assert!(h.get(1_000_000 + (5 * n - 1) % 3).is_some());
+    }
+
+    #[test]
+    fn opens_in_write_order_fetch_the_next_files_ahead_once() {
+        let mut h = FirstBlockHints::default();
+        for ino in 1..=40 {
+            h.insert(ino, hash(ino));
+        }
+        h.remove(5); // deleted since: skipped
+        let ahead = |from: u64, to: u64| -> Vec<BlockHash> {
+            (from..=to).filter(|i| *i != 5).map(hash).collect()
+        };
+        // A first open, or one out of order, fetches only its own block.
+        assert_eq!(h.on_open(1), vec![hash(1)]);
+        assert_eq!(h.on_open(30), vec![hash(30)]);
+        assert_eq!(h.on_open(1), vec![hash(1)], "backwards");
+        // The next file in write order: the following 8 (the removed one skipped).
+        let mut want = vec![hash(2)];
+        want.extend(ahead(3, 11));
+        assert_eq!(h.on_open(2), want);
+        // Further along, only files not fetched ahead yet.
+        assert_eq!(h.on_open(3), vec![hash(3), hash(12)]);
+        assert_eq!(h.on_open(6), vec![hash(6), hash(13), hash(14)]);
+        // A jump out of the window stops it; unknown files (written here) fetch nothing.
+        assert_eq!(h.on_open(20), vec![hash(20)]);
+        assert_eq!(h.on_open(99), Vec::<BlockHash>::new());
+        assert_eq!(h.on_open(21), ahead(21, 29), "follows 20 again");
     }
 }

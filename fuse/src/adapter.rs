@@ -983,6 +983,7 @@ impl Filesystem for TwinFs {
                     }
                     added += 1;
                 }
+                fs.note_listed(ds.rest().iter().take(added).map(|e| e.ino));
                 ds.handed(added);
                 if full {
                     return reply.ok();
@@ -1070,6 +1071,7 @@ impl Filesystem for TwinFs {
                             &fattr(&a),
                             Generation(0),
                         ) {
+                            fs.note_listed(batch.iter().take(added).map(|e| e.ino));
                             ds.handed(added);
                             return reply.ok();
                         }
@@ -1077,6 +1079,7 @@ impl Filesystem for TwinFs {
                     }
                     added += 1;
                 }
+                fs.note_listed(batch.iter().take(added).map(|e| e.ino));
                 ds.handed(added);
             }
         });

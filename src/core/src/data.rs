@@ -395,6 +395,15 @@ impl Fs {
         }
     }
 
+    /// This mount is handing out a directory listing: `inos` in the order listed. Opens that
+    /// then follow it fetch the next files' first blocks ahead (see `prefetch_first_block`).
+    pub fn note_listed(&self, inos: impl IntoIterator<Item = u64>) {
+        let mut hints = self.first_blocks.lock().unwrap_or_else(|e| e.into_inner());
+        for ino in inos {
+            hints.listed(ino);
+        }
+    }
+
     /// Starts fetching, in the background, the block the watch last saw as `ino`'s first
     /// chunk, so that it travels while `open` reads the file's metadata from etcd (a round
     /// trip that close-to-open forbids skipping) instead of after it: for a small file the
@@ -972,81 +981,121 @@ mod tests {
     }
 }
 
-/// Files' first blocks as the watch saw other mounts commit them, newest [`FIRST_BLOCK_HINTS`]
-/// inodes (oldest forgotten first).
-/// First blocks of files other mounts wrote, in the order the watch saw them written.
+/// Files' first blocks as the watch saw other mounts commit them (newest
+/// [`FIRST_BLOCK_HINTS`] inodes, oldest forgotten first), with two orders readers tend to
+/// follow: the order they were written in (uploads verified or served in sequence) and the
+/// order this mount listed them in (tar, cp -r, rsync read a directory's files as listed).
 #[derive(Default)]
 pub(crate) struct FirstBlockHints {
-    /// ino → (first block, place in the write order)
-    map: HashMap<u64, (BlockHash, u64)>,
-    /// place → ino, oldest first
+    map: HashMap<u64, BlockHash>,
+    written: OpenOrder,
+    listed: OpenOrder,
+}
+
+/// ~1 MiB of hints: more files than a directory tree being copied in usually has.
+pub(crate) const FIRST_BLOCK_HINTS: usize = 16_384;
+/// Files fetched ahead once opens follow an order.
+pub(crate) const OPEN_AHEAD: usize = 8;
+/// How far (in places) an open may jump forward and still count as following the order.
+const OPEN_GAP: u64 = 4;
+
+/// Inodes in an order (oldest [`FIRST_BLOCK_HINTS`] forgotten), and how far opens have
+/// followed it.
+#[derive(Default)]
+struct OpenOrder {
+    place_of: HashMap<u64, u64>,
     order: BTreeMap<u64, u64>,
     next_place: u64,
-    /// Place of the last file opened with a hint.
+    /// Place of the last file opened in this order.
     last_open: Option<u64>,
     /// Highest place already fetched ahead.
     ahead_to: u64,
 }
 
-/// ~1 MiB of hints: more files than a directory tree being copied in usually has.
-pub(crate) const FIRST_BLOCK_HINTS: usize = 16_384;
-/// Files fetched ahead once opens follow the write order.
-pub(crate) const OPEN_AHEAD: usize = 8;
-/// How far (in places) an open may jump forward and still count as following the order.
-const OPEN_GAP: u64 = 4;
+impl OpenOrder {
+    /// Puts `ino` last, unless it has a place already and `keep` says to keep it. Returns
+    /// the inode forgotten to make room, if any.
+    fn append(&mut self, ino: u64, keep: bool) -> Option<u64> {
+        if keep && self.place_of.contains_key(&ino) {
+            return None;
+        }
+        self.remove(ino);
+        self.next_place += 1;
+        self.place_of.insert(ino, self.next_place);
+        self.order.insert(self.next_place, ino);
+        if self.place_of.len() <= FIRST_BLOCK_HINTS {
+            return None;
+        }
+        let (_, old) = self.order.pop_first()?;
+        self.place_of.remove(&old);
+        Some(old)
+    }
+
+    fn remove(&mut self, ino: u64) {
+        if let Some(place) = self.place_of.remove(&ino) {
+            self.order.remove(&place);
+        }
+    }
+
+    /// `ino` is opened: when it follows the last file opened in this order, the next
+    /// [`OPEN_AHEAD`] inodes after it not yet fetched ahead.
+    fn open(&mut self, ino: u64) -> Vec<u64> {
+        let Some(&place) = self.place_of.get(&ino) else {
+            return Vec::new();
+        };
+        let follows = self
+            .last_open
+            .is_some_and(|last| place > last && place - last <= OPEN_GAP);
+        self.last_open = Some(place);
+        if !follows {
+            return Vec::new();
+        }
+        let mut ahead = Vec::new();
+        for (&p, &next) in self.order.range(place + 1..).take(OPEN_AHEAD) {
+            if p > self.ahead_to {
+                ahead.push(next);
+                self.ahead_to = p;
+            }
+        }
+        ahead
+    }
+}
 
 impl FirstBlockHints {
     fn insert(&mut self, ino: u64, hash: BlockHash) {
         // A rewritten first chunk keeps the file's place.
-        if let Some((held, _)) = self.map.get_mut(&ino) {
-            *held = hash;
-            return;
-        }
-        self.next_place += 1;
-        self.map.insert(ino, (hash, self.next_place));
-        self.order.insert(self.next_place, ino);
-        while self.map.len() > FIRST_BLOCK_HINTS {
-            let Some((_, old)) = self.order.pop_first() else {
-                break;
-            };
+        self.map.insert(ino, hash);
+        if let Some(old) = self.written.append(ino, true) {
             self.map.remove(&old);
         }
     }
 
     fn remove(&mut self, ino: u64) {
-        if let Some((_, place)) = self.map.remove(&ino) {
-            self.order.remove(&place);
-        }
+        self.map.remove(&ino);
+        self.written.remove(ino);
+        self.listed.remove(ino);
+    }
+
+    /// This mount listed `ino` (next in a directory listing it is handing out).
+    fn listed(&mut self, ino: u64) {
+        let _ = self.listed.append(ino, false);
     }
 
     #[cfg(test)]
     fn get(&self, ino: u64) -> Option<BlockHash> {
-        self.map.get(&ino).map(|(hash, _)| *hash)
+        self.map.get(&ino).copied()
     }
 
-    /// `ino` is being opened: its first block, then, when this open follows the previous one
-    /// in write order (readers often go through files in the order they were written:
-    /// uploads verified or served in sequence, a tree copied out), the first blocks of the
-    /// next [`OPEN_AHEAD`] files not yet fetched ahead.
+    /// `ino` is being opened: its first block, then the first blocks of the files after it
+    /// in whichever order its opens follow (see [`OpenOrder::open`]).
     fn on_open(&mut self, ino: u64) -> Vec<BlockHash> {
-        let Some(&(hash, place)) = self.map.get(&ino) else {
+        let Some(&hash) = self.map.get(&ino) else {
             return Vec::new();
         };
+        let mut ahead = self.written.open(ino);
+        ahead.extend(self.listed.open(ino));
         let mut out = vec![hash];
-        let follows = self
-            .last_open
-            .is_some_and(|last| place > last && place - last <= OPEN_GAP);
-        self.last_open = Some(place);
-        if follows {
-            for (&p, next) in self.order.range(place + 1..).take(OPEN_AHEAD) {
-                if p > self.ahead_to {
-                    if let Some((h, _)) = self.map.get(next) {
-                        out.push(*h);
-                    }
-                    self.ahead_to = p;
-                }
-            }
-        }
+        out.extend(ahead.iter().filter_map(|i| self.map.get(i).copied()));
         out
     }
 }
@@ -1080,7 +1129,7 @@ mod hint_tests {
             h.insert(ino, hash(round));
         }
         assert!(h.map.len() <= FIRST_BLOCK_HINTS);
-        assert_eq!(h.order.len(), h.map.len());
+        assert_eq!(h.written.order.len(), h.map.len());
         assert!(h.get(1_000_000 + (5 * n - 1) % 3).is_some());
     }
 
@@ -1109,5 +1158,44 @@ mod hint_tests {
         assert_eq!(h.on_open(20), vec![hash(20)]);
         assert_eq!(h.on_open(99), Vec::<BlockHash>::new());
         assert_eq!(h.on_open(21), ahead(21, 29), "follows 20 again");
+    }
+
+    #[test]
+    fn opens_in_listing_order_fetch_the_next_listed_files_ahead() {
+        let mut h = FirstBlockHints::default();
+        // Written in one order (20 down to 1), listed in another (1 up to 20; 4 is a
+        // directory or a file written here: no hint).
+        for ino in (1..=20).rev().filter(|i| *i != 4) {
+            h.insert(ino, hash(ino));
+        }
+        for ino in 1..=20 {
+            h.listed(ino);
+        }
+        assert_eq!(h.on_open(1), vec![hash(1)]);
+        // Opens in listing order fetch the next 8 listed (4 has nothing to fetch).
+        let want: Vec<BlockHash> = [2, 3, 5, 6, 7, 8, 9, 10].into_iter().map(hash).collect();
+        assert_eq!(h.on_open(2), want);
+        assert_eq!(h.on_open(3), vec![hash(3), hash(11)]);
+        // Listing the directory again starts its order over, after the old places.
+        for ino in 1..=20 {
+            h.listed(ino);
+        }
+        assert_eq!(
+            h.on_open(1),
+            vec![hash(1)],
+            "not after 3 in the new listing"
+        );
+        assert_eq!(
+            h.on_open(2)[1..],
+            [
+                hash(3),
+                hash(5),
+                hash(6),
+                hash(7),
+                hash(8),
+                hash(9),
+                hash(10)
+            ]
+        );
     }
 }

@@ -27,6 +27,9 @@
 //! store; a mismatch moves the copy to `quarantine/`, drops it from the index and counts it.
 //! `read_unverified` serves whole blocks to a requester that hashes them itself.
 //!
+//! A failed write to the database (redb then refuses every later call with `PreviousIo`) is
+//! noted, and the next request reopens the database and reconciles it with the files.
+//!
 //! All methods block on disk I/O: async callers run them under `spawn_blocking`.
 
 use std::fs::{self, File, OpenOptions};
@@ -133,9 +136,28 @@ const RESTAMP_AFTER_SECS: u64 = 60;
 /// `BlockStore::put`). redb frees pages only in durable commits, so some must be.
 const PUTS_PER_DURABLE_INDEX_COMMIT: u64 = 64;
 
+/// Opens (creating if needed) the index database at a path.
+pub type IndexOpener =
+    Box<dyn Fn(&Path) -> Result<Database, redb::DatabaseError> + Send + Sync + 'static>;
+
+fn open_index_file(path: &Path) -> Result<Database, redb::DatabaseError> {
+    Database::builder()
+        .set_cache_size(INDEX_CACHE_BYTES)
+        .create(path)
+}
+
+fn index_unavailable() -> StoreError {
+    StoreError::Index("the block index could not be reopened after a failed write yet".into())
+}
+
 pub struct BlockStore {
     root: PathBuf,
-    index: Database,
+    /// `None` only while a reopen after a failed write has not succeeded yet.
+    index: std::sync::RwLock<Option<Database>>,
+    /// A write to the database failed: redb then refuses every later read and write
+    /// (`PreviousIo`) until the database is reopened, which the next request does.
+    index_failed: std::sync::atomic::AtomicBool,
+    open_index: IndexOpener,
     locks: Vec<std::sync::Mutex<()>>,
     blocks: AtomicU64,
     bytes_used: AtomicU64,
@@ -202,6 +224,12 @@ fn fsync_dir(dir: &Path) -> io::Result<()> {
 impl BlockStore {
     /// Opens (creating if needed) the store in `root`, and reconciles index and files.
     pub fn open(root: &Path) -> Result<BlockStore, StoreError> {
+        BlockStore::open_with(root, Box::new(open_index_file))
+    }
+
+    /// [`BlockStore::open`] with the index database opened by `open_index` (tests inject
+    /// faults into its storage with it).
+    pub fn open_with(root: &Path, open_index: IndexOpener) -> Result<BlockStore, StoreError> {
         for sub in ["blocks", "tmp", "quarantine"] {
             fs::create_dir_all(root.join(sub))?;
         }
@@ -209,13 +237,12 @@ impl BlockStore {
         for entry in fs::read_dir(root.join("tmp"))? {
             let _ = fs::remove_file(entry?.path());
         }
-        let index = Database::builder()
-            .set_cache_size(INDEX_CACHE_BYTES)
-            .create(root.join("index.redb"))
-            .map_err(StoreError::index)?;
+        let index = open_index(&root.join("index.redb")).map_err(StoreError::index)?;
         let store = BlockStore {
             root: root.to_path_buf(),
-            index,
+            index: std::sync::RwLock::new(Some(index)),
+            index_failed: std::sync::atomic::AtomicBool::new(false),
+            open_index,
             locks: (0..LOCK_STRIPES)
                 .map(|_| std::sync::Mutex::new(()))
                 .collect(),
@@ -226,6 +253,80 @@ impl BlockStore {
         };
         store.reconcile()?;
         Ok(store)
+    }
+
+    /// A read transaction on the index (reopened first after a failed write).
+    fn read_txn(&self) -> Result<redb::ReadTransaction, StoreError> {
+        self.reopen_index_if_failed();
+        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+        match index.as_ref() {
+            Some(db) => db.begin_read().map_err(|e| self.index_err(e)),
+            None => Err(index_unavailable()),
+        }
+    }
+
+    /// A write transaction on the index (reopened first after a failed write).
+    fn write_txn(&self) -> Result<redb::WriteTransaction, StoreError> {
+        self.reopen_index_if_failed();
+        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+        match index.as_ref() {
+            Some(db) => db.begin_write().map_err(|e| self.db_err(e)),
+            None => Err(index_unavailable()),
+        }
+    }
+
+    /// Notes an I/O failure of the database (see `index_failed`).
+    fn note_index_error(&self, e: &redb::Error) {
+        if matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo) {
+            self.index_failed.store(true, Ordering::Release);
+        }
+    }
+
+    /// [`StoreError::index`] for a database error, noting an I/O failure.
+    fn index_err(&self, e: impl Into<redb::Error>) -> StoreError {
+        let e = e.into();
+        self.note_index_error(&e);
+        StoreError::index(e)
+    }
+
+    /// [`StoreError::db`] for a database error, noting an I/O failure.
+    fn db_err(&self, e: impl Into<redb::Error>) -> StoreError {
+        let e = e.into();
+        self.note_index_error(&e);
+        StoreError::db(e)
+    }
+
+    /// After a failed write (a full disk, a device error), redb answers every later call with
+    /// `PreviousIo` until the database is reopened: without this, one failed index commit
+    /// left a node unable to serve even the blocks it held until it was restarted. Reopening
+    /// recovers the database to its last commit; `reconcile` then indexes block files whose
+    /// entry was lost with the failed commit. The file stays locked, and the reopen fails, while
+    /// a transaction of the old database is still alive: the next request tries again.
+    fn reopen_index_if_failed(&self) {
+        if !self.index_failed.load(Ordering::Acquire) {
+            return;
+        }
+        {
+            let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
+            if !self.index_failed.load(Ordering::Acquire) {
+                return; // another request reopened it
+            }
+            drop(index.take());
+            match (self.open_index)(&self.root.join("index.redb")) {
+                Ok(db) => {
+                    *index = Some(db);
+                    self.index_failed.store(false, Ordering::Release);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "block index still unavailable after a failed write; will retry");
+                    return;
+                }
+            }
+        }
+        tracing::warn!("block index reopened after a failed write");
+        if let Err(e) = self.reconcile() {
+            tracing::warn!(error = %e, "block index reconcile after reopening failed");
+        }
     }
 
     fn block_path(&self, hash: &BlockHash) -> PathBuf {
@@ -251,30 +352,32 @@ impl BlockStore {
                 on_disk.insert(hash.0, entry.metadata()?.len());
             }
         }
-        let txn = self.index.begin_write().map_err(StoreError::index)?;
+        let txn = self.write_txn()?;
         {
             // Small blocks: their content and entry were committed together.
-            let inline = txn.open_table(INLINE).map_err(StoreError::index)?;
-            for item in inline.iter().map_err(StoreError::index)? {
-                let (k, v) = item.map_err(StoreError::index)?;
+            let inline = txn.open_table(INLINE).map_err(|e| self.index_err(e))?;
+            for item in inline.iter().map_err(|e| self.index_err(e))? {
+                let (k, v) = item.map_err(|e| self.index_err(e))?;
                 on_disk.insert(*k.value(), v.value().len() as u64);
             }
             drop(inline);
-            let mut table = txn.open_table(BLOCKS).map_err(StoreError::index)?;
+            let mut table = txn.open_table(BLOCKS).map_err(|e| self.index_err(e))?;
             let mut stale = Vec::new();
-            for item in table.iter().map_err(StoreError::index)? {
-                let (k, _) = item.map_err(StoreError::index)?;
+            for item in table.iter().map_err(|e| self.index_err(e))? {
+                let (k, _) = item.map_err(|e| self.index_err(e))?;
                 if !on_disk.contains_key(k.value()) {
                     stale.push(*k.value());
                 }
             }
             for k in &stale {
-                table.remove(k).map_err(StoreError::index)?;
+                table.remove(k).map_err(|e| self.index_err(e))?;
             }
             let now = now_secs();
             for (k, size) in &on_disk {
-                if table.get(k).map_err(StoreError::index)?.is_none() {
-                    table.insert(k, (*size, now)).map_err(StoreError::index)?;
+                if table.get(k).map_err(|e| self.index_err(e))?.is_none() {
+                    table
+                        .insert(k, (*size, now))
+                        .map_err(|e| self.index_err(e))?;
                 }
             }
             if !stale.is_empty() {
@@ -284,7 +387,7 @@ impl BlockStore {
                 );
             }
         }
-        txn.commit().map_err(StoreError::index)?;
+        txn.commit().map_err(|e| self.index_err(e))?;
         self.blocks.store(on_disk.len() as u64, Ordering::Relaxed);
         self.bytes_used
             .store(on_disk.values().sum(), Ordering::Relaxed);
@@ -359,20 +462,20 @@ impl BlockStore {
         inline: Option<&[u8]>,
         durability: redb::Durability,
     ) -> Result<bool, StoreError> {
-        let mut txn = self.index.begin_write().map_err(StoreError::db)?;
+        let mut txn = self.write_txn()?;
         txn.set_durability(durability);
         let inserted = {
             if let Some(content) = inline {
-                let mut table = txn.open_table(INLINE).map_err(StoreError::db)?;
-                table.insert(&hash.0, content).map_err(StoreError::db)?;
+                let mut table = txn.open_table(INLINE).map_err(|e| self.db_err(e))?;
+                table.insert(&hash.0, content).map_err(|e| self.db_err(e))?;
             }
-            let mut table = txn.open_table(BLOCKS).map_err(StoreError::db)?;
+            let mut table = txn.open_table(BLOCKS).map_err(|e| self.db_err(e))?;
             let previous = table
                 .insert(&hash.0, (data.len() as u64, now_secs()))
-                .map_err(StoreError::db)?;
+                .map_err(|e| self.db_err(e))?;
             previous.is_none()
         };
-        txn.commit().map_err(StoreError::db)?;
+        txn.commit().map_err(|e| self.db_err(e))?;
         if inserted {
             self.blocks.fetch_add(1, Ordering::Relaxed);
             self.bytes_used
@@ -392,13 +495,13 @@ impl BlockStore {
     }
 
     fn inline_copy(&self, hash: &BlockHash) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.index.begin_read().map_err(StoreError::index)?;
+        let txn = self.read_txn()?;
         let table = match txn.open_table(INLINE) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(StoreError::index(e)),
+            Err(e) => return Err(self.index_err(e)),
         };
-        let v = table.get(&hash.0).map_err(StoreError::index)?;
+        let v = table.get(&hash.0).map_err(|e| self.index_err(e))?;
         Ok(v.map(|v| v.value().to_vec()))
     }
 
@@ -411,25 +514,25 @@ impl BlockStore {
 
     /// (size, stored-at) of an indexed block.
     fn entry(&self, hash: &BlockHash) -> Result<Option<(u64, u64)>, StoreError> {
-        let txn = self.index.begin_read().map_err(StoreError::index)?;
+        let txn = self.read_txn()?;
         let table = match txn.open_table(BLOCKS) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(StoreError::index(e)),
+            Err(e) => return Err(self.index_err(e)),
         };
-        let v = table.get(&hash.0).map_err(StoreError::index)?;
+        let v = table.get(&hash.0).map_err(|e| self.index_err(e))?;
         Ok(v.map(|v| v.value()))
     }
 
     /// Sets a present block's stored-at time to now.
     fn stamp(&self, hash: &BlockHash, size: u64) -> Result<(), StoreError> {
-        let mut txn = self.index.begin_write().map_err(StoreError::index)?;
+        let mut txn = self.write_txn()?;
         txn.set_durability(redb::Durability::Eventual);
         txn.open_table(BLOCKS)
-            .map_err(StoreError::index)?
+            .map_err(|e| self.index_err(e))?
             .insert(&hash.0, (size, now_secs()))
-            .map_err(StoreError::index)?;
-        txn.commit().map_err(StoreError::index)
+            .map_err(|e| self.index_err(e))?;
+        txn.commit().map_err(|e| self.index_err(e))
     }
 
     /// Re-reads and re-hashes each block: true for a present, good copy. A bad copy is
@@ -584,17 +687,17 @@ impl BlockStore {
 
     /// Drops a block from the index and, if it is kept there, its content from the database.
     fn forget(&self, hash: &BlockHash) -> Result<(), StoreError> {
-        let txn = self.index.begin_write().map_err(StoreError::index)?;
+        let txn = self.write_txn()?;
         let removed = {
             txn.open_table(INLINE)
-                .map_err(StoreError::index)?
+                .map_err(|e| self.index_err(e))?
                 .remove(&hash.0)
-                .map_err(StoreError::index)?;
-            let mut table = txn.open_table(BLOCKS).map_err(StoreError::index)?;
-            let r = table.remove(&hash.0).map_err(StoreError::index)?;
+                .map_err(|e| self.index_err(e))?;
+            let mut table = txn.open_table(BLOCKS).map_err(|e| self.index_err(e))?;
+            let r = table.remove(&hash.0).map_err(|e| self.index_err(e))?;
             r.map(|v| v.value().0)
         };
-        txn.commit().map_err(StoreError::index)?;
+        txn.commit().map_err(|e| self.index_err(e))?;
         if let Some(size) = removed {
             self.blocks.fetch_sub(1, Ordering::Relaxed);
             self.bytes_used.fetch_sub(size, Ordering::Relaxed);
@@ -603,21 +706,21 @@ impl BlockStore {
     }
 
     pub fn contains(&self, hash: &BlockHash) -> Result<bool, StoreError> {
-        let txn = self.index.begin_read().map_err(StoreError::index)?;
+        let txn = self.read_txn()?;
         let table = match txn.open_table(BLOCKS) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
-            Err(e) => return Err(StoreError::index(e)),
+            Err(e) => return Err(self.index_err(e)),
         };
-        Ok(table.get(&hash.0).map_err(StoreError::index)?.is_some())
+        Ok(table.get(&hash.0).map_err(|e| self.index_err(e))?.is_some())
     }
 
     pub fn has_many(&self, hashes: &[BlockHash]) -> Result<Vec<bool>, StoreError> {
-        let txn = self.index.begin_read().map_err(StoreError::index)?;
-        let table = txn.open_table(BLOCKS).map_err(StoreError::index)?;
+        let txn = self.read_txn()?;
+        let table = txn.open_table(BLOCKS).map_err(|e| self.index_err(e))?;
         hashes
             .iter()
-            .map(|h| Ok(table.get(&h.0).map_err(StoreError::index)?.is_some()))
+            .map(|h| Ok(table.get(&h.0).map_err(|e| self.index_err(e))?.is_some()))
             .collect()
     }
 
@@ -647,18 +750,18 @@ impl BlockStore {
         after: Option<BlockHash>,
         limit: usize,
     ) -> Result<(Vec<ListEntry>, bool), StoreError> {
-        let txn = self.index.begin_read().map_err(StoreError::index)?;
-        let table = txn.open_table(BLOCKS).map_err(StoreError::index)?;
+        let txn = self.read_txn()?;
+        let table = txn.open_table(BLOCKS).map_err(|e| self.index_err(e))?;
         let iter = match after {
             None => table.range::<&[u8; 32]>(..),
             Some(h) => table
                 .range::<&[u8; 32]>((std::ops::Bound::Excluded(&h.0), std::ops::Bound::Unbounded)),
         }
-        .map_err(StoreError::index)?;
+        .map_err(|e| self.index_err(e))?;
         let mut entries = Vec::new();
         let mut more = false;
         for item in iter {
-            let (k, v) = item.map_err(StoreError::index)?;
+            let (k, v) = item.map_err(|e| self.index_err(e))?;
             if entries.len() == limit {
                 more = true;
                 break;
@@ -698,9 +801,9 @@ impl BlockStore {
 
     /// Number of entries in the index (tests compare it with the counters).
     pub fn index_len(&self) -> Result<u64, StoreError> {
-        let txn = self.index.begin_read().map_err(StoreError::index)?;
-        let table = txn.open_table(BLOCKS).map_err(StoreError::index)?;
-        table.len().map_err(StoreError::index)
+        let txn = self.read_txn()?;
+        let table = txn.open_table(BLOCKS).map_err(|e| self.index_err(e))?;
+        table.len().map_err(|e| self.index_err(e))
     }
 }
 
@@ -860,12 +963,93 @@ mod tests {
     /// Rewrites a small block's stored content behind the store's back: rot that the
     /// database's own checks did not catch (fault injection; a real disk cannot be made to).
     fn rot_inline_copy(store: &BlockStore, hash: &BlockHash, bytes: &[u8]) {
-        let txn = store.index.begin_write().unwrap();
+        let txn = store.write_txn().unwrap();
         txn.open_table(INLINE)
             .unwrap()
             .insert(&hash.0, bytes)
             .unwrap();
         txn.commit().unwrap();
+    }
+
+    /// The index database's file, with writes that fail while `fail` is set (a full disk
+    /// or a device error at exactly the moment a test wants it).
+    #[derive(Debug)]
+    struct FailingFile {
+        file: redb::backends::FileBackend,
+        fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl redb::StorageBackend for FailingFile {
+        fn len(&self) -> Result<u64, io::Error> {
+            self.file.len()
+        }
+        fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, io::Error> {
+            self.file.read(offset, len)
+        }
+        fn set_len(&self, len: u64) -> Result<(), io::Error> {
+            self.failing()?;
+            self.file.set_len(len)
+        }
+        fn sync_data(&self, eventual: bool) -> Result<(), io::Error> {
+            self.failing()?;
+            self.file.sync_data(eventual)
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
+            self.failing()?;
+            self.file.write(offset, data)
+        }
+    }
+
+    impl FailingFile {
+        fn failing(&self) -> Result<(), io::Error> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failed_index_write_does_not_stop_the_store_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let opener_fail = fail.clone();
+        let store = BlockStore::open_with(
+            dir.path(),
+            Box::new(move |path| {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(path)?;
+                Database::builder().create_with_backend(FailingFile {
+                    file: redb::backends::FileBackend::new(file)?,
+                    fail: opener_fail.clone(),
+                })
+            }),
+        )
+        .unwrap();
+        let (held, held_data) = block(1, 1000);
+        let (refused, refused_data) = block(2, 2000);
+        let (large, large_data) = block(3, INLINE_BLOCK_MAX + 1);
+        assert!(store.put(&held, &held_data).unwrap());
+
+        fail.store(true, Ordering::SeqCst);
+        assert!(
+            store.put(&refused, &refused_data).is_err(),
+            "a small block's commit fails"
+        );
+        fail.store(false, Ordering::SeqCst);
+
+        // The next requests reopen the database: what was stored is served, and writes work.
+        assert_eq!(store.get(&held, None).unwrap(), held_data);
+        assert!(store.put(&refused, &refused_data).unwrap());
+        assert_eq!(store.get(&refused, None).unwrap(), refused_data);
+        assert!(store.put(&large, &large_data).unwrap());
+        assert_eq!(store.get(&large, None).unwrap(), large_data);
+        assert_eq!(store.stats().blocks, 3);
+        assert_eq!(store.index_len().unwrap(), 3);
     }
 
     #[test]

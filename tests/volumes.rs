@@ -934,13 +934,7 @@ fn a_transaction_whose_reply_was_lost_is_settled_by_reading_it_back() {
 
         // 1. Applied, reply lost.
         proxy.arm("/s/applied", true);
-        let t = tokio::spawn({
-            let kv = kv.clone();
-            async move {
-                kv.txn(vec![cmp("/s/applied", 0)], vec![put("/s/applied", "mine")])
-                    .await
-            }
-        });
+        let t = put_if_absent(&kv, "/s/applied");
         let deadline = Instant::now() + Duration::from_secs(10);
         while direct
             .get("/s/applied", None)
@@ -962,13 +956,7 @@ fn a_transaction_whose_reply_was_lost_is_settled_by_reading_it_back() {
         // 2. Request lost while etcd is "down"; nothing else changed: sent again, once.
         proxy.state.closed.store(true, SeqCst);
         proxy.arm("/s/resent", false);
-        let t = tokio::spawn({
-            let kv = kv.clone();
-            async move {
-                kv.txn(vec![cmp("/s/resent", 0)], vec![put("/s/resent", "mine")])
-                    .await
-            }
-        });
+        let t = put_if_absent(&kv, "/s/resent");
         wait_until_lost(&proxy, 1).await;
         proxy.state.closed.store(false, SeqCst);
         assert_eq!(t.await.expect("join"), Ok(true), "lost request sent again");
@@ -979,16 +967,7 @@ fn a_transaction_whose_reply_was_lost_is_settled_by_reading_it_back() {
         // 3. Request lost, and another writer takes the key before etcd is back: refused.
         proxy.state.closed.store(true, SeqCst);
         proxy.arm("/s/overtaken", false);
-        let t = tokio::spawn({
-            let kv = kv.clone();
-            async move {
-                kv.txn(
-                    vec![cmp("/s/overtaken", 0)],
-                    vec![put("/s/overtaken", "mine")],
-                )
-                .await
-            }
-        });
+        let t = put_if_absent(&kv, "/s/overtaken");
         wait_until_lost(&proxy, 2).await;
         direct
             .put("/s/overtaken", "theirs", None)
@@ -999,6 +978,15 @@ fn a_transaction_whose_reply_was_lost_is_settled_by_reading_it_back() {
         let got = direct.get("/s/overtaken", None).await.expect("get");
         assert_eq!(got.kvs()[0].value(), b"theirs");
     });
+}
+
+/// A txn putting "mine" at `key` if it does not exist, in the background.
+fn put_if_absent(
+    kv: &std::sync::Arc<EtcdKv>,
+    key: &'static str,
+) -> tokio::task::JoinHandle<Result<bool, KvError>> {
+    let kv = kv.clone();
+    tokio::spawn(async move { kv.txn(vec![cmp(key, 0)], vec![put(key, "mine")]).await })
 }
 
 async fn wait_until_lost(proxy: &LossyProxy, n: usize) {

@@ -255,24 +255,24 @@ impl BlockStore {
         Ok(store)
     }
 
-    /// A read transaction on the index (reopened first after a failed write).
-    fn read_txn(&self) -> Result<redb::ReadTransaction, StoreError> {
+    /// Runs `begin` on the index database, reopened first after a failed write.
+    fn begin<T>(
+        &self,
+        begin: impl FnOnce(&Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         self.reopen_index_if_failed();
         let index = self.index.read().unwrap_or_else(|e| e.into_inner());
-        match index.as_ref() {
-            Some(db) => db.begin_read().map_err(|e| self.index_err(e)),
-            None => Err(index_unavailable()),
-        }
+        index
+            .as_ref()
+            .map_or_else(|| Err(index_unavailable()), begin)
     }
 
-    /// A write transaction on the index (reopened first after a failed write).
+    fn read_txn(&self) -> Result<redb::ReadTransaction, StoreError> {
+        self.begin(|db| db.begin_read().map_err(|e| self.index_err(e)))
+    }
+
     fn write_txn(&self) -> Result<redb::WriteTransaction, StoreError> {
-        self.reopen_index_if_failed();
-        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
-        match index.as_ref() {
-            Some(db) => db.begin_write().map_err(|e| self.db_err(e)),
-            None => Err(index_unavailable()),
-        }
+        self.begin(|db| db.begin_write().map_err(|e| self.db_err(e)))
     }
 
     /// Notes an I/O failure of the database (see `index_failed`).

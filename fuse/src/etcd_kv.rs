@@ -918,7 +918,8 @@ impl EtcdKv {
         );
         let found = self.get_many_impl(&keys).await?;
         let (now_written, now_compared) = found.split_at(written.min(found.len()));
-        let mut applied = true;
+        // A transaction without writes (compares only) is settled by its compares alone.
+        let mut applied = !ops.is_empty();
         for (op, now) in ops
             .iter()
             .filter(|op| !matches!(op, TxnOp::DeleteRange { .. }))

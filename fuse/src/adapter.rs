@@ -338,6 +338,8 @@ impl Shared {
                 }
             }
         }
+        // Files created early and never written still have to exist.
+        self.fs.settle_all_early().await;
         failed
     }
 
@@ -1213,11 +1215,19 @@ impl Filesystem for TwinFs {
         let exclusive = flags & libc::O_EXCL != 0;
         self.spawn("create", async move {
             let r = async {
-                let (attr, created) = this
-                    .shared
-                    .fs
-                    .create(parent.0, &name, mode & 0o7777, uid, gid, exclusive)
-                    .await?;
+                let fs = &this.shared.fs;
+                // In a directory this mount holds the claim on, answered before the
+                // transaction commits (see the core's early.rs).
+                let early = fs
+                    .create_early(parent.0, &name, mode & 0o7777, uid, gid)
+                    .await;
+                let (attr, created) = match early {
+                    Some(made) => (made?, true),
+                    None => {
+                        fs.create(parent.0, &name, mode & 0o7777, uid, gid, exclusive)
+                            .await?
+                    }
+                };
                 let f = if created {
                     this.shared.fs.open_new(&attr)?
                 } else {

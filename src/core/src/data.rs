@@ -130,6 +130,17 @@ impl DirtyChunk {
     }
 
     /// Writes the written ranges over `base` (grown with zeros as needed).
+    /// The chunk's content in a file that had none committed.
+    fn new_content(&self) -> Vec<u8> {
+        if self.covers(0, self.len()) {
+            self.bytes().to_vec()
+        } else {
+            let mut base = Vec::new();
+            self.patch(&mut base);
+            base
+        }
+    }
+
     fn patch(&self, base: &mut Vec<u8>) {
         let data = self.bytes();
         if base.len() < data.len() {
@@ -203,6 +214,7 @@ impl Fs {
 
     /// Opens regular file `ino` and returns its attributes as read for the open (one read).
     pub async fn open_attr(&self, ino: u64) -> FsResult<(OpenFile, crate::fs::Attr)> {
+        self.settle_ino(ino).await?;
         // The inode and the first chunk records together: the first read then needs no
         // metadata round trip of its own.
         let generation = self.generation(ino);
@@ -557,6 +569,7 @@ impl Fs {
         if len == 0 {
             return Ok(Bytes::new());
         }
+        self.settle_ino(h.ino).await?;
         let want_end = offset.saturating_add(len.min(MAX_READ) as u64);
         let first = offset / cs;
         let last = (want_end - 1) / cs;
@@ -637,8 +650,20 @@ impl Fs {
     /// block (read-modify-write when partly overwritten), and then the new chunk references,
     /// size and mtime are committed in one transaction (several only when more chunks are dirty
     /// than fit in one; in ascending chunk order, each a consistent state).
+    /// Stores chunk `idx`'s `content` as a block: (idx, hash, length).
+    async fn store_chunk(&self, idx: u64, content: Vec<u8>) -> FsResult<(u64, BlockHash, u32)> {
+        let len =
+            u32::try_from(content.len()).map_err(|_| FsError::Corrupt("chunk too large".into()))?;
+        let hash = self.blocks.put(Bytes::from(content)).await?;
+        Ok((idx, hash, len))
+    }
+
     pub async fn flush(&self, h: &mut OpenFile) -> FsResult<()> {
         if h.dirty.is_empty() {
+            // A file created early exists for other mounts once its `close` returns.
+            if h.new_here {
+                self.settle_ino(h.ino).await?;
+            }
             return Ok(());
         }
         let cs = self.chunk_size;
@@ -649,6 +674,33 @@ impl Fs {
             // Blocks already stored for a given committed base revision: a retry whose base
             // did not change reuses them.
             let mut stored: HashMap<u64, (Revision, BlockHash, u32)> = HashMap::new();
+            if h.new_here && !self.is_early(h.ino) {
+                // One that finished already: its failure, if it failed.
+                self.settle_ino(h.ino).await?;
+            } else if h.new_here {
+                // Created early, its transaction not committed yet: store the blocks (a new
+                // file has no committed content to patch) while it commits, then wait for it.
+                // The chunks not stored in the background (a file's last, partial one; at most
+                // the handle's dirty limit).
+                let contents: Vec<(u64, Vec<u8>)> = batch
+                    .iter()
+                    .filter_map(|idx| {
+                        let d = h.dirty.get(idx).filter(|d| d.upload.is_none())?;
+                        Some((*idx, d.new_content()))
+                    })
+                    .collect();
+                let puts = futures::future::join_all(
+                    contents
+                        .into_iter()
+                        .map(|(idx, content)| self.store_chunk(idx, content)),
+                );
+                let (puts, settled) = futures::future::join(puts, self.settle_ino(h.ino)).await;
+                settled?;
+                for r in puts {
+                    let (idx, hash, len) = r?;
+                    stored.insert(idx, (0, hash, len));
+                }
+            }
             let mut attempt = 0;
             loop {
                 let ikey = self.keys.inode(h.ino);

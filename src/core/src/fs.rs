@@ -397,6 +397,8 @@ pub struct Fs {
     xattr_free_at: Mutex<HashMap<u64, Revision>>,
     /// Directories this instance claimed (see [`crate::claims`]).
     pub(crate) claims: Mutex<HashMap<u64, crate::claims::Held>>,
+    /// Creates answered before their transaction committed (see `early.rs`).
+    pub(crate) early: Mutex<crate::early::EarlyCreates>,
     /// The first block of files as other mounts last committed them (see
     /// [`Fs::prefetch_first_block`]).
     pub(crate) first_blocks: Mutex<crate::data::FirstBlockHints>,
@@ -437,7 +439,7 @@ fn decode_dirent(
         .transpose()
 }
 
-fn check_name(name: &[u8]) -> FsResult<()> {
+pub(crate) fn check_name(name: &[u8]) -> FsResult<()> {
     if name.len() > NAME_MAX {
         return Err(FsError::NameTooLong);
     }
@@ -565,6 +567,7 @@ impl Fs {
             generations: Mutex::new(HashMap::new()),
             xattr_free: Mutex::new(std::collections::HashSet::new()),
             claims: Mutex::new(HashMap::new()),
+            early: Mutex::new(Default::default()),
             xattr_free_at: Mutex::new(HashMap::new()),
             generation_seq: AtomicU64::new(0),
             pending_orphans: Mutex::new(std::collections::HashSet::new()),
@@ -863,7 +866,7 @@ impl Fs {
             .is_some_and(|n| *n > 0)
     }
 
-    async fn alloc_ino(&self) -> FsResult<u64> {
+    pub(crate) async fn alloc_ino(&self) -> FsResult<u64> {
         {
             let mut pool = self.ino_pool.lock().unwrap_or_else(|e| e.into_inner());
             if pool.0 < pool.1 {
@@ -986,6 +989,7 @@ impl Fs {
 
     /// Attributes of `ino`.
     pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        self.settle_ino(ino).await?;
         if self.opts.cached_lookups {
             if let Some(rec) = self.cached_inode_for_attr(ino) {
                 return Ok(self.local_attr(ino, &rec));
@@ -1002,6 +1006,7 @@ impl Fs {
     /// (so a miss costs one round trip), then the child's inode.
     pub async fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
         check_name(name)?;
+        self.settle_names(parent, Some(name)).await;
         let dkey = self.keys.dirent(parent, name);
         if self.opts.cached_lookups {
             if let Some(a) = self.lookup_cached(parent, name) {
@@ -1164,34 +1169,71 @@ impl Fs {
         node: NewNode,
     ) -> FsResult<Attr> {
         check_name(name)?;
+        self.settle_names(parent, Some(name)).await;
         let ino = self.alloc_ino().await?;
-        {
-            // Before the inode exists, so no other node's xattr change can precede this.
-            let mut free = self.xattr_free.lock().unwrap_or_else(|e| e.into_inner());
-            if free.len() >= XATTR_FREE_MAX {
-                free.clear();
-            }
-            free.insert(ino);
-        }
-        let made = self.make_node_as(parent, name, node, ino).await;
+        self.note_new_inode(ino);
+        let made = self.make_node_as(parent, name, node, ino, None).await;
         if made.is_err() {
             self.xattrs_may_exist(ino);
         }
         made
     }
 
-    async fn make_node_as(
+    /// A new inode has no xattrs: noted before it exists, so no other node's xattr change
+    /// can precede this.
+    pub(crate) fn note_new_inode(&self, ino: u64) {
+        let mut free = self.xattr_free.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() >= XATTR_FREE_MAX {
+            free.clear();
+        }
+        free.insert(ino);
+    }
+
+    /// The record of a new inode made in `parent` at `now`, with the group and mode the
+    /// parent's set-group-ID bit decided.
+    pub(crate) fn new_inode_rec(
+        &self,
+        node: &NewNode,
+        parent: u64,
+        perm: u32,
+        gid: u32,
+        now: i64,
+    ) -> InodeRec {
+        InodeRec {
+            kind: node.kind,
+            mode: perm & 0o7777,
+            uid: node.uid,
+            gid,
+            size: node.target.as_ref().map_or(0, |t| t.len() as u64),
+            nlink: if node.kind == FileKind::Dir { 2 } else { 1 },
+            atime_ns: now,
+            mtime_ns: now,
+            ctime_ns: now,
+            rdev: node.rdev,
+            parent: if node.kind == FileKind::Dir {
+                parent
+            } else {
+                0
+            },
+            target: node.target.clone(),
+        }
+    }
+
+    /// Makes the node as inode `ino`; with `at`, its times are `at` (an early create's
+    /// answer already gave them).
+    pub(crate) async fn make_node_as(
         &self,
         parent: u64,
         name: &[u8],
         node: NewNode,
         ino: u64,
+        at: Option<i64>,
     ) -> FsResult<Attr> {
         let mut attempt = 0;
         loop {
             let mut stage = Stage::default();
             let mut txn = Txn::default();
-            let now = now_ns();
+            let now = at.unwrap_or_else(now_ns);
             // First try: the parent as the watch cache knows it, and no read of the entry at
             // all: the transaction compares both (parent unchanged, name absent), so a stale
             // cache or an existing name only makes it fail, and the retry reads etcd. A mkdir
@@ -1261,24 +1303,7 @@ impl Fs {
             if existing.is_some() {
                 return Err(FsError::Exists);
             }
-            let rec = InodeRec {
-                kind: node.kind,
-                mode: perm & 0o7777,
-                uid: node.uid,
-                gid,
-                size: node.target.as_ref().map_or(0, |t| t.len() as u64),
-                nlink: if node.kind == FileKind::Dir { 2 } else { 1 },
-                atime_ns: now,
-                mtime_ns: now,
-                ctime_ns: now,
-                rdev: node.rdev,
-                parent: if node.kind == FileKind::Dir {
-                    parent
-                } else {
-                    0
-                },
-                target: node.target.clone(),
-            };
+            let rec = self.new_inode_rec(&node, parent, perm, gid, now);
             txn.cmp(dkey.clone(), 0);
             txn.cmp(self.keys.inode(ino), 0);
             txn.put(
@@ -1446,6 +1471,7 @@ impl Fs {
     /// Removes a non-directory entry.
     pub async fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<()> {
         check_name(name)?;
+        self.settle_names(parent, Some(name)).await;
         let mut attempt = 0;
         loop {
             let mut stage = Stage::default();
@@ -1513,12 +1539,17 @@ impl Fs {
     /// Removes an empty directory.
     pub async fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
         check_name(name)?;
+        self.settle_names(parent, Some(name)).await;
         let mut attempt = 0;
         loop {
             let mut stage = Stage::default();
             let mut txn = Txn::default();
             let now = now_ns();
             let entry = self.stage_dir_and_entry(&mut stage, parent, name).await?;
+            if let Some((d, _)) = &entry {
+                // Files created early in it must be there to make it not empty.
+                self.settle_names(d.ino, None).await;
+            }
             let p = self.load_dir(&mut stage, parent).await?;
             p.mtime_ns = now;
             p.ctime_ns = now;
@@ -1553,6 +1584,8 @@ impl Fs {
     /// Adds the name `newname` in `newparent` for `ino` (not a directory).
     pub async fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> FsResult<Attr> {
         check_name(newname)?;
+        self.settle_ino(ino).await?;
+        self.settle_names(newparent, Some(newname)).await;
         let mut attempt = 0;
         loop {
             let mut stage = Stage::default();
@@ -1624,6 +1657,8 @@ impl Fs {
         if flags.noreplace && flags.exchange {
             return Err(FsError::Invalid("RENAME_NOREPLACE with RENAME_EXCHANGE"));
         }
+        self.settle_names(parent, Some(name)).await;
+        self.settle_names(newparent, Some(newname)).await;
         let mut attempt = 0;
         loop {
             let mut stage = Stage::default();
@@ -1757,6 +1792,7 @@ impl Fs {
     /// One page of `dir`'s entries after `cookie` (0, or anything below 16, = from the start).
     /// At most about `limit` entries (entries whose names share a hash are never split).
     pub async fn readdir(&self, dir: u64, cookie: u64, limit: usize) -> FsResult<Vec<DirEntry>> {
+        self.settle_names(dir, None).await;
         let (rec, _) = self.get_inode(dir).await?;
         if rec.kind != FileKind::Dir {
             return Err(FsError::NotDir);
@@ -1836,6 +1872,7 @@ impl Fs {
     /// chmod / chown / truncate / utimens. A size change runs first (it may take several
     /// transactions for a huge shrink), then the other attributes in one transaction.
     pub async fn setattr(&self, ino: u64, sa: SetAttr) -> FsResult<Attr> {
+        self.settle_ino(ino).await?;
         if let Some(size) = sa.size {
             self.truncate(ino, size).await?;
         }
@@ -1908,6 +1945,7 @@ impl Fs {
         if self.knows_xattr_free(ino) {
             return Err(FsError::NoData);
         }
+        self.settle_ino(ino).await?;
         // The attribute, the inode and whether it has any xattr at all, in one round trip: a
         // miss (the common answer: most files have no xattrs, and `ls -l` asks for ACLs) must
         // still tell ENODATA from ENOENT, and a file with none is then known to have none.
@@ -1941,6 +1979,7 @@ impl Fs {
         if value.len() > XATTR_SIZE_MAX {
             return Err(FsError::TooBig);
         }
+        self.settle_ino(ino).await?;
         // Before the transaction: whatever its outcome, the inode may have xattrs now.
         self.xattrs_may_exist(ino);
         let key = self.keys.xattr(ino, name);
@@ -1971,6 +2010,7 @@ impl Fs {
         if self.knows_xattr_free(ino) {
             return Ok(Vec::new());
         }
+        self.settle_ino(ino).await?;
         self.get_inode(ino).await?;
         let prefix = self.keys.xattrs(ino);
         let end = prefix_end(&prefix);
@@ -2006,6 +2046,7 @@ impl Fs {
 
     pub async fn remove_xattr(&self, ino: u64, name: &[u8]) -> FsResult<()> {
         check_xattr_name(name)?;
+        self.settle_ino(ino).await?;
         let key = self.keys.xattr(ino, name);
         let mut attempt = 0;
         loop {

@@ -94,6 +94,7 @@
 pub mod blocks;
 pub mod claims;
 mod data;
+mod early;
 pub mod error;
 pub mod fs;
 pub mod kv;

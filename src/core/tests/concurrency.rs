@@ -481,3 +481,161 @@ fn a_file_found_without_xattrs_is_asked_again_once_its_inode_changes() {
     kv.freeze();
     assert_eq!(block_on(a.get_xattr(f.ino, b"user.tag")), Ok(b"v".to_vec()));
 }
+
+/// A watch cache that is always current (a store's own commits written through), a session,
+/// and a gate that holds (or fails) the next transaction.
+#[derive(Default)]
+struct GatedCache {
+    store: std::sync::OnceLock<Arc<MemKv>>,
+    gate: std::sync::Mutex<
+        Option<futures::future::BoxFuture<'static, Result<(), twinfs_core::KvError>>>,
+    >,
+}
+
+impl Hooks for GatedCache {
+    fn before_txn(&self) -> futures::future::BoxFuture<'static, Result<(), twinfs_core::KvError>> {
+        use futures::FutureExt;
+        self.gate
+            .lock()
+            .unwrap()
+            .take()
+            .unwrap_or_else(|| futures::future::ready(Ok(())).boxed())
+    }
+    fn cached(&self, key: &[u8]) -> twinfs_core::kv::Versioned {
+        self.store.get()?.get_sync(key)
+    }
+    fn cached_absent(&self, key: &[u8], within: &[u8]) -> bool {
+        key.starts_with(within) && self.store.get().is_some_and(|s| s.get_sync(key).is_none())
+    }
+    fn session(&self) -> Option<u64> {
+        Some(1)
+    }
+}
+
+impl GatedCache {
+    /// Holds the next transaction until the returned sender fires (`Err`: it then fails).
+    fn hold_next(&self) -> futures::channel::oneshot::Sender<Result<(), twinfs_core::KvError>> {
+        use futures::FutureExt;
+        let (tx, rx) = futures::channel::oneshot::channel();
+        *self.gate.lock().unwrap() = Some(rx.map(|r| r.unwrap_or(Ok(()))).boxed());
+        tx
+    }
+}
+
+fn poll_once<F: std::future::Future + Unpin>(f: &mut F) -> std::task::Poll<F::Output> {
+    let waker = futures::task::noop_waker();
+    std::pin::Pin::new(f).poll(&mut std::task::Context::from_waker(&waker))
+}
+
+/// A with early creates (a claimed directory, a cache that knows it whole, a spawner whose
+/// work the test may leave queued), B reading the store; and the blocks they share.
+fn early_pair() -> (Arc<HookedKv<GatedCache>>, Arc<Fs>, Fs, Arc<MemBlocks>) {
+    let mem = Arc::new(MemKv::new());
+    let hooks = GatedCache::default();
+    let _ = hooks.store.set(mem.clone());
+    let kv = Arc::new(HookedKv {
+        inner: mem.clone(),
+        hooks,
+    });
+    let spawn: twinfs_core::Spawner = Arc::new(|f| drop(f));
+    let blocks = Arc::new(MemBlocks::new());
+    let opts = FsOptions {
+        cached_lookups: true,
+        spawn: Some(spawn),
+        ..FsOptions::default()
+    };
+    let a = block_on(Fs::open_volume(kv.clone(), blocks.clone(), "v", opts)).unwrap();
+    let b = block_on(Fs::open_volume(
+        mem,
+        blocks.clone(),
+        "v",
+        FsOptions::default(),
+    ))
+    .unwrap();
+    (kv, Arc::new(a), b, blocks)
+}
+
+/// A create in a directory this instance claimed is answered before its transaction commits;
+/// until then every operation that could tell waits for it (here: lookup, getattr, a listing,
+/// the first flush, which stores the file's block meanwhile), and other instances do not see
+/// the file yet. Nothing is answered wrong at any point.
+#[test]
+fn a_create_answered_early_is_waited_for_by_everything_that_could_tell() {
+    use futures::FutureExt;
+    let (kv, a, b, blocks) = early_pair();
+    let dir = block_on(a.mkdir(ROOT_INO, b"d", 0o755, 0, 0)).unwrap();
+    let commit = kv.hooks.hold_next();
+    let attr = block_on(a.create_early(dir.ino, b"f", 0o640, 7, 7))
+        .expect("a claimed directory known whole")
+        .unwrap();
+    assert_eq!((attr.size, attr.uid, attr.gid, attr.perm), (0, 7, 7, 0o640));
+
+    let mut lookup = a.lookup(dir.ino, b"f").boxed();
+    let mut getattr = a.getattr(attr.ino).boxed();
+    let mut listing = a.readdir(dir.ino, 0, 100).boxed();
+    assert!(poll_once(&mut lookup).is_pending());
+    assert!(poll_once(&mut getattr).is_pending());
+    assert!(poll_once(&mut listing).is_pending());
+    assert_eq!(
+        block_on(b.lookup(dir.ino, b"f")).map(|_| ()),
+        Err(FsError::NotFound),
+        "not committed yet"
+    );
+    let mut h = a.open_new(&attr).unwrap();
+    block_on(a.write(&mut h, 0, b"early bytes")).unwrap();
+    {
+        let stored = blocks.len();
+        let mut flush = a.flush(&mut h).boxed();
+        assert!(poll_once(&mut flush).is_pending());
+        assert_eq!(
+            blocks.len(),
+            stored + 1,
+            "the block is stored while the create commits"
+        );
+        commit.send(Ok(())).unwrap();
+        block_on(flush).unwrap();
+    }
+    assert_eq!(block_on(lookup).unwrap().ino, attr.ino);
+    assert_eq!(block_on(getattr).unwrap().size, 11);
+    let names: Vec<Vec<u8>> = block_on(listing)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, vec![b"f".to_vec()]);
+    let theirs = block_on(b.lookup(dir.ino, b"f")).unwrap();
+    assert_eq!((theirs.ino, theirs.size), (attr.ino, 11));
+    let f = block_on(b.open(attr.ino)).unwrap();
+    assert_eq!(&block_on(b.read(&f, 0, 100)).unwrap()[..], b"early bytes");
+
+    // Not early: a name taken, or a directory this instance did not make (not claimed).
+    assert!(block_on(a.create_early(dir.ino, b"f", 0o640, 7, 7)).is_none());
+    let other = block_on(b.mkdir(ROOT_INO, b"theirs", 0o755, 0, 0)).unwrap();
+    assert!(block_on(a.create_early(other.ino, b"g", 0o640, 7, 7)).is_none());
+}
+
+/// An early create whose transaction fails: every later use of the file, the close's flush
+/// included, gets that error, and the name stays free.
+#[test]
+fn a_failed_early_create_fails_every_later_use_of_the_file() {
+    let (kv, a, _b, _blocks) = early_pair();
+    let dir = block_on(a.mkdir(ROOT_INO, b"d", 0o755, 0, 0)).unwrap();
+    let commit = kv.hooks.hold_next();
+    let attr = block_on(a.create_early(dir.ino, b"f", 0o644, 0, 0))
+        .expect("eligible")
+        .unwrap();
+    let failure = twinfs_core::KvError::Unavailable("etcd gone".into());
+    commit.send(Err(failure.clone())).unwrap();
+    let err = Err(FsError::Kv(failure));
+    assert_eq!(block_on(a.getattr(attr.ino)).map(|_| ()), err);
+    let mut h = a.open_new(&attr).unwrap();
+    block_on(a.write(&mut h, 0, b"lost")).unwrap();
+    assert_eq!(block_on(a.flush(&mut h)), err);
+    let mut empty = a.open_new(&attr).unwrap();
+    assert_eq!(block_on(a.flush(&mut empty)), err);
+    assert_eq!(
+        block_on(a.lookup(dir.ino, b"f")).map(|_| ()),
+        Err(FsError::NotFound),
+        "the name is free"
+    );
+}

@@ -14,6 +14,10 @@ use twinfs_core::{Compare, KvError, MemKv, MetaKv, RangePage, TxnOp};
 pub trait Hooks: Send + Sync {
     /// Called before every read that goes to the store.
     fn on_read(&self) {}
+    /// Awaited before every transaction reaches the store; an error fails it unapplied.
+    fn before_txn(&self) -> BoxFuture<'static, Result<(), KvError>> {
+        futures::future::ready(Ok(())).boxed()
+    }
     /// Sees every transaction's outcome after the store applied it, and may replace it.
     fn after_txn(&self, outcome: Result<bool, KvError>) -> Result<bool, KvError> {
         outcome
@@ -55,8 +59,13 @@ impl<H: Hooks> MetaKv for HookedKv<H> {
     }
 
     fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> BoxFuture<'_, Result<bool, KvError>> {
-        let outcome = self.inner.txn_sync(compares, ops);
-        futures::future::ready(self.hooks.after_txn(outcome)).boxed()
+        let gate = self.hooks.before_txn();
+        async move {
+            gate.await?;
+            let outcome = self.inner.txn_sync(compares, ops);
+            self.hooks.after_txn(outcome)
+        }
+        .boxed()
     }
 
     fn get_many<'a>(

@@ -1106,13 +1106,23 @@ impl Filesystem for TwinFs {
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // Every namespace change is a committed etcd transaction when its request returns.
-        reply.ok();
+        // Every namespace change is a committed etcd transaction when its request returns,
+        // but for early creates (see the core's early.rs): wait for those in this directory.
+        let this = self.this();
+        self.spawn("fsyncdir", async move {
+            match this.shared.fs.sync_dir(ino.0).await {
+                Ok(()) => reply.ok(),
+                Err(e) => {
+                    this.count_err(&e);
+                    reply.error(errno(&e))
+                }
+            }
+        });
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -175,6 +175,25 @@ impl Fs {
         }
     }
 
+    /// fsyncdir: waits until the early creates in `dir` committed; the first failure among
+    /// them (the name the application made is not there).
+    pub async fn sync_dir(&self, dir: u64) -> FsResult<()> {
+        let outcomes: Vec<Outcome> = self
+            .early()
+            .pending
+            .values()
+            .filter(|p| p.parent == dir)
+            .map(|p| p.outcome.clone())
+            .collect();
+        let mut first = Ok(());
+        for o in outcomes {
+            if let Err(e) = o.await {
+                first = first.and(Err(e));
+            }
+        }
+        first
+    }
+
     /// Waits for every early create (unmount).
     pub async fn settle_all_early(&self) {
         let outcomes: Vec<Outcome> = self

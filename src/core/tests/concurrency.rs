@@ -573,6 +573,8 @@ fn a_create_answered_early_is_waited_for_by_everything_that_could_tell() {
     let mut lookup = a.lookup(dir.ino, b"f").boxed();
     let mut getattr = a.getattr(attr.ino).boxed();
     let mut listing = a.readdir(dir.ino, 0, 100).boxed();
+    let mut fsyncdir = a.sync_dir(dir.ino).boxed();
+    assert!(poll_once(&mut fsyncdir).is_pending());
     assert!(poll_once(&mut lookup).is_pending());
     assert!(poll_once(&mut getattr).is_pending());
     assert!(poll_once(&mut listing).is_pending());
@@ -595,6 +597,7 @@ fn a_create_answered_early_is_waited_for_by_everything_that_could_tell() {
         commit.send(Ok(())).unwrap();
         block_on(flush).unwrap();
     }
+    block_on(fsyncdir).unwrap();
     assert_eq!(block_on(lookup).unwrap().ino, attr.ino);
     assert_eq!(block_on(getattr).unwrap().size, 11);
     let names: Vec<Vec<u8>> = block_on(listing)
@@ -618,15 +621,19 @@ fn a_create_answered_early_is_waited_for_by_everything_that_could_tell() {
 /// included, gets that error, and the name stays free.
 #[test]
 fn a_failed_early_create_fails_every_later_use_of_the_file() {
+    use futures::FutureExt;
     let (kv, a, _b, _blocks) = early_pair();
     let dir = block_on(a.mkdir(ROOT_INO, b"d", 0o755, 0, 0)).unwrap();
     let commit = kv.hooks.hold_next();
     let attr = block_on(a.create_early(dir.ino, b"f", 0o644, 0, 0))
         .expect("eligible")
         .unwrap();
+    let mut fsyncdir = a.sync_dir(dir.ino).boxed();
+    assert!(poll_once(&mut fsyncdir).is_pending());
     let failure = twinfs_core::KvError::Unavailable("etcd gone".into());
     commit.send(Err(failure.clone())).unwrap();
     let err = Err(FsError::Kv(failure));
+    assert_eq!(block_on(fsyncdir), err, "fsyncdir reports it");
     assert_eq!(block_on(a.getattr(attr.ino)).map(|_| ()), err);
     let mut h = a.open_new(&attr).unwrap();
     block_on(a.write(&mut h, 0, b"lost")).unwrap();

@@ -537,7 +537,7 @@ fn early_pair() -> (Arc<HookedKv<GatedCache>>, Arc<Fs>, Fs, Arc<MemBlocks>) {
         inner: mem.clone(),
         hooks,
     });
-    let spawn: twinfs_core::Spawner = Arc::new(|f| drop(f));
+    let spawn: twinfs_core::Spawner = Arc::new(drop);
     let blocks = Arc::new(MemBlocks::new());
     let opts = FsOptions {
         cached_lookups: true,

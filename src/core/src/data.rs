@@ -674,10 +674,7 @@ impl Fs {
             // Blocks already stored for a given committed base revision: a retry whose base
             // did not change reuses them.
             let mut stored: HashMap<u64, (Revision, BlockHash, u32)> = HashMap::new();
-            if h.new_here && !self.is_early(h.ino) {
-                // One that finished already: its failure, if it failed.
-                self.settle_ino(h.ino).await?;
-            } else if h.new_here {
+            if h.new_here && self.is_early(h.ino) {
                 // Created early, its transaction not committed yet: store the blocks (a new
                 // file has no committed content to patch) while it commits, then wait for it.
                 // The chunks not stored in the background (a file's last, partial one; at most
@@ -700,6 +697,9 @@ impl Fs {
                     let (idx, hash, len) = r?;
                     stored.insert(idx, (0, hash, len));
                 }
+            } else if h.new_here {
+                // One that finished already: its failure, if it failed.
+                self.settle_ino(h.ino).await?;
             }
             let mut attempt = 0;
             loop {
@@ -789,9 +789,7 @@ impl Fs {
                     }
                 }
                 let puts = uploads.into_iter().map(|(idx, crev, content)| async move {
-                    let len = u32::try_from(content.len())
-                        .map_err(|_| FsError::Corrupt("chunk too large".into()))?;
-                    let hash = self.blocks.put(Bytes::from(content)).await?;
+                    let (idx, hash, len) = self.store_chunk(idx, content).await?;
                     Ok::<_, FsError>((idx, crev, hash, len))
                 });
                 let mut in_flight = futures::stream::iter(puts).buffer_unordered(PUTS_IN_FLIGHT);

@@ -89,14 +89,7 @@ impl Fs {
             Err(e) => return Some(Err(e)),
         };
         self.note_new_inode(ino);
-        let node = NewNode {
-            kind: FileKind::File,
-            perm,
-            uid,
-            gid,
-            rdev: 0,
-            target: None,
-        };
+        let node = NewNode::file(perm, uid, gid);
         let now = now_ns();
         let attr = Attr::from_rec(ino, &self.new_inode_rec(&node, parent, perm, gid, now));
         let fs = self.clone();
@@ -158,52 +151,40 @@ impl Fs {
     /// Waits for the early creates of `name` in `parent` (of every name with `None`). Their
     /// failures are not this caller's: the name simply does not exist.
     pub(crate) async fn settle_names(&self, parent: u64, name: Option<&[u8]>) {
-        let outcomes: Vec<Outcome> = {
-            let early = self.early();
-            if early.pending.is_empty() {
-                return;
-            }
-            early
-                .pending
-                .values()
-                .filter(|p| p.parent == parent && name.is_none_or(|n| p.name == n))
-                .map(|p| p.outcome.clone())
-                .collect()
-        };
-        for o in outcomes {
-            let _ = o.await;
-        }
+        let outcomes =
+            self.early_outcomes(|p| p.parent == parent && name.is_none_or(|n| p.name == n));
+        let _ = first_failure(outcomes).await;
     }
 
     /// fsyncdir: waits until the early creates in `dir` committed; the first failure among
     /// them (the name the application made is not there).
     pub async fn sync_dir(&self, dir: u64) -> FsResult<()> {
-        let outcomes: Vec<Outcome> = self
-            .early()
-            .pending
-            .values()
-            .filter(|p| p.parent == dir)
-            .map(|p| p.outcome.clone())
-            .collect();
-        let mut first = Ok(());
-        for o in outcomes {
-            if let Err(e) = o.await {
-                first = first.and(Err(e));
-            }
-        }
-        first
+        first_failure(self.early_outcomes(|p| p.parent == dir)).await
     }
 
     /// Waits for every early create (unmount).
     pub async fn settle_all_early(&self) {
-        let outcomes: Vec<Outcome> = self
-            .early()
+        let _ = first_failure(self.early_outcomes(|_| true)).await;
+    }
+
+    /// The outcomes of the pending early creates `which` selects.
+    fn early_outcomes(&self, which: impl Fn(&Pending) -> bool) -> Vec<Outcome> {
+        self.early()
             .pending
             .values()
+            .filter(|p| which(p))
             .map(|p| p.outcome.clone())
-            .collect();
-        for o in outcomes {
-            let _ = o.await;
+            .collect()
+    }
+}
+
+/// Waits for all of `outcomes`; the first failure among them.
+async fn first_failure(outcomes: Vec<Outcome>) -> FsResult<()> {
+    let mut first = Ok(());
+    for o in outcomes {
+        if let Err(e) = o.await {
+            first = first.and(Err(e));
         }
     }
+    first
 }

@@ -253,6 +253,20 @@ pub(crate) struct NewNode {
     pub target: Option<Vec<u8>>,
 }
 
+impl NewNode {
+    /// A regular file.
+    pub(crate) fn file(perm: u32, uid: u32, gid: u32) -> NewNode {
+        NewNode {
+            kind: FileKind::File,
+            perm,
+            uid,
+            gid,
+            rdev: 0,
+            target: None,
+        }
+    }
+}
+
 /// One optimistic transaction being built: compares on everything read, ops last-write-wins.
 #[derive(Default)]
 pub(crate) struct Txn {
@@ -1343,15 +1357,10 @@ impl Fs {
         gid: u32,
         exclusive: bool,
     ) -> FsResult<(Attr, bool)> {
-        let node = NewNode {
-            kind: FileKind::File,
-            perm,
-            uid,
-            gid,
-            rdev: 0,
-            target: None,
-        };
-        match self.make_node(parent, name, node).await {
+        match self
+            .make_node(parent, name, NewNode::file(perm, uid, gid))
+            .await
+        {
             Ok(a) => Ok((a, true)),
             Err(FsError::Exists) if !exclusive => {
                 let a = self

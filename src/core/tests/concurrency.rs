@@ -555,6 +555,24 @@ fn early_pair() -> (Arc<HookedKv<GatedCache>>, Arc<Fs>, Fs, Arc<MemBlocks>) {
     (kv, Arc::new(a), b, blocks)
 }
 
+/// A's directory "d" and its early create of "f" (mode 0640, owner 7:7), whose transaction is
+/// held until the returned sender fires.
+fn early_create_held(
+    kv: &HookedKv<GatedCache>,
+    a: &Arc<Fs>,
+) -> (
+    twinfs_core::Attr,
+    twinfs_core::Attr,
+    futures::channel::oneshot::Sender<Result<(), twinfs_core::KvError>>,
+) {
+    let dir = block_on(a.mkdir(ROOT_INO, b"d", 0o755, 0, 0)).unwrap();
+    let commit = kv.hooks.hold_next();
+    let attr = block_on(a.create_early(dir.ino, b"f", 0o640, 7, 7))
+        .expect("a claimed directory known whole")
+        .unwrap();
+    (dir, attr, commit)
+}
+
 /// A create in a directory this instance claimed is answered before its transaction commits;
 /// until then every operation that could tell waits for it (here: lookup, getattr, a listing,
 /// the first flush, which stores the file's block meanwhile), and other instances do not see
@@ -563,11 +581,7 @@ fn early_pair() -> (Arc<HookedKv<GatedCache>>, Arc<Fs>, Fs, Arc<MemBlocks>) {
 fn a_create_answered_early_is_waited_for_by_everything_that_could_tell() {
     use futures::FutureExt;
     let (kv, a, b, blocks) = early_pair();
-    let dir = block_on(a.mkdir(ROOT_INO, b"d", 0o755, 0, 0)).unwrap();
-    let commit = kv.hooks.hold_next();
-    let attr = block_on(a.create_early(dir.ino, b"f", 0o640, 7, 7))
-        .expect("a claimed directory known whole")
-        .unwrap();
+    let (dir, attr, commit) = early_create_held(&kv, &a);
     assert_eq!((attr.size, attr.uid, attr.gid, attr.perm), (0, 7, 7, 0o640));
 
     let mut lookup = a.lookup(dir.ino, b"f").boxed();
@@ -623,11 +637,7 @@ fn a_create_answered_early_is_waited_for_by_everything_that_could_tell() {
 fn a_failed_early_create_fails_every_later_use_of_the_file() {
     use futures::FutureExt;
     let (kv, a, _b, _blocks) = early_pair();
-    let dir = block_on(a.mkdir(ROOT_INO, b"d", 0o755, 0, 0)).unwrap();
-    let commit = kv.hooks.hold_next();
-    let attr = block_on(a.create_early(dir.ino, b"f", 0o644, 0, 0))
-        .expect("eligible")
-        .unwrap();
+    let (dir, attr, commit) = early_create_held(&kv, &a);
     let mut fsyncdir = a.sync_dir(dir.ino).boxed();
     assert!(poll_once(&mut fsyncdir).is_pending());
     let failure = twinfs_core::KvError::Unavailable("etcd gone".into());

@@ -17,14 +17,16 @@
 //! directory. Other mounts see the file when the transaction commits, before its `close`
 //! returns, as close-to-open asks.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use futures::channel::oneshot;
 use futures::future::{BoxFuture, Shared};
 use futures::FutureExt;
 
 use crate::error::{FsError, FsResult};
-use crate::fs::{check_name, now_ns, Attr, Fs, NewNode};
+use crate::fs::{check_name, now_ns, Attr, Fs, NewNode, Txn};
+use crate::kv::KvError;
 use crate::schema::{decode_inode, FileKind};
 
 type Outcome = Shared<BoxFuture<'static, FsResult<()>>>;
@@ -32,20 +34,45 @@ type Outcome = Shared<BoxFuture<'static, FsResult<()>>>;
 /// Failed early creates remembered for the errors of later operations on their inodes.
 const FAILED_KEPT: usize = 10_000;
 
+/// Most early unlinks waiting for their transaction; beyond, an unlink waits for its own.
+const UNLINKS_QUEUED_MAX: usize = 1_000;
+
 #[derive(Default)]
-pub(crate) struct EarlyCreates {
+pub(crate) struct EarlyOps {
     pending: HashMap<u64, Pending>,
     failed: HashMap<u64, FsError>,
+    /// Directories with early operations in flight: the newest time those will write as the
+    /// directory's mtime and ctime, and how many are in flight. Its attributes show them at
+    /// once (a `stat` after an unlink sees the times move) without waiting for the commit,
+    /// which the kernel's permission check of the directory before every unlink would do.
+    dir_times: HashMap<u64, (i64, usize)>,
+    /// Directories an early unlink in failed since their last fsyncdir.
+    failed_dirs: HashMap<u64, FsError>,
+    /// Early unlinks not yet sent, in the order they were answered.
+    unlinks: VecDeque<QueuedUnlink>,
+    /// Whether a task is committing `unlinks` (one at a time, so batches stay in order).
+    draining: bool,
 }
 
 struct Pending {
     parent: u64,
     name: Vec<u8>,
+    /// An unlink: its name is gone, its inode is not; a failure is the directory's
+    /// (fsyncdir's), not the inode's.
+    removal: bool,
     outcome: Outcome,
 }
 
+struct QueuedUnlink {
+    parent: u64,
+    name: Vec<u8>,
+    ino: u64,
+    txn: Txn,
+    done: oneshot::Sender<FsResult<()>>,
+}
+
 impl Fs {
-    fn early(&self) -> std::sync::MutexGuard<'_, EarlyCreates> {
+    fn early(&self) -> std::sync::MutexGuard<'_, EarlyOps> {
         self.early.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -98,27 +125,172 @@ impl Fs {
             let made = fs
                 .make_node_as(parent, &name_owned, node, ino, Some(now))
                 .await;
-            fs.early_done(ino, made.as_ref().err().cloned());
+            fs.early_done(ino, parent, made.as_ref().err().cloned());
             made.map(|_| ())
         }
         .boxed()
         .shared();
         // Registered before it can run, so that it is never done before it is known.
-        self.early().pending.insert(
+        let mut early = self.early();
+        Self::dir_touched(&mut early, parent, now);
+        early.pending.insert(
             ino,
             Pending {
                 parent,
                 name: name.to_vec(),
+                removal: false,
                 outcome: outcome.clone(),
             },
         );
+        drop(early);
         spawn(outcome.map(|_| ()).boxed());
         Some(Ok(attr))
     }
 
-    fn early_done(&self, ino: u64, failed: Option<FsError>) {
+    /// Unlinks `name` in `parent` without waiting for its transaction, when that is safe: a
+    /// directory this instance holds the claim on, and the plain case the watch cache can
+    /// answer whole (a file with one link that no handle here has open). The transaction
+    /// joins a batch: one etcd commit removes many names (`rm -r`, a cache purge). `false`
+    /// when it is not safe, and the caller unlinks the ordinary way.
+    ///
+    /// Why the answer cannot turn out wrong: no other mount makes a name in the directory
+    /// without recalling the claim, and the recall waits for the directory's early unlinks; a
+    /// batch that fails (another mount changed the inode through a handle it has open, or
+    /// removed the name first) is redone one unlink at a time, reading etcd.
+    pub fn unlink_early(self: &Arc<Self>, parent: u64, name: &[u8]) -> bool {
+        let Some(spawn) = self.opts.spawn.clone() else {
+            return false;
+        };
+        if !self.opts.cached_lookups || check_name(name).is_err() || !self.holds_claim(parent) {
+            return false;
+        }
+        let Some((ino, nlink, at, txn)) = self.cached_unlink_txn(parent, name) else {
+            return false;
+        };
+        if nlink != 1 || self.is_open_locally(ino) {
+            return false;
+        }
+        let (done, answer) = oneshot::channel();
+        let outcome: Outcome = async move {
+            answer.await.unwrap_or_else(|_| {
+                Err(FsError::Kv(KvError::Unavailable(
+                    "an early unlink was dropped before it committed".into(),
+                )))
+            })
+        }
+        .boxed()
+        .shared();
+        let mut early = self.early();
+        if early.unlinks.len() >= UNLINKS_QUEUED_MAX
+            || early.pending.contains_key(&ino)
+            || early
+                .pending
+                .values()
+                .any(|p| p.parent == parent && p.name == name)
+        {
+            return false;
+        }
+        early.pending.insert(
+            ino,
+            Pending {
+                parent,
+                name: name.to_vec(),
+                removal: true,
+                outcome,
+            },
+        );
+        Self::dir_touched(&mut early, parent, at);
+        early.unlinks.push_back(QueuedUnlink {
+            parent,
+            name: name.to_vec(),
+            ino,
+            txn,
+            done,
+        });
+        if !early.draining {
+            early.draining = true;
+            drop(early);
+            let fs = self.clone();
+            spawn(async move { fs.commit_early_unlinks().await }.boxed());
+        }
+        true
+    }
+
+    /// Commits the queued early unlinks, as many per transaction as fit, until none is left.
+    /// A batch etcd refuses is redone one unlink at a time, reading etcd: a name another mount
+    /// removed first is gone as the application was told.
+    async fn commit_early_unlinks(self: Arc<Self>) {
+        let budget = self.opts.max_txn_ops.saturating_sub(2).max(1);
+        loop {
+            let mut together = Txn::default();
+            let mut batch = Vec::new();
+            {
+                let mut early = self.early();
+                while let Some(next) = early.unlinks.pop_front() {
+                    if !batch.is_empty() && together.weight() + next.txn.weight() > budget {
+                        early.unlinks.push_front(next);
+                        break;
+                    }
+                    together.absorb(next.txn);
+                    batch.push((next.parent, next.name, next.ino, next.done));
+                }
+                if batch.is_empty() {
+                    early.draining = false;
+                    return;
+                }
+            }
+            let committed = matches!(self.commit(together).await, Ok(true));
+            for (parent, name, ino, done) in batch {
+                let result = if committed {
+                    Ok(())
+                } else {
+                    match self.unlink_now(parent, &name, Some(ino)).await {
+                        Err(FsError::NotFound) => Ok(()),
+                        other => other,
+                    }
+                };
+                let mut early = self.early();
+                early.pending.remove(&ino);
+                Self::dir_settled(&mut early, parent);
+                if let Err(e) = &result {
+                    // The name is still there: the directory's next fsyncdir says so.
+                    if early.failed_dirs.len() >= FAILED_KEPT {
+                        early.failed_dirs.clear();
+                    }
+                    early.failed_dirs.entry(parent).or_insert_with(|| e.clone());
+                }
+                drop(early);
+                let _ = done.send(result);
+            }
+        }
+    }
+
+    /// An early operation in `dir` answered, whose transaction writes `at` as its times.
+    fn dir_touched(early: &mut EarlyOps, dir: u64, at: i64) {
+        let entry = early.dir_times.entry(dir).or_insert((at, 0));
+        entry.0 = entry.0.max(at);
+        entry.1 += 1;
+    }
+
+    /// An early operation in `dir` finished, committed or not.
+    fn dir_settled(early: &mut EarlyOps, dir: u64) {
+        if let Some(entry) = early.dir_times.get_mut(&dir) {
+            entry.1 = entry.1.saturating_sub(1);
+            if entry.1 == 0 {
+                early.dir_times.remove(&dir);
+            }
+        }
+    }
+
+    /// The times directory `dir` takes once its early operations commit, if any are in flight.
+    pub(crate) fn pending_dir_time(&self, dir: u64) -> Option<i64> {
+        self.early().dir_times.get(&dir).map(|(at, _)| *at)
+    }
+
+    fn early_done(&self, ino: u64, parent: u64, failed: Option<FsError>) {
         let mut early = self.early();
         early.pending.remove(&ino);
+        Self::dir_settled(&mut early, parent);
         if let Some(e) = failed {
             self.xattrs_may_exist(ino);
             if early.failed.len() >= FAILED_KEPT {
@@ -130,44 +302,51 @@ impl Fs {
 
     /// Whether `ino` was created early and its transaction has not finished.
     pub(crate) fn is_early(&self, ino: u64) -> bool {
-        self.early().pending.contains_key(&ino)
+        self.early().pending.get(&ino).is_some_and(|p| !p.removal)
     }
 
-    /// Waits until inode `ino`, if created early, is committed; its error if it failed.
+    /// Waits until inode `ino`, if created or unlinked early, is committed; its error if its
+    /// create failed.
     pub(crate) async fn settle_ino(&self, ino: u64) -> FsResult<()> {
-        let outcome = {
+        let (outcome, removal) = {
             let early = self.early();
             if let Some(e) = early.failed.get(&ino) {
                 return Err(e.clone());
             }
             match early.pending.get(&ino) {
-                Some(p) => p.outcome.clone(),
+                Some(p) => (p.outcome.clone(), p.removal),
                 None => return Ok(()),
             }
         };
-        outcome.await
+        let settled = outcome.await;
+        if removal {
+            return Ok(());
+        }
+        settled
     }
 
-    /// Waits for the early creates of `name` in `parent` (of every name with `None`). Their
-    /// failures are not this caller's: the name simply does not exist.
+    /// Waits for the early creates and unlinks of `name` in `parent` (of every name with
+    /// `None`). Their failures are not this caller's: the name simply is as etcd has it.
     pub(crate) async fn settle_names(&self, parent: u64, name: Option<&[u8]>) {
         let outcomes =
             self.early_outcomes(|p| p.parent == parent && name.is_none_or(|n| p.name == n));
         let _ = first_failure(outcomes).await;
     }
 
-    /// fsyncdir: waits until the early creates in `dir` committed; the first failure among
-    /// them (the name the application made is not there).
+    /// fsyncdir: waits until the early creates and unlinks in `dir` committed; the first
+    /// failure among them (a name the application made is not there, or one it removed is).
     pub async fn sync_dir(&self, dir: u64) -> FsResult<()> {
-        first_failure(self.early_outcomes(|p| p.parent == dir)).await
+        let settled = first_failure(self.early_outcomes(|p| p.parent == dir)).await;
+        let unlink_failed = self.early().failed_dirs.remove(&dir);
+        settled.and(unlink_failed.map_or(Ok(()), Err))
     }
 
-    /// Waits for every early create (unmount).
+    /// Waits for every early create and unlink (unmount).
     pub async fn settle_all_early(&self) {
         let _ = first_failure(self.early_outcomes(|_| true)).await;
     }
 
-    /// The outcomes of the pending early creates `which` selects.
+    /// The outcomes of the pending early operations `which` selects.
     fn early_outcomes(&self, which: impl Fn(&Pending) -> bool) -> Vec<Outcome> {
         self.early()
             .pending

@@ -308,6 +308,30 @@ impl Txn {
     pub fn cmp_empty(&mut self, start: Vec<u8>, end: Vec<u8>) {
         self.empty_ranges.push((start, end));
     }
+    /// Adds `other`'s compares and changes to this one (a batch of independent operations);
+    /// a key compared at two revisions makes the whole batch stale.
+    pub(crate) fn absorb(&mut self, other: Txn) {
+        for (key, rev) in other.compares {
+            self.cmp(key, rev);
+        }
+        self.ops.extend(other.ops);
+        self.purges.extend(other.purges);
+        self.empty_ranges.extend(other.empty_ranges);
+        self.owned_puts.extend(other.owned_puts);
+        self.stale |= other.stale;
+        self.usage = self.usage.saturating_add(other.usage);
+    }
+
+    /// How many etcd operations (or compares, whichever is more) this takes once committed:
+    /// a purge adds three to the inode's own put (`drop_link` stages it): its directory times
+    /// and the chunk map and xattr ranges.
+    pub(crate) fn weight(&self) -> usize {
+        let ops = self.ops.len()
+            + 3 * self.purges.len()
+            + self.owned_puts.len()
+            + usize::from(self.usage != 0);
+        ops.max(self.compares.len() + self.empty_ranges.len())
+    }
 }
 
 /// Inodes read for one transaction: compared at commit, written back if modified.
@@ -412,7 +436,7 @@ pub struct Fs {
     /// Directories this instance claimed (see [`crate::claims`]).
     pub(crate) claims: Mutex<HashMap<u64, crate::claims::Held>>,
     /// Creates answered before their transaction committed (see `early.rs`).
-    pub(crate) early: Mutex<crate::early::EarlyCreates>,
+    pub(crate) early: Mutex<crate::early::EarlyOps>,
     /// The first block of files as other mounts last committed them (see
     /// [`Fs::prefetch_first_block`]).
     pub(crate) first_blocks: Mutex<crate::data::FirstBlockHints>,
@@ -978,9 +1002,16 @@ impl Fs {
     }
 
     /// The attributes of `ino` as this instance sees them: the committed record, with the size
-    /// extended to the end of its handles' unflushed writes.
+    /// extended to the end of its handles' unflushed writes...
     pub(crate) fn local_attr(&self, ino: u64, rec: &InodeRec) -> Attr {
         let mut a = Attr::from_rec(ino, rec);
+        if a.kind == FileKind::Dir {
+            // ... and a directory's times moved by the early operations in it (`early.rs`).
+            if let Some(at) = self.pending_dir_time(ino) {
+                a.mtime_ns = a.mtime_ns.max(at);
+                a.ctime_ns = a.ctime_ns.max(at);
+            }
+        }
         if a.kind == FileKind::File {
             let end = self.unflushed_end(ino);
             if end > a.size {
@@ -1481,27 +1512,33 @@ impl Fs {
     pub async fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<()> {
         check_name(name)?;
         self.settle_names(parent, Some(name)).await;
+        self.unlink_now(parent, name, None).await
+    }
+
+    /// The unlink itself, once nothing answered early stands in its way; with `expect`, only
+    /// the name of that inode is removed (another is NotFound).
+    pub(crate) async fn unlink_now(
+        &self,
+        parent: u64,
+        name: &[u8],
+        expect: Option<u64>,
+    ) -> FsResult<()> {
         let mut attempt = 0;
         loop {
-            let mut stage = Stage::default();
-            let mut txn = Txn::default();
-            let now = now_ns();
             // First try: parent, entry and inode as the watch cache knows them, no read at
             // all. The transaction compares all three, so a stale cache only makes it fail and
             // the retry reads etcd; anything but the plain case (a file that is there) goes to
             // etcd at once, so no error is ever answered from the cache.
             let cached = if attempt == 0 {
-                self.cached_unlink_inputs(parent, name)
+                self.cached_unlink_txn(parent, name)
+                    .filter(|(ino, ..)| expect.is_none_or(|e| e == *ino))
             } else {
                 None
             };
-            let (d, drev) = match cached {
-                Some(c) => {
-                    stage.insert(parent, c.parent.0, c.parent.1);
-                    stage.insert(c.entry.0.ino, c.child.0, c.child.1);
-                    c.entry
-                }
+            let txn = match cached {
+                Some((.., txn)) => txn,
                 None => {
+                    let mut stage = Stage::default();
                     let entry = self.stage_dir_and_entry(&mut stage, parent, name).await?;
                     let p = stage.look(self, parent).await?;
                     if p.kind != FileKind::Dir {
@@ -1511,21 +1548,59 @@ impl Fs {
                     if d.kind == FileKind::Dir {
                         return Err(FsError::IsDir);
                     }
+                    if expect.is_some_and(|e| e != d.ino) {
+                        return Err(FsError::NotFound);
+                    }
                     stage.load(self, d.ino).await?;
-                    (d, drev)
+                    self.unlink_txn(stage, parent, name, (d.ino, drev), now_ns())?
                 }
             };
-            self.touch_dir(&mut txn, parent, now);
-            let dkey = self.keys.dirent(parent, name);
-            txn.cmp(dkey.clone(), drev);
-            txn.del(dkey);
-            self.drop_link(&mut stage, &mut txn, d.ino, now)?;
-            stage.into_txn(self, &mut txn);
             if self.commit(txn).await? {
                 return Ok(());
             }
             self.backoff(&mut attempt).await?;
         }
+    }
+
+    /// An unlink's transaction built from the watch cache alone, for the plain case (see
+    /// [`Fs::cached_unlink_inputs`]); with the inode it removes a link of, that inode's link
+    /// count before, and the time it writes.
+    pub(crate) fn cached_unlink_txn(
+        &self,
+        parent: u64,
+        name: &[u8],
+    ) -> Option<(u64, u32, i64, Txn)> {
+        let c = self.cached_unlink_inputs(parent, name)?;
+        let ino = c.entry.0.ino;
+        let nlink = c.child.0.nlink;
+        let mut stage = Stage::default();
+        stage.insert(parent, c.parent.0, c.parent.1);
+        stage.insert(ino, c.child.0, c.child.1);
+        let now = now_ns();
+        let txn = self
+            .unlink_txn(stage, parent, name, (ino, c.entry.1), now)
+            .ok()?;
+        Some((ino, nlink, now, txn))
+    }
+
+    /// The transaction that removes entry `name` (of inode `ino`, at revision `drev`) from
+    /// `parent`, both inodes staged.
+    fn unlink_txn(
+        &self,
+        mut stage: Stage,
+        parent: u64,
+        name: &[u8],
+        (ino, drev): (u64, Revision),
+        now: i64,
+    ) -> FsResult<Txn> {
+        let mut txn = Txn::default();
+        self.touch_dir(&mut txn, parent, now);
+        let dkey = self.keys.dirent(parent, name);
+        txn.cmp(dkey.clone(), drev);
+        txn.del(dkey);
+        self.drop_link(&mut stage, &mut txn, ino, now)?;
+        stage.into_txn(self, &mut txn);
+        Ok(txn)
     }
 
     /// What an unlink of `parent`/`name` reads, from the watch cache, when it has all of it and

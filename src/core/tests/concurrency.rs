@@ -490,16 +490,31 @@ struct GatedCache {
     gate: std::sync::Mutex<
         Option<futures::future::BoxFuture<'static, Result<(), twinfs_core::KvError>>>,
     >,
+    /// Every transaction fails (etcd unreachable) while set.
+    unreachable: std::sync::atomic::AtomicBool,
+    /// Transactions that reached the store.
+    txns: AtomicU64,
 }
 
 impl Hooks for GatedCache {
     fn before_txn(&self) -> futures::future::BoxFuture<'static, Result<(), twinfs_core::KvError>> {
         use futures::FutureExt;
+        if self.unreachable.load(Ordering::SeqCst) {
+            let down = twinfs_core::KvError::Unavailable("etcd unreachable".into());
+            return futures::future::ready(Err(down)).boxed();
+        }
         self.gate
             .lock()
             .unwrap()
             .take()
             .unwrap_or_else(|| futures::future::ready(Ok(())).boxed())
+    }
+    fn after_txn(
+        &self,
+        outcome: Result<bool, twinfs_core::KvError>,
+    ) -> Result<bool, twinfs_core::KvError> {
+        self.txns.fetch_add(1, Ordering::SeqCst);
+        outcome
     }
     fn cached(&self, key: &[u8]) -> twinfs_core::kv::Versioned {
         self.store.get()?.get_sync(key)
@@ -530,6 +545,13 @@ fn poll_once<F: std::future::Future + Unpin>(f: &mut F) -> std::task::Poll<F::Ou
 /// A with early creates (a claimed directory, a cache that knows it whole, a spawner whose
 /// work the test may leave queued), B reading the store; and the blocks they share.
 fn early_pair() -> (Arc<HookedKv<GatedCache>>, Arc<Fs>, Fs, Arc<MemBlocks>) {
+    early_pair_with(Arc::new(drop))
+}
+
+/// As [`early_pair`], with A's background work run by `spawn`.
+fn early_pair_with(
+    spawn: twinfs_core::Spawner,
+) -> (Arc<HookedKv<GatedCache>>, Arc<Fs>, Fs, Arc<MemBlocks>) {
     let mem = Arc::new(MemKv::new());
     let hooks = GatedCache::default();
     let _ = hooks.store.set(mem.clone());
@@ -537,7 +559,6 @@ fn early_pair() -> (Arc<HookedKv<GatedCache>>, Arc<Fs>, Fs, Arc<MemBlocks>) {
         inner: mem.clone(),
         hooks,
     });
-    let spawn: twinfs_core::Spawner = Arc::new(drop);
     let blocks = Arc::new(MemBlocks::new());
     let opts = FsOptions {
         cached_lookups: true,
@@ -655,4 +676,136 @@ fn a_failed_early_create_fails_every_later_use_of_the_file() {
         Err(FsError::NotFound),
         "the name is free"
     );
+}
+
+/// A with early unlinks whose batches run on a thread of their own; its directory "d" with
+/// files `names` (committed, one link each).
+fn early_unlink_pair(
+    names: &[Vec<u8>],
+) -> (Arc<HookedKv<GatedCache>>, Arc<Fs>, Fs, twinfs_core::Attr) {
+    let spawn: twinfs_core::Spawner = Arc::new(|work| {
+        std::thread::spawn(move || block_on(work));
+    });
+    let (kv, a, b, _blocks) = early_pair_with(spawn);
+    let dir = block_on(a.mkdir(ROOT_INO, b"d", 0o755, 0, 0)).unwrap();
+    for n in names {
+        block_on(a.create(dir.ino, n, 0o644, 0, 0, true)).unwrap();
+    }
+    (kv, a, b, dir)
+}
+
+fn file_names(n: usize) -> Vec<Vec<u8>> {
+    (0..n).map(|i| format!("f{i}").into_bytes()).collect()
+}
+
+/// Unlinks in a directory this instance claimed are answered at once and committed in
+/// batches. Until a name's batch commits, every use of it on this instance waits (lookup, a
+/// listing, fsyncdir), and other instances still see it; afterwards nobody does.
+#[test]
+fn unlinks_answered_early_commit_in_batches_and_are_waited_for() {
+    use futures::FutureExt;
+    let names = file_names(20);
+    let (kv, a, b, dir) = early_unlink_pair(&names);
+    let before = kv.hooks.txns.load(Ordering::SeqCst);
+    let dir_before = block_on(a.getattr(dir.ino)).unwrap();
+    let commit = kv.hooks.hold_next();
+    for n in &names {
+        assert!(
+            a.unlink_early(dir.ino, n),
+            "a claimed directory known whole"
+        );
+    }
+    // The directory's times move at once: its getattr (the kernel's permission check before
+    // every unlink) does not wait for the batch.
+    let mut dir_stat = a.getattr(dir.ino).boxed();
+    let std::task::Poll::Ready(Ok(dir_now)) = poll_once(&mut dir_stat) else {
+        panic!("the directory's getattr waited");
+    };
+    assert!(dir_now.mtime_ns > dir_before.mtime_ns && dir_now.ctime_ns > dir_before.ctime_ns);
+    let mut first = a.lookup(dir.ino, b"f0").boxed();
+    let mut last = a.lookup(dir.ino, b"f19").boxed();
+    let mut listing = a.readdir(dir.ino, 0, 100).boxed();
+    let mut fsyncdir = a.sync_dir(dir.ino).boxed();
+    assert!(poll_once(&mut first).is_pending());
+    assert!(poll_once(&mut last).is_pending());
+    assert!(poll_once(&mut listing).is_pending());
+    assert!(poll_once(&mut fsyncdir).is_pending());
+    assert!(
+        block_on(b.lookup(dir.ino, b"f0")).is_ok(),
+        "not committed yet"
+    );
+    commit.send(Ok(())).unwrap();
+    block_on(fsyncdir).unwrap();
+    assert_eq!(block_on(first).map(|_| ()), Err(FsError::NotFound));
+    assert_eq!(block_on(last).map(|_| ()), Err(FsError::NotFound));
+    assert!(block_on(listing).unwrap().is_empty());
+    assert!(block_on(b.readdir(dir.ino, 0, 100)).unwrap().is_empty());
+    let txns = kv.hooks.txns.load(Ordering::SeqCst) - before;
+    assert!(
+        (2..=3).contains(&txns),
+        "20 unlinks in {txns} transactions (at most 11 fit in one)"
+    );
+    // The names are free again, for this instance and the other.
+    block_on(a.create(dir.ino, b"f3", 0o600, 0, 0, true)).unwrap();
+    assert!(block_on(b.lookup(dir.ino, b"f3")).is_ok());
+    // Not early: a file with a second link, or one open here.
+    block_on(a.link(
+        block_on(a.lookup(dir.ino, b"f3")).unwrap().ino,
+        dir.ino,
+        b"g",
+    ))
+    .unwrap();
+    assert!(!a.unlink_early(dir.ino, b"g"));
+}
+
+/// A batch etcd refuses because another instance changed one of its files (a chmod through a
+/// handle it has open) or removed one first is redone one unlink at a time: every name the
+/// application removed is gone, and nothing else.
+#[test]
+fn an_early_unlink_batch_that_conflicts_is_redone_one_by_one() {
+    let names = file_names(5);
+    let (kv, a, b, dir) = early_unlink_pair(&names);
+    block_on(a.create(dir.ino, b"kept", 0o644, 0, 0, true)).unwrap();
+    let commit = kv.hooks.hold_next();
+    for n in &names {
+        assert!(a.unlink_early(dir.ino, n));
+    }
+    let f1 = block_on(b.lookup(dir.ino, b"f1")).unwrap();
+    let chmod = twinfs_core::SetAttr {
+        mode: Some(0o600),
+        ..Default::default()
+    };
+    block_on(b.setattr(f1.ino, chmod)).unwrap();
+    block_on(b.unlink(dir.ino, b"f2")).unwrap();
+    commit.send(Ok(())).unwrap();
+    block_on(a.sync_dir(dir.ino)).unwrap();
+    let left: Vec<Vec<u8>> = block_on(b.readdir(dir.ino, 0, 100))
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(left, vec![b"kept".to_vec()]);
+    assert_eq!(
+        block_on(b.getattr(f1.ino)).map(|_| ()),
+        Err(FsError::NotFound),
+        "the changed file's inode is gone with its name"
+    );
+}
+
+/// An early unlink that cannot commit at all (etcd unreachable past every retry): the name is
+/// still there, and the directory's next fsyncdir says so once.
+#[test]
+fn an_early_unlink_that_never_commits_is_reported_by_fsyncdir() {
+    let names = file_names(1);
+    let (kv, a, b, dir) = early_unlink_pair(&names);
+    kv.hooks.unreachable.store(true, Ordering::SeqCst);
+    assert!(a.unlink_early(dir.ino, b"f0"));
+    let down = Err(FsError::Kv(twinfs_core::KvError::Unavailable(
+        "etcd unreachable".into(),
+    )));
+    assert_eq!(block_on(a.sync_dir(dir.ino)), down);
+    kv.hooks.unreachable.store(false, Ordering::SeqCst);
+    assert_eq!(block_on(a.sync_dir(dir.ino)), Ok(()), "reported once");
+    assert!(block_on(a.lookup(dir.ino, b"f0")).is_ok());
+    assert!(block_on(b.lookup(dir.ino, b"f0")).is_ok());
 }

@@ -35,7 +35,7 @@ type Outcome = Shared<BoxFuture<'static, FsResult<()>>>;
 const FAILED_KEPT: usize = 10_000;
 
 /// Most early unlinks waiting for their transaction; beyond, an unlink waits for its own.
-const UNLINKS_QUEUED_MAX: usize = 1_000;
+const UNLINKS_QUEUED_MAX: usize = 256;
 
 #[derive(Default)]
 pub(crate) struct EarlyOps {

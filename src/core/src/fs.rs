@@ -274,7 +274,7 @@ pub(crate) struct Txn {
     ops: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     /// Inodes whose last link this transaction removes and that nobody here has open: the
     /// same transaction deletes the inode, its chunk map and its xattrs (no orphan record).
-    purges: Vec<u64>,
+    purges: Vec<Purge>,
     /// "No key in [start, end)" compares (an empty directory stays empty).
     empty_ranges: Vec<(Vec<u8>, Vec<u8>)>,
     /// Puts that last only while the store's session does ([`TxnOp::PutOwned`]).
@@ -284,6 +284,17 @@ pub(crate) struct Txn {
     /// Change of the volume's usage (bytes of regular files) this transaction makes; put in
     /// one of this instance's usage delta keys by [`Fs::commit`].
     pub usage: i64,
+}
+
+/// An inode a transaction deletes, and which of its other keys may exist (each costs an
+/// operation; a batch of unlinks fits more files in a transaction without the needless ones).
+pub(crate) struct Purge {
+    ino: u64,
+    /// A directory: its times key.
+    dir_times: bool,
+    /// A regular file with data: chunk records (a file's chunks never extend past its size,
+    /// and the transaction compares the inode's revision).
+    chunks: bool,
 }
 
 impl Txn {
@@ -323,11 +334,14 @@ impl Txn {
     }
 
     /// How many etcd operations (or compares, whichever is more) this takes once committed:
-    /// a purge adds three to the inode's own put (`drop_link` stages it): its directory times
-    /// and the chunk map and xattr ranges.
+    /// a purge adds its other keys to the inode's own put (`drop_link` stages it).
     pub(crate) fn weight(&self) -> usize {
         let ops = self.ops.len()
-            + 3 * self.purges.len()
+            + self
+                .purges
+                .iter()
+                .map(|p| 1 + usize::from(p.dir_times) + usize::from(p.chunks))
+                .sum::<usize>()
             + self.owned_puts.len()
             + usize::from(self.usage != 0);
         ops.max(self.compares.len() + self.empty_ranges.len())
@@ -738,11 +752,19 @@ impl Fs {
             return Ok(false);
         }
         let mut ranges = Vec::new();
-        for ino in std::mem::take(&mut txn.purges) {
-            txn.ops.insert(self.keys.inode(ino), None);
-            txn.ops.insert(self.keys.dir_times(ino), None);
-            txn.ops.remove(&self.keys.orphan(ino));
-            for prefix in [self.keys.chunks(ino), self.keys.xattrs(ino)] {
+        for p in std::mem::take(&mut txn.purges) {
+            txn.ops.insert(self.keys.inode(p.ino), None);
+            if p.dir_times {
+                txn.ops.insert(self.keys.dir_times(p.ino), None);
+            }
+            txn.ops.remove(&self.keys.orphan(p.ino));
+            // Xattrs are always deleted: no cache can prove an inode has none at the revision
+            // compared.
+            let prefixes = [
+                p.chunks.then(|| self.keys.chunks(p.ino)),
+                Some(self.keys.xattrs(p.ino)),
+            ];
+            for prefix in prefixes.into_iter().flatten() {
                 let end = prefix_end(&prefix);
                 ranges.push(TxnOp::DeleteRange { start: prefix, end });
             }
@@ -964,7 +986,12 @@ impl Fs {
             if rec.kind == FileKind::File {
                 txn.usage = txn.usage.saturating_sub(bytes_i64(rec.size));
             }
-            txn.purges.push(ino);
+            let (kind, size) = (rec.kind, rec.size);
+            txn.purges.push(Purge {
+                ino,
+                dir_times: kind == FileKind::Dir,
+                chunks: kind == FileKind::File && size > 0,
+            });
         }
         Ok(())
     }

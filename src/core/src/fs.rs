@@ -1847,6 +1847,9 @@ impl Fs {
                         }
                         stage.load(self, dd.ino).await?;
                         if dd.kind == FileKind::Dir {
+                            // Files created early in it must be there to make it not empty
+                            // (as for rmdir).
+                            self.settle_names(dd.ino, None).await;
                             if !self.dir_is_empty(dd.ino).await? {
                                 return Err(FsError::NotEmpty);
                             }

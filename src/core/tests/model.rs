@@ -5,8 +5,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+mod support;
+
 use futures::executor::block_on;
 use proptest::prelude::*;
+use support::{HookedKv, Hooks};
 use twinfs_core::{
     FileKind, Fs, FsOptions, MemBlocks, MemKv, OpenFile, RenameFlags, SetAttr, ROOT_INO,
 };
@@ -339,9 +342,27 @@ impl Model {
 
 struct Sut {
     kv: Arc<MemKv>,
-    a: Fs,
+    a: Arc<Fs>,
     b: Fs,
     handles: [Option<OpenFile>; SLOTS],
+    /// A answers creates and unlinks early where it may (claimed directories).
+    early: bool,
+}
+
+/// A watch cache that is always current and a session: what node A needs for directory claims,
+/// early creates and early unlinks.
+struct CurrentCache(Arc<MemKv>);
+
+impl Hooks for CurrentCache {
+    fn cached(&self, key: &[u8]) -> twinfs_core::kv::Versioned {
+        self.0.get_sync(key)
+    }
+    fn cached_absent(&self, key: &[u8], within: &[u8]) -> bool {
+        key.starts_with(within) && self.0.get_sync(key).is_none()
+    }
+    fn session(&self) -> Option<u64> {
+        Some(1)
+    }
 }
 
 fn errno(e: twinfs_core::FsError) -> i32 {
@@ -350,8 +371,11 @@ fn errno(e: twinfs_core::FsError) -> i32 {
 
 impl Sut {
     /// `eager`: full chunks are stored in the background as soon as they are written (as in
-    /// production), on a thread per upload; otherwise every block is stored at flush.
-    fn new(eager: bool) -> Sut {
+    /// production), on a thread per upload; otherwise every block is stored at flush. `early`
+    /// (implies `eager`): A also keeps a current cache and a session, so the directories it
+    /// makes are claimed and it answers creates and unlinks in them before they commit.
+    fn new(eager: bool, early: bool) -> Sut {
+        let eager = eager || early;
         let kv = Arc::new(MemKv::new());
         let blocks = Arc::new(MemBlocks::new());
         let spawn: Option<twinfs_core::Spawner> = if eager {
@@ -369,19 +393,26 @@ impl Sut {
             spawn,
             ..FsOptions::default()
         };
-        let a = block_on(Fs::open_volume(
-            kv.clone(),
-            blocks.clone(),
-            "model",
-            opts.clone(),
-        ))
-        .unwrap();
+        let a_kv: Arc<dyn twinfs_core::MetaKv> = if early {
+            Arc::new(HookedKv {
+                inner: kv.clone(),
+                hooks: CurrentCache(kv.clone()),
+            })
+        } else {
+            kv.clone()
+        };
+        let a_opts = FsOptions {
+            cached_lookups: early,
+            ..opts.clone()
+        };
+        let a = block_on(Fs::open_volume(a_kv, blocks.clone(), "model", a_opts)).unwrap();
         let b = block_on(Fs::open_volume(kv.clone(), blocks, "model", opts)).unwrap();
         Sut {
             kv,
-            a,
+            a: Arc::new(a),
             b,
             handles: [None, None, None],
+            early,
         }
     }
 
@@ -420,10 +451,19 @@ impl Sut {
         match op {
             Op::Create(p, excl) => {
                 let parent = self.parent(p).await?;
-                self.a
-                    .create(parent, last(p), 0o644, 1, 1, *excl)
-                    .await
-                    .map_err(errno)?;
+                let early = match self.early {
+                    true => self.a.create_early(parent, last(p), 0o644, 1, 1).await,
+                    false => None,
+                };
+                match early {
+                    Some(made) => made.map(|_| ()).map_err(errno)?,
+                    None => {
+                        self.a
+                            .create(parent, last(p), 0o644, 1, 1, *excl)
+                            .await
+                            .map_err(errno)?;
+                    }
+                }
             }
             Op::Mkdir(p) => {
                 let parent = self.parent(p).await?;
@@ -434,7 +474,9 @@ impl Sut {
             }
             Op::Unlink(p) => {
                 let parent = self.parent(p).await?;
-                self.a.unlink(parent, last(p)).await.map_err(errno)?;
+                if !(self.early && self.a.unlink_early(parent, last(p))) {
+                    self.a.unlink(parent, last(p)).await.map_err(errno)?;
+                }
             }
             Op::Rmdir(p) => {
                 let parent = self.parent(p).await?;
@@ -528,6 +570,8 @@ impl Sut {
 }
 
 fn check(model: &Model, sut: &Sut) {
+    // What B sees is what is committed: A's early creates and unlinks first (fsyncdir).
+    block_on(sut.a.settle_all_early());
     let snap = block_on(sut.snapshot());
     let want: BTreeSet<Vec<String>> = model
         .tree
@@ -613,9 +657,9 @@ fn check(model: &Model, sut: &Sut) {
     );
 }
 
-fn run(ops: Vec<Op>, eager: bool) {
+fn run(ops: Vec<Op>, eager: bool, early: bool) {
     let mut model = Model::default();
-    let mut sut = Sut::new(eager);
+    let mut sut = Sut::new(eager, early);
     for (i, op) in ops.iter().enumerate() {
         let got = block_on(sut.apply(op));
         let want_read = if let Op::Read(slot, off, len) = op {
@@ -634,7 +678,11 @@ fn run(ops: Vec<Op>, eager: bool) {
             (Err(g), Err(w)) => assert_eq!(g, w, "step {i} {op:?}: errno"),
             _ => panic!("step {i} {op:?}: core {got:?}, model {want:?}"),
         }
-        check(&model, &sut);
+        // The check settles A's early operations; with them, only every fourth step, so that
+        // later operations meet earlier ones still in flight.
+        if !early || i % 4 == 3 {
+            check(&model, &sut);
+        }
     }
     for slot in 0..SLOTS {
         block_on(sut.close(slot)).unwrap();
@@ -653,7 +701,16 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
     #[test]
     fn core_matches_model(ops in prop::collection::vec(op(), 1..80), eager in any::<bool>()) {
-        run(ops, eager);
+        run(ops, eager, false);
+    }
+
+    /// With early creates and unlinks: the top directories are made first (so A claims them)
+    /// and most names below them are created and unlinked early.
+    #[test]
+    fn core_matches_model_with_early_operations(ops in prop::collection::vec(op(), 1..80)) {
+        let mut all: Vec<Op> = ["a", "b", "c"].into_iter().map(|d| Op::Mkdir(vec![d])).collect();
+        all.extend(ops);
+        run(all, true, true);
     }
 }
 
@@ -690,6 +747,7 @@ fn model_fixed_sequence() {
         Op::Rmdir(p("b/b")),
         Op::Rename(p("a"), p("b/b"), 1),
     ];
-    run(ops.clone(), false);
-    run(ops, true);
+    run(ops.clone(), false, false);
+    run(ops.clone(), true, false);
+    run(ops, true, true);
 }

@@ -338,7 +338,8 @@ impl Shared {
                 }
             }
         }
-        // Files created early and never written still have to exist.
+        // Files created early and never written still have to exist, and names unlinked
+        // early still have to go.
         self.fs.settle_all_early().await;
         failed
     }
@@ -1134,7 +1135,8 @@ impl Filesystem for TwinFs {
         reply: ReplyEmpty,
     ) {
         // Every namespace change is a committed etcd transaction when its request returns,
-        // but for early creates (see the core's early.rs): wait for those in this directory.
+        // but for early creates and unlinks (see the core's early.rs): wait for those in this
+        // directory.
         let this = self.this();
         self.spawn("fsyncdir", async move {
             match this.shared.fs.sync_dir(ino.0).await {

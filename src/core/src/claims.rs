@@ -164,8 +164,8 @@ impl Fs {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&dir);
-        // No create in it is answered early from now on; those answered already must commit
-        // before another mount may make names in it (see `early.rs`).
+        // No create or unlink in it is answered early from now on; those answered already
+        // must commit before another mount may make names in it (see `early.rs`).
         self.settle_names(dir, None).await;
         // Read even when not held in memory: a claim made as a session ended, or by a mkdir
         // whose outcome was lost, is still this instance's to give up.

@@ -129,7 +129,6 @@ impl DirtyChunk {
         a >= b || self.ranges.iter().any(|&(s, e)| s <= a && b <= e)
     }
 
-    /// Writes the written ranges over `base` (grown with zeros as needed).
     /// The chunk's content in a file that had none committed.
     fn new_content(&self) -> Vec<u8> {
         if self.covers(0, self.len()) {
@@ -141,6 +140,7 @@ impl DirtyChunk {
         }
     }
 
+    /// Writes the written ranges over `base` (grown with zeros as needed).
     fn patch(&self, base: &mut Vec<u8>) {
         let data = self.bytes();
         if base.len() < data.len() {
@@ -646,10 +646,6 @@ impl Fs {
         }
     }
 
-    /// Makes every buffered write of `h` durable and visible: each dirty chunk becomes a new
-    /// block (read-modify-write when partly overwritten), and then the new chunk references,
-    /// size and mtime are committed in one transaction (several only when more chunks are dirty
-    /// than fit in one; in ascending chunk order, each a consistent state).
     /// Stores chunk `idx`'s `content` as a block: (idx, hash, length).
     async fn store_chunk(&self, idx: u64, content: Vec<u8>) -> FsResult<(u64, BlockHash, u32)> {
         let len =
@@ -658,6 +654,10 @@ impl Fs {
         Ok((idx, hash, len))
     }
 
+    /// Makes every buffered write of `h` durable and visible: each dirty chunk becomes a new
+    /// block (read-modify-write when partly overwritten), and then the new chunk references,
+    /// size and mtime are committed in one transaction (several only when more chunks are dirty
+    /// than fit in one; in ascending chunk order, each a consistent state).
     pub async fn flush(&self, h: &mut OpenFile) -> FsResult<()> {
         if h.dirty.is_empty() {
             // A file created early exists for other mounts once its `close` returns.

@@ -1,3 +1,5 @@
+//! Early creates and unlinks, answered before their transactions commit.
+//!
 //! Early creates: a regular file created in a directory this instance holds the claim on
 //! (see `claims.rs`) is answered at once, and its transaction commits in the background while
 //! the application writes; the first flush stores the file's blocks meanwhile and waits for it
@@ -16,6 +18,10 @@
 //! answer itself (a new inode has none), and any use of the name or a listing of the
 //! directory. Other mounts see the file when the transaction commits, before its `close`
 //! returns, as close-to-open asks.
+//!
+//! Early unlinks (`Fs::unlink_early`): in such a directory, an unlink of a file with one link
+//! that no handle here has open is answered at once and its transaction is committed in a
+//! batch with others; until then every use of the name here waits for it, as above.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -31,7 +37,8 @@ use crate::schema::{decode_inode, FileKind};
 
 type Outcome = Shared<BoxFuture<'static, FsResult<()>>>;
 
-/// Failed early creates remembered for the errors of later operations on their inodes.
+/// Failures remembered for later operations (failed creates per inode, failed unlinks per
+/// directory); beyond, the older ones are forgotten.
 const FAILED_KEPT: usize = 10_000;
 
 /// Most early unlinks waiting for their transaction; beyond, an unlink waits for its own.
@@ -71,6 +78,23 @@ struct QueuedUnlink {
     done: oneshot::Sender<FsResult<()>>,
 }
 
+impl EarlyOps {
+    /// Whether an early create or unlink of `name` in `parent` is in flight.
+    fn has_pending_name(&self, parent: u64, name: &[u8]) -> bool {
+        self.pending
+            .values()
+            .any(|p| p.parent == parent && p.name == name)
+    }
+}
+
+/// Remembers a failure, forgetting the older ones past [`FAILED_KEPT`].
+fn keep_bounded(failures: &mut HashMap<u64, FsError>, key: u64, e: FsError) {
+    if failures.len() >= FAILED_KEPT {
+        failures.clear();
+    }
+    failures.insert(key, e);
+}
+
 impl Fs {
     fn early(&self) -> std::sync::MutexGuard<'_, EarlyOps> {
         self.early.lock().unwrap_or_else(|e| e.into_inner())
@@ -103,12 +127,7 @@ impl Fs {
         if p.kind != FileKind::Dir || p.nlink == 0 || p.mode & libc::S_ISGID != 0 {
             return None;
         }
-        if self
-            .early()
-            .pending
-            .values()
-            .any(|e| e.parent == parent && e.name == name)
-        {
+        if self.early().has_pending_name(parent, name) {
             return None;
         }
         let ino = match self.alloc_ino().await {
@@ -183,10 +202,7 @@ impl Fs {
         let mut early = self.early();
         if early.unlinks.len() >= UNLINKS_QUEUED_MAX
             || early.pending.contains_key(&ino)
-            || early
-                .pending
-                .values()
-                .any(|p| p.parent == parent && p.name == name)
+            || early.has_pending_name(parent, name)
         {
             return false;
         }
@@ -253,11 +269,11 @@ impl Fs {
                 early.pending.remove(&ino);
                 Self::dir_settled(&mut early, parent);
                 if let Err(e) = &result {
-                    // The name is still there: the directory's next fsyncdir says so.
-                    if early.failed_dirs.len() >= FAILED_KEPT {
-                        early.failed_dirs.clear();
+                    // The name is still there: the directory's next fsyncdir says so (its
+                    // first failure).
+                    if !early.failed_dirs.contains_key(&parent) {
+                        keep_bounded(&mut early.failed_dirs, parent, e.clone());
                     }
-                    early.failed_dirs.entry(parent).or_insert_with(|| e.clone());
                 }
                 drop(early);
                 let _ = done.send(result);
@@ -293,10 +309,7 @@ impl Fs {
         Self::dir_settled(&mut early, parent);
         if let Some(e) = failed {
             self.xattrs_may_exist(ino);
-            if early.failed.len() >= FAILED_KEPT {
-                early.failed.clear();
-            }
-            early.failed.insert(ino, e);
+            keep_bounded(&mut early.failed, ino, e);
         }
     }
 

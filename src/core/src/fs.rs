@@ -334,7 +334,8 @@ impl Txn {
     }
 
     /// How many etcd operations (or compares, whichever is more) this takes once committed:
-    /// a purge adds its other keys to the inode's own put (`drop_link` stages it).
+    /// a purge adds its xattr range, and its times key and chunk range where it has them, to
+    /// the inode's own put (`drop_link` stages it).
     pub(crate) fn weight(&self) -> usize {
         let ops = self.ops.len()
             + self
@@ -449,7 +450,7 @@ pub struct Fs {
     xattr_free_at: Mutex<HashMap<u64, Revision>>,
     /// Directories this instance claimed (see [`crate::claims`]).
     pub(crate) claims: Mutex<HashMap<u64, crate::claims::Held>>,
-    /// Creates answered before their transaction committed (see `early.rs`).
+    /// Creates and unlinks answered before their transactions committed (see `early.rs`).
     pub(crate) early: Mutex<crate::early::EarlyOps>,
     /// The first block of files as other mounts last committed them (see
     /// [`Fs::prefetch_first_block`]).
@@ -986,11 +987,10 @@ impl Fs {
             if rec.kind == FileKind::File {
                 txn.usage = txn.usage.saturating_sub(bytes_i64(rec.size));
             }
-            let (kind, size) = (rec.kind, rec.size);
             txn.purges.push(Purge {
                 ino,
-                dir_times: kind == FileKind::Dir,
-                chunks: kind == FileKind::File && size > 0,
+                dir_times: rec.kind == FileKind::Dir,
+                chunks: rec.kind == FileKind::File && rec.size > 0,
             });
         }
         Ok(())
@@ -1028,12 +1028,12 @@ impl Fs {
             .is_some_and(|per| per.keys().any(|fh| Some(*fh) != except_fh))
     }
 
-    /// The attributes of `ino` as this instance sees them: the committed record, with the size
-    /// extended to the end of its handles' unflushed writes...
+    /// The attributes of `ino` as this instance sees them: the committed record, with a file's
+    /// size extended to the end of its handles' unflushed writes and a directory's times moved
+    /// by the early operations in it (`early.rs`).
     pub(crate) fn local_attr(&self, ino: u64, rec: &InodeRec) -> Attr {
         let mut a = Attr::from_rec(ino, rec);
         if a.kind == FileKind::Dir {
-            // ... and a directory's times moved by the early operations in it (`early.rs`).
             if let Some(at) = self.pending_dir_time(ino) {
                 a.mtime_ns = a.mtime_ns.max(at);
                 a.ctime_ns = a.ctime_ns.max(at);

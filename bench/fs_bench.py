@@ -2,8 +2,9 @@
 """Filesystem workloads for bench/fs_bench.sh (standard library only; needs root for drop_caches).
 
   fs_bench.py run --system NAME:WRITE_DIR:READ_DIR ... --json FILE
-      runs every workload on every system (W1/W2 RUNS times, systems interleaved), each step in
-      its own process under a time limit, and writes the results as JSON.
+      runs every workload on every system (W1-W5 RUNS times, systems interleaved; W6/W7 once, as
+      TRIES tries each), each step in its own process under a time limit, and writes the results
+      as JSON. The report gives medians over the runs and every run's figure in the notes.
   fs_bench.py report --json FILE [--log FILE ...]
       turns the JSON into the markdown table (stdout).
   fs_bench.py step NAME WRITE_DIR READ_DIR [RUN]
@@ -443,14 +444,18 @@ def cmd_run(args):
             log(f"[{nm}] W1/W2 run {run}: " + (f"error: {r['error']}" if "error" in r else
                 f"write {r['w1']:.0f} MiB/s, read {r['w2']:.0f} MiB/s") + f" ({el:.0f} s)")
             save()
+    # The machine is shared and noisy: W3-W5 run RUNS times like W1/W2 (systems interleaved, so
+    # a slow spell hits every system) and are reported as medians. W6/W7 are TRIES tries each.
     for step in ["w3", "w4", "w5", "w6", "w7"]:
-        for nm, a, b in systems:
-            r, el = run_step(step, a, b, 1)
-            out["results"][nm][step] = r
-            short = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
-                     if k not in ("all_ms", "stderr", "mismatch_examples")}
-            log(f"[{nm}] {step.upper()}: {json.dumps(short)} ({el:.0f} s)")
-            save()
+        runs = P["RUNS"] if step in ("w3", "w4", "w5") else 1
+        for run in range(1, runs + 1):
+            for nm, a, b in systems:
+                r, el = run_step(step, a, b, run)
+                out["results"][nm].setdefault(step, []).append(r)
+                short = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
+                         if k not in ("all_ms", "stderr", "mismatch_examples")}
+                log(f"[{nm}] {step.upper()} run {run}: {json.dumps(short)} ({el:.0f} s)")
+                save()
     save()
 
 
@@ -505,13 +510,28 @@ def cmd_report(args):
     refs = [c for c in cols if c != "twinfs"] if "twinfs" in cols else []
     notes = []
 
-    def get(sysname, step, key):
+    def runs_of(sysname, step):
+        """Every run of a step (older result files hold one run as a dict)."""
         r = R.get(sysname, {}).get(step)
         if r is None:
+            return []
+        return r if isinstance(r, list) else [r]
+
+    def get(sysname, step, key):
+        """Median over the runs that finished; mismatch counts are summed over all runs."""
+        runs = runs_of(sysname, step)
+        if not runs:
             return None
-        if "error" in r:
+        ok = [r[key] for r in runs if "error" not in r and r.get(key) is not None]
+        if not ok:
             return "error"
-        return r.get(key)
+        if key == "mismatch":
+            return sum(ok)
+        return statistics.median(ok)
+
+    def first(sysname, step):
+        """The first finished run of a step (W6/W7 have one; W3 only for the tree's size)."""
+        return next((r for r in runs_of(sysname, step) if "error" not in r), None)
 
     def w12(sysname, key):
         runs = [r for r in R.get(sysname, {}).get("w12", []) if "error" not in r]
@@ -520,10 +540,10 @@ def cmd_report(args):
         return statistics.median(r[key] for r in runs)
 
     def lat(sysname, step, key):
-        r = R.get(sysname, {}).get(step)
-        if r is None:
+        if not runs_of(sysname, step):
             return None
-        if "error" in r:
+        r = first(sysname, step)
+        if r is None:
             return "error"
         v = r.get(key)
         if r["timeouts"]:
@@ -531,19 +551,21 @@ def cmd_report(args):
             return f"{s} ({r['timeouts']}/{r['tries']} timed out)" if key == "median_ms" else f"> {p['POLL_TIMEOUT']:.0f} s (timeout)"
         return v
 
-    wp = next((R[s]["w3"] for s in cols if "w3" in R.get(s, {}) and "error" not in R[s]["w3"]), {})
+    wp = next((first(s, "w3") for s in cols if first(s, "w3")), {})
     wp_desc = f"{wp.get('files', '?')} files, {wp.get('dirs', '?')} dirs, {fmt(wp.get('bytes', 0) / MiB)} MiB" if wp else "?"
     size = f"{p['SIZE_MB'] / 1024:g} GiB" if p["SIZE_MB"] >= 1024 else f"{p['SIZE_MB']} MiB"
+    # Runs of W3-W5 (older result files: one).
+    med = max((len(runs_of(s, "w4")) for s in cols), default=1)
     # (label, unit, higher is better, function of system)
     rows = [
         (f"W1 sequential write {size} (fio bs=1M, end_fsync=1; fio's figure), median of {p['RUNS']}", "MiB/s", True, lambda s: w12(s, "w1")),
         (f"W2 sequential read of it through the other mount (dd bs=1M), caches dropped, median of {p['RUNS']}", "MiB/s", True, lambda s: w12(s, "w2")),
-        (f"W3 `cp -rL` WordPress tree ({wp_desc}) into one mount", "s", False, lambda s: get(s, "w3", "copy_s")),
-        ("W3 `tar cf - . \\| wc -c` of it through the other mount, caches dropped", "s", False, lambda s: get(s, "w3", "tar_s")),
-        (f"W4 write {p['FILES']:,} files of 20-400 KiB (create, write, close)", "files/s", True, lambda s: get(s, "w4", "write_fps")),
-        ("W4 sha256-verify them through the other mount, caches dropped", "files/s", True, lambda s: get(s, "w4", "verify_fps")),
-        ("W4 mismatches (missing or wrong content)", "", None, lambda s: get(s, "w4", "mismatch")),
-        (f"W5 create {p['EMPTY']:,} empty files in one directory, 1 process", "ops/s", True, lambda s: get(s, "w5", "create")),
+        (f"W3 `cp -rL` WordPress tree ({wp_desc}) into one mount, median of {med}", "s", False, lambda s: get(s, "w3", "copy_s")),
+        (f"W3 `tar cf - . \\| wc -c` of it through the other mount, caches dropped, median of {med}", "s", False, lambda s: get(s, "w3", "tar_s")),
+        (f"W4 write {p['FILES']:,} files of 20-400 KiB (create, write, close), median of {med}", "files/s", True, lambda s: get(s, "w4", "write_fps")),
+        (f"W4 sha256-verify them through the other mount, caches dropped, median of {med}", "files/s", True, lambda s: get(s, "w4", "verify_fps")),
+        ("W4 mismatches (missing or wrong content), all runs", "", None, lambda s: get(s, "w4", "mismatch")),
+        (f"W5 create {p['EMPTY']:,} empty files in one directory, 1 process, median of {med}", "ops/s", True, lambda s: get(s, "w5", "create")),
         ("W5 stat them through the other mount", "ops/s", True, lambda s: get(s, "w5", "stat")),
         ("W5 unlink them", "ops/s", True, lambda s: get(s, "w5", "unlink")),
         (f"W5 create {p['EMPTY']:,} empty files, {p['PROCS']} processes, one directory of one mount", "ops/s", True, lambda s: get(s, "w5", "par_create")),
@@ -551,7 +573,7 @@ def cmd_report(args):
          lambda s: get(s, "w5", "par_create_dirs")),
         (f"W5 create, {p['PROCS']} processes over both mounts, one directory", "ops/s", True,
          lambda s: get(s, "w5", "par_create_mounts")),
-        (f"W5 scaling: {p['PROCS']} processes / 1 process", "×", None,
+        (f"W5 scaling: {p['PROCS']} processes / 1 process (medians)", "×", None,
          lambda s: (get(s, "w5", "par_create") / get(s, "w5", "create")) if isinstance(get(s, "w5", "create"), float) else get(s, "w5", "create")),
         (f"W6 new file ({p['LAT_KB']} KiB) visible with full content on the other mount, median of {p['TRIES']}", "ms", False, lambda s: lat(s, "w6", "median_ms")),
         ("W6 same, max", "ms", False, lambda s: lat(s, "w6", "max_ms")),
@@ -588,19 +610,28 @@ def cmd_report(args):
             for i, rr in enumerate(r if isinstance(r, list) else [r]):
                 if "error" in rr:
                     notes.append(f"**{names.get(c, c)} {step.upper()}{f' run {i + 1}' if isinstance(r, list) else ''} failed**: {rr['error']}")
-        w3 = R.get(c, {}).get("w3", {})
-        if w3.get("mismatch"):
-            notes.append(f"**{names.get(c, c)} W3: {w3['mismatch']} paths differ** from the source through the other mount, e.g. {w3['mismatch_examples']}")
-        w4 = R.get(c, {}).get("w4", {})
-        if w4.get("mismatch"):
-            notes.append(f"**{names.get(c, c)} W4: {w4['mismatch']} mismatches**, e.g. {w4['mismatch_examples']} {w4.get('errors')}")
-        w5 = R.get(c, {}).get("w5", {})
-        if w5.get("stat_missing"):
-            notes.append(f"**{names.get(c, c)} W5: {w5['stat_missing']} of {p['EMPTY']:,} files not found by stat through the other mount**")
-        if w5.get("left_on_read_side"):
-            notes.append(f"**{names.get(c, c)} W5: {w5['left_on_read_side']} unlinked files still listed by the other mount after {p['POLL_TIMEOUT']:.0f} s**")
+        per_run = []
+        for step, keys in (("w3", ("copy_s", "tar_s")), ("w4", ("write_fps", "verify_fps")),
+                           ("w5", ("create", "stat", "unlink", "par_create"))):
+            ok = [r for r in runs_of(c, step) if "error" not in r]
+            if len(ok) > 1:
+                per_run.append(step.upper() + " " + ", ".join(
+                    f"{k} " + " / ".join(fmt(r.get(k)) for r in ok) for k in keys))
+        if per_run:
+            notes.append(f"{names.get(c, c)} per run: " + "; ".join(per_run))
+        for i, w3 in enumerate(runs_of(c, "w3")):
+            if w3.get("mismatch"):
+                notes.append(f"**{names.get(c, c)} W3 run {i + 1}: {w3['mismatch']} paths differ** from the source through the other mount, e.g. {w3['mismatch_examples']}")
+        for i, w4 in enumerate(runs_of(c, "w4")):
+            if w4.get("mismatch"):
+                notes.append(f"**{names.get(c, c)} W4 run {i + 1}: {w4['mismatch']} mismatches**, e.g. {w4['mismatch_examples']} {w4.get('errors')}")
+        for i, w5 in enumerate(runs_of(c, "w5")):
+            if w5.get("stat_missing"):
+                notes.append(f"**{names.get(c, c)} W5 run {i + 1}: {w5['stat_missing']} of {p['EMPTY']:,} files not found by stat through the other mount**")
+            if w5.get("left_on_read_side"):
+                notes.append(f"**{names.get(c, c)} W5 run {i + 1}: {w5['left_on_read_side']} unlinked files still listed by the other mount after {p['POLL_TIMEOUT']:.0f} s**")
         for step in ("w6", "w7"):
-            r = R.get(c, {}).get(step, {})
+            r = first(c, step) or {}
             if "tries" in r:
                 extra = []
                 if r["errors"]:

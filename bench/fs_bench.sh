@@ -10,7 +10,7 @@
 #   W5 create / stat (other mount) / unlink of empty files in one directory; parallel creates
 #   W6 time until a new file is visible through the other mount; W7 the same for an overwrite
 #
-# Usage: sudo bench/fs_bench.sh            (root: drop_caches, FUSE mounts; ~10-15 min at full size)
+# Usage: sudo bench/fs_bench.sh            (root: drop_caches, FUSE mounts; ~20-25 min at full size: W1-W5 run RUNS times)
 #   Environment (defaults):  OUT=bench/fs_results.md  SIZE_MB=1024  RUNS=3  FILES=2000
 #   EMPTY=10000  PROCS=8  TRIES=20  LAT_KB=64  POLL_TIMEOUT=10 (s, W6/W7 give up)
 #   STEP_TIMEOUT=1800 (s, one workload on one system)  SYSTEMS="twinfs bindfs local"

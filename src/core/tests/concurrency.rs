@@ -237,6 +237,50 @@ fn a_claimed_directory_answers_absent_names_until_another_mount_recalls_the_clai
     assert!(kv.reads() > reads, "the claim lapsed with its session");
 }
 
+/// readdirplus takes each entry's attributes where getattr would (the watch cache): listing a
+/// directory the cache holds reads only its page of entries from the store, and an entry the
+/// cache lacks (another mount made it since) is read, never left out or made up.
+#[test]
+fn a_listing_with_attributes_reads_only_what_the_cache_lacks() {
+    let (_mem, kv, a, b) = stale_pair_with(FsOptions {
+        cached_lookups: true,
+        ..FsOptions::default()
+    });
+    let dir = block_on(a.mkdir(ROOT_INO, b"d", 0o755, 0, 0)).unwrap();
+    for i in 0..40 {
+        let name = format!("f{i}");
+        block_on(a.create(dir.ino, name.as_bytes(), 0o644, 0, 0, true)).unwrap();
+    }
+    block_on(a.mkdir(dir.ino, b"sub", 0o700, 0, 0)).unwrap();
+    kv.freeze();
+
+    let reads = kv.reads();
+    let entries = block_on(a.readdir(dir.ino, 0, 100)).unwrap();
+    assert_eq!(entries.len(), 41);
+    let attrs = block_on(a.entry_attrs(&entries)).unwrap();
+    assert_eq!(kv.reads(), reads + 1, "one read: the page of entries");
+    for (e, attr) in entries.iter().zip(&attrs) {
+        let attr = attr.as_ref().expect("every entry has attributes");
+        assert_eq!(
+            attr,
+            &block_on(a.getattr(e.ino)).unwrap(),
+            "as getattr answers"
+        );
+    }
+
+    // B makes a file after the snapshot: A's listing finds it in the store, with its attributes.
+    let (late, _) = block_on(b.create(dir.ino, b"late", 0o600, 7, 7, true)).unwrap();
+    let entries = block_on(a.readdir(dir.ino, 0, 100)).unwrap();
+    let attrs = block_on(a.entry_attrs(&entries)).unwrap();
+    let i = entries
+        .iter()
+        .position(|e| e.name == b"late")
+        .expect("listed");
+    let attr = attrs[i].as_ref().expect("read from the store");
+    assert_eq!((attr.ino, attr.perm, attr.uid), (late.ino, 0o600, 7));
+    assert_eq!(attrs.iter().filter(|a| a.is_none()).count(), 0);
+}
+
 #[test]
 fn a_stale_metadata_cache_never_makes_a_wrong_answer() {
     let (mem, kv, a, b) = stale_pair();

@@ -330,10 +330,13 @@ impl NodeService {
             Message::Get { hash, range } => {
                 let read = match range {
                     None => self.blocking(move |s| s.read_unverified(&hash)).await,
-                    Some(r) => self.blocking(move |s| s.get(&hash, Some(r))).await,
+                    Some(r) => self
+                        .blocking(move |s| s.get(&hash, Some(r)))
+                        .await
+                        .map(bytes::Bytes::from),
                 };
                 match read {
-                    Ok(data) => Message::Data(data.into()),
+                    Ok(data) => Message::Data(data),
                     Err(e) => store_error(e),
                 }
             }

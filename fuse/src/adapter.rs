@@ -781,9 +781,15 @@ impl Filesystem for TwinFs {
                 .map(|(f, attr)| (attr, f));
             match r {
                 Ok((attr, f)) => {
-                    let flags = this.revalidate_for_open(&attr);
+                    let mut fopen = this.revalidate_for_open(&attr);
+                    // A read-only handle never has data to flush, and POSIX locks are the
+                    // kernel's own: its close needs no FLUSH round trip (tar, cp and web
+                    // servers close every file they read).
+                    if flags.0 & libc::O_ACCMODE == libc::O_RDONLY {
+                        fopen |= FopenFlags::FOPEN_NOFLUSH;
+                    }
                     let fh = this.shared.add_handle(f);
-                    reply.opened(FileHandle(fh), flags)
+                    reply.opened(FileHandle(fh), fopen)
                 }
                 Err(e) => {
                     this.count_err(&e);

@@ -948,7 +948,8 @@ mod tests {
     #[test]
     fn large_blocks_read_the_same_whether_cached_or_not() {
         use std::os::fd::AsRawFd;
-        // Under the crate, not /tmp: tmpfs keeps its pages (and refuses O_DIRECT).
+        // Under the crate, not /tmp: a tmpfs /tmp keeps its pages whatever it is told (then
+        // only the cached path is checked).
         let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
         let store = BlockStore::open(dir.path()).unwrap();
         let (h, d) = block(9, (4 << 20) - 1000);

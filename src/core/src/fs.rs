@@ -1960,8 +1960,8 @@ impl Fs {
 
     /// The attributes of entries [`Fs::readdir`] listed, for readdirplus (the kernel then needs
     /// no lookup per name): from the watch cache where a getattr would answer from it (see
-    /// [`Fs::getattr`]), the rest from etcd, one round trip per 32 entries. An entry whose inode vanished meanwhile (a concurrent unlink) gets
-    /// `None`.
+    /// [`Fs::getattr`]), the rest from etcd, one round trip per 32 entries. An entry whose
+    /// inode vanished meanwhile (a concurrent unlink) gets `None`.
     pub async fn entry_attrs(&self, entries: &[DirEntry]) -> FsResult<Vec<Option<Attr>>> {
         let mut out: Vec<Option<Attr>> = Vec::with_capacity(entries.len());
         // The cache answers what a getattr would take from it; only the rest is read.

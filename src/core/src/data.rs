@@ -9,6 +9,7 @@ use futures::{FutureExt, StreamExt};
 use twinfs_cluster::BlockHash;
 
 use crate::blocks::BlockError;
+use crate::early::TakenCreate;
 use crate::error::{FsError, FsResult};
 use crate::fs::{now_ns, Fs, Txn, MAX_FILE_SIZE};
 use crate::kv::{prefix_end, Revision};
@@ -670,10 +671,22 @@ impl Fs {
         // Chunk records + the inode + this instance's usage key.
         let per_txn = self.opts.max_txn_ops.saturating_sub(2).max(1);
         let idxs: Vec<u64> = h.dirty.keys().copied().collect();
+        // Blocks stored before the loop (for the chunks of a new file, base revision 0).
+        let mut prestored: HashMap<u64, (Revision, BlockHash, u32)> = HashMap::new();
+        // A file created early whose create has not started: one transaction for both
+        // (room for the create's entry and directory times beside the chunk records).
+        if h.new_here && idxs.len() + 2 <= per_txn && h.dirty.values().all(|d| d.upload.is_none()) {
+            if let Some(taken) = self.take_early_create(h.ino) {
+                if self.flush_with_create(h, taken, &mut prestored).await? {
+                    return Ok(());
+                }
+            }
+        }
         for batch in idxs.chunks(per_txn) {
             // Blocks already stored for a given committed base revision: a retry whose base
             // did not change reuses them.
-            let mut stored: HashMap<u64, (Revision, BlockHash, u32)> = HashMap::new();
+            let mut stored: HashMap<u64, (Revision, BlockHash, u32)> =
+                std::mem::take(&mut prestored);
             if h.new_here && self.is_early(h.ino) {
                 // Created early, its transaction not committed yet: store the blocks (a new
                 // file has no committed content to patch) while it commits, then wait for it.
@@ -681,6 +694,7 @@ impl Fs {
                 // the handle's dirty limit).
                 let contents: Vec<(u64, Vec<u8>)> = batch
                     .iter()
+                    .filter(|idx| !stored.contains_key(idx))
                     .filter_map(|idx| {
                         let d = h.dirty.get(idx).filter(|d| d.upload.is_none())?;
                         Some((*idx, d.new_content()))
@@ -841,6 +855,118 @@ impl Fs {
         // Committed: the growth is in this instance's usage now, no longer reserved.
         self.unreserve(h.fh);
         Ok(())
+    }
+
+    /// The first flush of a file created early, whose create `taken` has not committed: stores
+    /// the blocks, then commits the create and the content in one transaction (one etcd commit
+    /// per new file instead of two). `true` when that committed; otherwise the create has
+    /// committed on its own (or its error is returned) and the ordinary flush is to follow,
+    /// reusing the blocks stored here (`stored`).
+    async fn flush_with_create(
+        &self,
+        h: &mut OpenFile,
+        taken: TakenCreate,
+        stored: &mut HashMap<u64, (Revision, BlockHash, u32)>,
+    ) -> FsResult<bool> {
+        let puts = futures::future::join_all(
+            h.dirty
+                .iter()
+                .map(|(&idx, d)| self.store_chunk(idx, d.new_content())),
+        )
+        .await;
+        for (idx, hash, len) in puts.into_iter().flatten() {
+            stored.insert(idx, (0, hash, len));
+        }
+        let merged = self.commit_create_with_content(h, &taken, stored).await;
+        if let Ok(true) = merged {
+            let _ = taken.done.send(Ok(()));
+            h.new_here = false;
+            self.invalidate(h.ino);
+            h.dirty.clear();
+            h.dirty_bytes = 0;
+            self.set_unflushed(h.ino, h.fh, h.pending_end(self.chunk_size));
+            self.unreserve(h.fh);
+            return Ok(true);
+        }
+        // Refused (the parent changed since, a block is missing) or failed: the create alone,
+        // the ordinary way, which reads etcd as it must.
+        let made = self
+            .make_node_as(
+                taken.parent,
+                &taken.name,
+                taken.node.clone(),
+                h.ino,
+                Some(taken.at),
+            )
+            .await
+            .map(|_| ());
+        let _ = taken.done.send(made.clone());
+        made.map(|()| false)
+    }
+
+    /// The transaction of an early create (as `make_node_as` builds its first attempt: the
+    /// parent as cached, compared; name, inode and claim compared) with the file's first
+    /// content: its chunk records (compared absent) and the inode with its size. `false` when
+    /// it cannot be built from what is known (the caller falls back) or etcd refuses it.
+    async fn commit_create_with_content(
+        &self,
+        h: &OpenFile,
+        taken: &TakenCreate,
+        stored: &HashMap<u64, (Revision, BlockHash, u32)>,
+    ) -> FsResult<bool> {
+        let pkey = self.keys.inode(taken.parent);
+        let Some(parent) = self
+            .kv
+            .cached_to_compare(&pkey)
+            .and_then(|(v, rev)| Some((crate::schema::decode_inode(&pkey, &v).ok()?, rev)))
+        else {
+            return Ok(false);
+        };
+        let (p, prev) = parent;
+        // The early create answered without set-group-ID; a parent that has it now decides
+        // the group differently: the create alone then.
+        if p.kind != FileKind::Dir || p.nlink == 0 || p.mode & libc::S_ISGID != 0 {
+            return Ok(false);
+        }
+        let cs = self.chunk_size;
+        let mut txn = Txn::default();
+        txn.cmp(pkey, prev);
+        self.touch_dir(&mut txn, taken.parent, taken.at);
+        self.cmp_unclaimed(&mut txn, taken.parent);
+        let dkey = self.keys.dirent(taken.parent, &taken.name);
+        let ikey = self.keys.inode(h.ino);
+        txn.cmp(dkey.clone(), 0);
+        txn.cmp(ikey.clone(), 0);
+        txn.put(
+            dkey,
+            encode(&crate::schema::DirentRec {
+                ino: h.ino,
+                kind: FileKind::File,
+            }),
+        );
+        let node = &taken.node;
+        let mut rec = self.new_inode_rec(node, taken.parent, node.perm, node.gid, taken.at);
+        for (&idx, d) in &h.dirty {
+            let Some(&(_, hash, len)) = stored.get(&idx) else {
+                return Ok(false);
+            };
+            let ckey = self.keys.chunk(h.ino, idx);
+            txn.cmp(ckey.clone(), 0);
+            txn.put(
+                ckey,
+                encode(&ChunkRec {
+                    block: hash.to_hex(),
+                    len,
+                }),
+            );
+            rec.size = rec.size.max(idx * cs + d.len() as u64);
+        }
+        let now = now_ns();
+        rec.mtime_ns = now;
+        rec.ctime_ns = now;
+        txn.usage = bytes_i64(rec.size);
+        txn.put(ikey, encode(&rec));
+        self.commit(txn).await
     }
 
     /// fsync: the same as [`Fs::flush`] (a committed transaction is durable in etcd, and

@@ -1,10 +1,12 @@
 //! Early creates and unlinks, answered before their transactions commit.
 //!
 //! Early creates: a regular file created in a directory this instance holds the claim on
-//! (see `claims.rs`) is answered at once, and its transaction commits in the background while
-//! the application writes; the first flush stores the file's blocks meanwhile and waits for it
-//! before its own commit. A W4-like upload (create, write, close) spent 0.75 ms of about
-//! 4.4 ms waiting for the create's transaction.
+//! (see `claims.rs`) is answered at once. Its transaction waits (up to `MERGE_WINDOW`) for the
+//! file's first flush, which stores the blocks and commits the create with the content in one
+//! transaction (`Fs::take_early_create`); anything else here that needs the file or its name
+//! first starts the create's own transaction (`Fs::hurry`) and waits for it, as does a flush
+//! that finds it started. A W4-like upload (create, write, close) spent 0.75 ms of about
+//! 4.4 ms waiting for the create's transaction before creates were answered early.
 //!
 //! Why the answer cannot turn out wrong: no other mount makes a name in a claimed directory
 //! without recalling the claim first, and the recall (`Fs::release_claim`) waits for the
@@ -34,6 +36,7 @@ use crate::error::{FsError, FsResult};
 use crate::fs::{check_name, now_ns, Attr, Fs, NewNode, Txn};
 use crate::kv::KvError;
 use crate::schema::{decode_inode, FileKind};
+use std::time::Duration;
 
 type Outcome = Shared<BoxFuture<'static, FsResult<()>>>;
 
@@ -43,6 +46,25 @@ const FAILED_KEPT: usize = 10_000;
 
 /// Most early unlinks waiting for their transaction; beyond, an unlink waits for its own.
 const UNLINKS_QUEUED_MAX: usize = 256;
+
+/// How long an early create waits for the file's first flush to take its transaction over
+/// (one etcd commit for the create and the content); anything on this mount that waits for
+/// the create starts it at once (`Fs::hurry`).
+const MERGE_WINDOW: Duration = Duration::from_millis(50);
+
+/// What starts an early create's own transaction: `None` (or the sender dropped) starts it;
+/// `Some` hands it to a flush, which reports the outcome through the receiver.
+type StartCreate = oneshot::Sender<Option<oneshot::Receiver<FsResult<()>>>>;
+
+/// An early create the file's first flush took over: the flush commits it with the file's
+/// content and reports the outcome through `done` (dropped unsent, the create commits alone).
+pub(crate) struct TakenCreate {
+    pub parent: u64,
+    pub name: Vec<u8>,
+    pub node: NewNode,
+    pub at: i64,
+    pub done: oneshot::Sender<FsResult<()>>,
+}
 
 #[derive(Default)]
 pub(crate) struct EarlyOps {
@@ -68,6 +90,10 @@ struct Pending {
     /// (fsyncdir's), not the inode's.
     removal: bool,
     outcome: Outcome,
+    /// An early create whose transaction has not started yet (see [`StartCreate`]).
+    start: Option<StartCreate>,
+    /// What the create's transaction makes, for a flush that takes it over.
+    node: Option<(NewNode, i64)>,
 }
 
 struct QueuedUnlink {
@@ -140,12 +166,39 @@ impl Fs {
         let attr = Attr::from_rec(ino, &self.new_inode_rec(&node, parent, perm, gid, now));
         let fs = self.clone();
         let name_owned = name.to_vec();
+        let node_kept = node.clone();
+        let (start, started) = oneshot::channel();
+        let sleep = self.opts.sleep.clone();
         let outcome: Outcome = async move {
-            let made = fs
-                .make_node_as(parent, &name_owned, node, ino, Some(now))
-                .await;
+            // The file's first flush usually comes within a millisecond (cp, an upload) and
+            // commits the create with the content; past the window, or when anything here
+            // waits for it, the create commits on its own.
+            let window = async move {
+                match sleep {
+                    Some(sleep) => sleep(MERGE_WINDOW).await,
+                    None => futures::future::pending().await,
+                }
+            };
+            let taken = match futures::future::select(started, window.boxed()).await {
+                futures::future::Either::Left((Ok(Some(done)), _)) => Some(done),
+                _ => None,
+            };
+            let made = match taken {
+                Some(done) => match done.await {
+                    Ok(made) => made,
+                    // The flush gave up before reporting: the create on its own.
+                    Err(_) => fs
+                        .make_node_as(parent, &name_owned, node, ino, Some(now))
+                        .await
+                        .map(|_| ()),
+                },
+                None => fs
+                    .make_node_as(parent, &name_owned, node, ino, Some(now))
+                    .await
+                    .map(|_| ()),
+            };
             fs.early_done(ino, parent, made.as_ref().err().cloned());
-            made.map(|_| ())
+            made
         }
         .boxed()
         .shared();
@@ -159,6 +212,8 @@ impl Fs {
                 name: name.to_vec(),
                 removal: false,
                 outcome: outcome.clone(),
+                start: Some(start),
+                node: Some((node_kept, now)),
             },
         );
         drop(early);
@@ -213,6 +268,8 @@ impl Fs {
                 name: name.to_vec(),
                 removal: true,
                 outcome,
+                start: None,
+                node: None,
             },
         );
         Self::dir_touched(&mut early, parent, at);
@@ -318,18 +375,47 @@ impl Fs {
         self.early().pending.get(&ino).is_some_and(|p| !p.removal)
     }
 
+    /// The early create of `ino`, if its transaction has not started: the caller (the file's
+    /// first flush) commits it with its own changes and must report through `done`.
+    pub(crate) fn take_early_create(&self, ino: u64) -> Option<TakenCreate> {
+        let mut early = self.early();
+        let p = early.pending.get_mut(&ino)?;
+        let (node, at) = p.node.clone()?;
+        let start = p.start.take()?;
+        let (done, report) = oneshot::channel();
+        // The create's task has already gone its own way if this fails (its window closed).
+        start.send(Some(report)).ok()?;
+        Some(TakenCreate {
+            parent: p.parent,
+            name: p.name.clone(),
+            node,
+            at,
+            done,
+        })
+    }
+
+    /// Starts the transactions of the early creates `which` selects that are still waiting
+    /// for a flush to take them over: someone here waits for them.
+    fn hurry(early: &mut EarlyOps, which: impl Fn(&Pending) -> bool) {
+        for p in early.pending.values_mut().filter(|p| which(p)) {
+            // Dropping the sender starts it.
+            p.start = None;
+        }
+    }
+
     /// Waits until inode `ino`, if created or unlinked early, is committed; its error if its
     /// create failed.
     pub(crate) async fn settle_ino(&self, ino: u64) -> FsResult<()> {
         let (outcome, removal) = {
-            let early = self.early();
+            let mut early = self.early();
             if let Some(e) = early.failed.get(&ino) {
                 return Err(e.clone());
             }
-            match early.pending.get(&ino) {
-                Some(p) => (p.outcome.clone(), p.removal),
-                None => return Ok(()),
-            }
+            let Some(p) = early.pending.get_mut(&ino) else {
+                return Ok(());
+            };
+            p.start = None;
+            (p.outcome.clone(), p.removal)
         };
         let settled = outcome.await;
         if removal {
@@ -361,7 +447,9 @@ impl Fs {
 
     /// The outcomes of the pending early operations `which` selects.
     fn early_outcomes(&self, which: impl Fn(&Pending) -> bool) -> Vec<Outcome> {
-        self.early()
+        let mut early = self.early();
+        Self::hurry(&mut early, &which);
+        early
             .pending
             .values()
             .filter(|p| which(p))

@@ -861,7 +861,7 @@ impl Fs {
 
     /// Records that `dir`'s entries changed at `now`: a blind write of `t/<dir>`, so that
     /// concurrent entry changes in one directory do not conflict on its inode.
-    fn touch_dir(&self, txn: &mut Txn, dir: u64, now: i64) {
+    pub(crate) fn touch_dir(&self, txn: &mut Txn, dir: u64, now: i64) {
         txn.put(
             self.keys.dir_times(dir),
             encode(&DirTimesRec {

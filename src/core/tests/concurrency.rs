@@ -698,6 +698,72 @@ fn a_create_answered_early_is_waited_for_by_everything_that_could_tell() {
 
 /// An early create whose transaction fails: every later use of the file, the close's flush
 /// included, gets that error, and the name stays free.
+/// A file created early whose first flush comes before anything else needed the create: the
+/// create and the content commit in one transaction, and another instance finds the file
+/// whole (name, attributes, content) once the flush returns, and nothing before.
+#[test]
+fn a_new_files_create_and_first_flush_commit_in_one_transaction() {
+    let (kv, a, b, _blocks) = early_pair();
+    let dir = block_on(a.mkdir(ROOT_INO, b"d", 0o755, 0, 0)).unwrap();
+    let before = kv.hooks.txns.load(Ordering::SeqCst);
+    let attr = block_on(a.create_early(dir.ino, b"f", 0o640, 7, 7))
+        .expect("a claimed directory known whole")
+        .unwrap();
+    let mut h = a.open_new(&attr).unwrap();
+    block_on(a.write(&mut h, 0, b"hello")).unwrap();
+    assert_eq!(
+        block_on(b.lookup(dir.ino, b"f")).map(|_| ()),
+        Err(FsError::NotFound),
+        "nothing committed before the flush"
+    );
+    block_on(a.flush(&mut h)).unwrap();
+    assert_eq!(
+        kv.hooks.txns.load(Ordering::SeqCst) - before,
+        1,
+        "one transaction for the create and the content"
+    );
+    let found = block_on(b.lookup(dir.ino, b"f")).unwrap();
+    assert_eq!(
+        (found.ino, found.size, found.perm, found.uid, found.gid),
+        (attr.ino, 5, 0o640, 7, 7)
+    );
+    let hb = block_on(b.open(found.ino)).unwrap();
+    assert_eq!(&block_on(b.read(&hb, 0, 100)).unwrap()[..], b"hello");
+    block_on(a.sync_dir(dir.ino)).unwrap();
+    assert_eq!(block_on(a.getattr(attr.ino)).unwrap().size, 5);
+}
+
+/// When the joint transaction fails, the create commits on its own and the content follows:
+/// the file is there, whole, and A's flush succeeds.
+#[test]
+fn a_failed_joint_create_and_flush_falls_back_to_two_transactions() {
+    let (kv, a, b, _blocks) = early_pair();
+    let dir = block_on(a.mkdir(ROOT_INO, b"d", 0o755, 0, 0)).unwrap();
+    let attr = block_on(a.create_early(dir.ino, b"f", 0o600, 7, 7))
+        .expect("a claimed directory known whole")
+        .unwrap();
+    let mut h = a.open_new(&attr).unwrap();
+    block_on(a.write(&mut h, 0, b"kept")).unwrap();
+    let joint = kv.hooks.hold_next();
+    joint
+        .send(Err(twinfs_core::KvError::Unavailable(
+            "etcd blinked".into(),
+        )))
+        .unwrap();
+    let before = kv.hooks.txns.load(Ordering::SeqCst);
+    block_on(a.flush(&mut h)).unwrap();
+    assert_eq!(
+        kv.hooks.txns.load(Ordering::SeqCst) - before,
+        2,
+        "the create, then the content"
+    );
+    let found = block_on(b.lookup(dir.ino, b"f")).unwrap();
+    assert_eq!((found.ino, found.size), (attr.ino, 4));
+    let hb = block_on(b.open(found.ino)).unwrap();
+    assert_eq!(&block_on(b.read(&hb, 0, 100)).unwrap()[..], b"kept");
+    block_on(a.sync_dir(dir.ino)).unwrap();
+}
+
 #[test]
 fn a_failed_early_create_fails_every_later_use_of_the_file() {
     use futures::FutureExt;

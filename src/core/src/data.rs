@@ -675,7 +675,7 @@ impl Fs {
         let mut prestored: HashMap<u64, (Revision, BlockHash, u32)> = HashMap::new();
         // A file created early whose create has not started: one transaction for both
         // (room for the create's entry and directory times beside the chunk records).
-        if h.new_here && idxs.len() + 2 <= per_txn && h.dirty.values().all(|d| d.upload.is_none()) {
+        if h.new_here && idxs.len() + 2 <= per_txn {
             if let Some(taken) = self.take_early_create(h.ino) {
                 if self.flush_with_create(h, taken, &mut prestored).await? {
                     return Ok(());
@@ -868,11 +868,21 @@ impl Fs {
         taken: TakenCreate,
         stored: &mut HashMap<u64, (Revision, BlockHash, u32)>,
     ) -> FsResult<bool> {
-        let puts = futures::future::join_all(
-            h.dirty
-                .iter()
-                .map(|(&idx, d)| self.store_chunk(idx, d.new_content())),
-        )
+        // Each dirty chunk's block: a full chunk stored in the background already (awaited),
+        // the others stored now. One that failed is left out, and the ordinary flush redoes it.
+        let puts = futures::future::join_all(h.dirty.iter().map(|(&idx, d)| {
+            let fresh = now_ns().saturating_sub(d.upload_started_ns) < REUPLOAD_AFTER_NS;
+            let upload = d.upload.clone().filter(|_| fresh);
+            let len = u32::try_from(d.len()).map_err(|_| FsError::Invalid("chunk too large"));
+            let content = upload.is_none().then(|| d.new_content());
+            async move {
+                match (upload, content) {
+                    (Some(up), _) => Ok((idx, up.await?, len?)),
+                    (None, Some(content)) => self.store_chunk(idx, content).await,
+                    (None, None) => Err(FsError::Invalid("no content")),
+                }
+            }
+        }))
         .await;
         for (idx, hash, len) in puts.into_iter().flatten() {
             stored.insert(idx, (0, hash, len));

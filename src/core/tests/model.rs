@@ -21,6 +21,10 @@ type Path = Vec<&'static str>;
 #[derive(Clone, Debug)]
 enum Op {
     Create(Path, bool),
+    /// An upload: open(O_CREAT | O_EXCL) into a handle slot, as the kernel's FUSE create (the
+    /// handle is the new file's first), then, with data, a write at 0 and a flush (which may
+    /// commit an early create together with the content).
+    CreateOpen(Path, usize, Vec<u8>),
     Mkdir(Path),
     Unlink(Path),
     Rmdir(Path),
@@ -59,6 +63,8 @@ fn op_in(path: fn() -> BoxedStrategy<Path>) -> impl Strategy<Value = Op> {
     let slot = 0..SLOTS;
     prop_oneof![
         4 => (path(), any::<bool>()).prop_map(|(p, x)| Op::Create(p, x)),
+        3 => (path(), slot.clone(), prop::collection::vec(any::<u8>(), 0..24))
+            .prop_map(|(p, s, d)| Op::CreateOpen(p, s, d)),
         4 => path().prop_map(Op::Mkdir),
         2 => path().prop_map(Op::Unlink),
         2 => path().prop_map(Op::Rmdir),
@@ -174,6 +180,22 @@ impl Model {
                         Ok(())
                     }
                 }
+            }
+            Op::CreateOpen(p, slot, data) => {
+                self.close(*slot);
+                self.apply(&Op::Create(p.clone(), true))?;
+                let Some(MNode::File(mid)) = self.node(p) else {
+                    unreachable!("just created");
+                };
+                self.handles[*slot] = Some(MHandle {
+                    mid,
+                    writes: Vec::new(),
+                });
+                if !data.is_empty() {
+                    self.apply(&Op::Write(*slot, 0, data.clone()))?;
+                    self.flush(*slot);
+                }
+                Ok(())
             }
             Op::Mkdir(p) => {
                 self.resolve_parent(p)?;
@@ -474,6 +496,31 @@ impl Sut {
                             .map_err(errno)?;
                     }
                 }
+            }
+            Op::CreateOpen(p, slot, data) => {
+                self.close(*slot).await?;
+                let parent = self.parent(p).await?;
+                let early = match self.early {
+                    true => self.a.create_early(parent, last(p), 0o644, 1, 1).await,
+                    false => None,
+                };
+                let attr = match early {
+                    Some(made) => made.map_err(errno)?,
+                    None => {
+                        self.a
+                            .create(parent, last(p), 0o644, 1, 1, true)
+                            .await
+                            .map_err(errno)?
+                            .0
+                    }
+                };
+                let mut h = self.a.open_new(&attr).map_err(errno)?;
+                if !data.is_empty() {
+                    let n = self.a.write(&mut h, 0, data).await.map_err(errno)?;
+                    assert_eq!(n, data.len());
+                    self.a.flush(&mut h).await.map_err(errno)?;
+                }
+                self.handles[*slot] = Some(h);
             }
             Op::Mkdir(p) => {
                 let parent = self.parent(p).await?;

@@ -76,6 +76,13 @@ impl std::fmt::Debug for DirtyChunk {
 }
 
 impl DirtyChunk {
+    /// The chunk's background upload, unless it started too long ago to be referenced
+    /// without storing the block again (see [`REUPLOAD_AFTER_NS`]).
+    fn fresh_upload(&self) -> Option<PendingUpload> {
+        let fresh = now_ns().saturating_sub(self.upload_started_ns) < REUPLOAD_AFTER_NS;
+        self.upload.clone().filter(|_| fresh)
+    }
+
     /// The written bytes, at their offsets within the chunk.
     fn bytes(&self) -> &[u8] {
         match &self.full {
@@ -722,9 +729,7 @@ impl Fs {
                 // A file created by this handle and not flushed yet: no chunk records, the
                 // inode as the watch cache knows it (this mount's create was written through).
                 let guess = if attempt == 0 && h.new_here {
-                    self.kv.cached_to_compare(&ikey).and_then(|(v, rev)| {
-                        Some((crate::schema::decode_inode(&ikey, &v).ok()?, rev))
-                    })
+                    self.cached_inode_to_compare(h.ino)
                 } else {
                     None
                 };
@@ -761,8 +766,7 @@ impl Fs {
                     let cur = current.remove(&idx).flatten();
                     let crev = cur.as_ref().map_or(0, |(_, r)| *r);
                     new_size = new_size.max(idx * cs + d.len() as u64);
-                    let fresh = now_ns().saturating_sub(d.upload_started_ns) < REUPLOAD_AFTER_NS;
-                    if let Some(up) = d.upload.clone().filter(|_| fresh) {
+                    if let Some(up) = d.fresh_upload() {
                         // A full chunk stored in the background: its block is the content
                         // whatever the committed base is.
                         let len = u32::try_from(d.len())
@@ -843,18 +847,24 @@ impl Fs {
                 }
                 self.backoff(&mut attempt).await?;
             }
-            h.new_here = false;
-            self.invalidate(h.ino);
-            for idx in batch {
-                if let Some(d) = h.dirty.remove(idx) {
-                    h.dirty_bytes = h.dirty_bytes.saturating_sub(d.len());
-                }
-            }
-            self.set_unflushed(h.ino, h.fh, h.pending_end(cs));
+            self.note_flushed(h, batch);
         }
         // Committed: the growth is in this instance's usage now, no longer reserved.
         self.unreserve(h.fh);
         Ok(())
+    }
+
+    /// After a flush's transaction committed chunks `idxs` of `h`: they are no longer dirty,
+    /// the file exists in etcd, and cached attributes of it are stale.
+    fn note_flushed(&self, h: &mut OpenFile, idxs: &[u64]) {
+        h.new_here = false;
+        self.invalidate(h.ino);
+        for idx in idxs {
+            if let Some(d) = h.dirty.remove(idx) {
+                h.dirty_bytes = h.dirty_bytes.saturating_sub(d.len());
+            }
+        }
+        self.set_unflushed(h.ino, h.fh, h.pending_end(self.chunk_size));
     }
 
     /// The first flush of a file created early, whose create `taken` has not committed: stores
@@ -871,8 +881,7 @@ impl Fs {
         // Each dirty chunk's block: a full chunk stored in the background already (awaited),
         // the others stored now. One that failed is left out, and the ordinary flush redoes it.
         let puts = futures::future::join_all(h.dirty.iter().map(|(&idx, d)| {
-            let fresh = now_ns().saturating_sub(d.upload_started_ns) < REUPLOAD_AFTER_NS;
-            let upload = d.upload.clone().filter(|_| fresh);
+            let upload = d.fresh_upload();
             let len = u32::try_from(d.len()).map_err(|_| FsError::Invalid("chunk too large"));
             let content = upload.is_none().then(|| d.new_content());
             async move {
@@ -890,11 +899,8 @@ impl Fs {
         let merged = self.commit_create_with_content(h, &taken, stored).await;
         if let Ok(true) = merged {
             let _ = taken.done.send(Ok(()));
-            h.new_here = false;
-            self.invalidate(h.ino);
-            h.dirty.clear();
-            h.dirty_bytes = 0;
-            self.set_unflushed(h.ino, h.fh, h.pending_end(self.chunk_size));
+            let idxs: Vec<u64> = h.dirty.keys().copied().collect();
+            self.note_flushed(h, &idxs);
             self.unreserve(h.fh);
             return Ok(true);
         }
@@ -924,15 +930,9 @@ impl Fs {
         taken: &TakenCreate,
         stored: &HashMap<u64, (Revision, BlockHash, u32)>,
     ) -> FsResult<bool> {
-        let pkey = self.keys.inode(taken.parent);
-        let Some(parent) = self
-            .kv
-            .cached_to_compare(&pkey)
-            .and_then(|(v, rev)| Some((crate::schema::decode_inode(&pkey, &v).ok()?, rev)))
-        else {
+        let Some((p, prev)) = self.cached_inode_to_compare(taken.parent) else {
             return Ok(false);
         };
-        let (p, prev) = parent;
         // The early create answered without set-group-ID; a parent that has it now decides
         // the group differently: the create alone then.
         if p.kind != FileKind::Dir || p.nlink == 0 || p.mode & libc::S_ISGID != 0 {
@@ -940,20 +940,7 @@ impl Fs {
         }
         let cs = self.chunk_size;
         let mut txn = Txn::default();
-        txn.cmp(pkey, prev);
-        self.touch_dir(&mut txn, taken.parent, taken.at);
-        self.cmp_unclaimed(&mut txn, taken.parent);
-        let dkey = self.keys.dirent(taken.parent, &taken.name);
-        let ikey = self.keys.inode(h.ino);
-        txn.cmp(dkey.clone(), 0);
-        txn.cmp(ikey.clone(), 0);
-        txn.put(
-            dkey,
-            encode(&crate::schema::DirentRec {
-                ino: h.ino,
-                kind: FileKind::File,
-            }),
-        );
+        txn.cmp(self.keys.inode(taken.parent), prev);
         let node = &taken.node;
         let mut rec = self.new_inode_rec(node, taken.parent, node.perm, node.gid, taken.at);
         for (&idx, d) in &h.dirty {
@@ -975,7 +962,7 @@ impl Fs {
         rec.mtime_ns = now;
         rec.ctime_ns = now;
         txn.usage = bytes_i64(rec.size);
-        txn.put(ikey, encode(&rec));
+        self.put_new_entry(&mut txn, taken.parent, &taken.name, h.ino, &rec, taken.at);
         self.commit(txn).await
     }
 

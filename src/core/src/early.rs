@@ -35,7 +35,7 @@ use futures::FutureExt;
 use crate::error::{FsError, FsResult};
 use crate::fs::{check_name, now_ns, Attr, Fs, NewNode, Txn};
 use crate::kv::KvError;
-use crate::schema::{decode_inode, FileKind};
+use crate::schema::FileKind;
 use std::time::Duration;
 
 type Outcome = Shared<BoxFuture<'static, FsResult<()>>>;
@@ -90,10 +90,16 @@ struct Pending {
     /// (fsyncdir's), not the inode's.
     removal: bool,
     outcome: Outcome,
-    /// An early create whose transaction has not started yet (see [`StartCreate`]).
-    start: Option<StartCreate>,
-    /// What the create's transaction makes, for a flush that takes it over.
-    node: Option<(NewNode, i64)>,
+    /// An early create whose transaction has not started yet; dropped, it starts.
+    waiting: Option<WaitingCreate>,
+}
+
+/// An early create waiting for the file's first flush to take its transaction over.
+struct WaitingCreate {
+    start: StartCreate,
+    /// What the create's transaction makes, and its time.
+    node: NewNode,
+    at: i64,
 }
 
 struct QueuedUnlink {
@@ -147,9 +153,7 @@ impl Fs {
         }
         // The parent's record decides the new file's group and mode: only without
         // set-group-ID, so that the answer is what the transaction will write.
-        let pkey = self.keys.inode(parent);
-        let (pv, _) = self.kv.cached_to_compare(&pkey)?;
-        let p = decode_inode(&pkey, &pv).ok()?;
+        let (p, _) = self.cached_inode_to_compare(parent)?;
         if p.kind != FileKind::Dir || p.nlink == 0 || p.mode & libc::S_ISGID != 0 {
             return None;
         }
@@ -212,8 +216,11 @@ impl Fs {
                 name: name.to_vec(),
                 removal: false,
                 outcome: outcome.clone(),
-                start: Some(start),
-                node: Some((node_kept, now)),
+                waiting: Some(WaitingCreate {
+                    start,
+                    node: node_kept,
+                    at: now,
+                }),
             },
         );
         drop(early);
@@ -268,8 +275,7 @@ impl Fs {
                 name: name.to_vec(),
                 removal: true,
                 outcome,
-                start: None,
-                node: None,
+                waiting: None,
             },
         );
         Self::dir_touched(&mut early, parent, at);
@@ -380,16 +386,15 @@ impl Fs {
     pub(crate) fn take_early_create(&self, ino: u64) -> Option<TakenCreate> {
         let mut early = self.early();
         let p = early.pending.get_mut(&ino)?;
-        let (node, at) = p.node.clone()?;
-        let start = p.start.take()?;
+        let waiting = p.waiting.take()?;
         let (done, report) = oneshot::channel();
         // The create's task has already gone its own way if this fails (its window closed).
-        start.send(Some(report)).ok()?;
+        waiting.start.send(Some(report)).ok()?;
         Some(TakenCreate {
             parent: p.parent,
             name: p.name.clone(),
-            node,
-            at,
+            node: waiting.node,
+            at: waiting.at,
             done,
         })
     }
@@ -399,7 +404,7 @@ impl Fs {
     fn hurry(early: &mut EarlyOps, which: impl Fn(&Pending) -> bool) {
         for p in early.pending.values_mut().filter(|p| which(p)) {
             // Dropping the sender starts it.
-            p.start = None;
+            p.waiting = None;
         }
     }
 
@@ -414,7 +419,7 @@ impl Fs {
             let Some(p) = early.pending.get_mut(&ino) else {
                 return Ok(());
             };
-            p.start = None;
+            p.waiting = None;
             (p.outcome.clone(), p.removal)
         };
         let settled = outcome.await;

@@ -1103,10 +1103,8 @@ impl Fs {
         // gives ENOENT either way). The new name of every create is looked up first: one
         // plain read instead of a two-key transaction there.
         let parent_is_dir = self
-            .kv
-            .cached_to_compare(&self.keys.inode(parent))
-            .and_then(|(v, _)| decode_inode(&self.keys.inode(parent), &v).ok())
-            .is_some_and(|p| p.kind == FileKind::Dir);
+            .cached_inode_to_compare(parent)
+            .is_some_and(|(p, _)| p.kind == FileKind::Dir);
         for _ in 0..self.opts.max_retries {
             // Without the parent's record, a missing entry is ENOENT below.
             let (dirent, parent_rec) = if parent_is_dir {
@@ -1150,11 +1148,27 @@ impl Fs {
         let dkey = self.keys.dirent(parent, name);
         let (dv, _) = self.kv.cached(&dkey)?;
         let d: DirentRec = decode(&dkey, &dv).ok()?;
-        let rec = self.cached_inode_for_attr(d.ino)?;
-        if rec.kind != d.kind || (rec.kind != FileKind::Dir && rec.nlink == 0) {
+        self.cached_entry_attr(d.ino, d.kind)
+    }
+
+    /// The attributes of an entry naming `ino` as a `kind`, from the watch cache, when the
+    /// cached inode agrees with the entry (same kind, a non-directory still linked) and a
+    /// getattr would answer from the cache (see `cached_inode_for_attr`).
+    fn cached_entry_attr(&self, ino: u64, kind: FileKind) -> Option<Attr> {
+        let rec = self.cached_inode_for_attr(ino)?;
+        if rec.kind != kind || (rec.kind != FileKind::Dir && rec.nlink == 0) {
             return None;
         }
-        Some(self.local_attr(d.ino, &rec))
+        Some(self.local_attr(ino, &rec))
+    }
+
+    /// `ino`'s record and revision from the watch cache, possibly older than what this store
+    /// has seen: for a first attempt that compares the revision, or for what never changes
+    /// (a kind). See [`MetaKv::cached_to_compare`].
+    pub(crate) fn cached_inode_to_compare(&self, ino: u64) -> Option<(InodeRec, Revision)> {
+        let key = self.keys.inode(ino);
+        let (v, rev) = self.kv.cached_to_compare(&key)?;
+        Some((decode_inode(&key, &v).ok()?, rev))
     }
 
     /// `ino`'s record from the watch cache with directory times applied; a directory only
@@ -1291,6 +1305,35 @@ impl Fs {
         }
     }
 
+    /// What every create writes besides its parent's record: the parent's times touched, its
+    /// claim compared (see `cmp_unclaimed`), the entry and the new inode compared absent and
+    /// put. Shared by [`Fs::make_node_as`] and the joint create and flush, so the two cannot
+    /// drift apart.
+    pub(crate) fn put_new_entry(
+        &self,
+        txn: &mut Txn,
+        parent: u64,
+        name: &[u8],
+        ino: u64,
+        rec: &InodeRec,
+        now: i64,
+    ) {
+        self.touch_dir(txn, parent, now);
+        self.cmp_unclaimed(txn, parent);
+        let dkey = self.keys.dirent(parent, name);
+        let ikey = self.keys.inode(ino);
+        txn.cmp(dkey.clone(), 0);
+        txn.cmp(ikey.clone(), 0);
+        txn.put(
+            dkey,
+            encode(&DirentRec {
+                ino,
+                kind: rec.kind,
+            }),
+        );
+        txn.put(ikey, encode(rec));
+    }
+
     /// Makes the node as inode `ino`; with `at`, its times are `at` (an early create's
     /// answer already gave them).
     pub(crate) async fn make_node_as(
@@ -1312,11 +1355,7 @@ impl Fs {
             // rewrites the parent (its link count) from that value, which the same comparison
             // makes safe.
             let cached_parent = if attempt == 0 {
-                self.kv
-                    .cached_to_compare(&self.keys.inode(parent))
-                    .and_then(|(v, rev)| {
-                        Some((decode_inode(&self.keys.inode(parent), &v).ok()?, rev))
-                    })
+                self.cached_inode_to_compare(parent)
             } else {
                 None
             };
@@ -1355,7 +1394,6 @@ impl Fs {
                 p.mtime_ns = now;
                 p.ctime_ns = now;
             }
-            self.touch_dir(&mut txn, parent, now);
             if node.kind == FileKind::Dir {
                 // Its own times key from the start: its attributes can then be answered from
                 // the watch cache, which cannot tell a missing key from an uncached one.
@@ -1370,22 +1408,11 @@ impl Fs {
             } else {
                 None
             };
-            self.cmp_unclaimed(&mut txn, parent);
-            let dkey = self.keys.dirent(parent, name);
             if existing.is_some() {
                 return Err(FsError::Exists);
             }
             let rec = self.new_inode_rec(&node, parent, perm, gid, now);
-            txn.cmp(dkey.clone(), 0);
-            txn.cmp(self.keys.inode(ino), 0);
-            txn.put(
-                dkey,
-                encode(&DirentRec {
-                    ino,
-                    kind: node.kind,
-                }),
-            );
-            txn.put(self.keys.inode(ino), encode(&rec));
+            self.put_new_entry(&mut txn, parent, name, ino, &rec, now);
             stage.into_txn(self, &mut txn);
             let committed = self.commit(txn).await;
             if let Some(session) = claimed {
@@ -1633,9 +1660,7 @@ impl Fs {
     /// What an unlink of `parent`/`name` reads, from the watch cache, when it has all of it and
     /// it describes the plain case: `parent` a directory, `name` a non-directory present in it.
     fn cached_unlink_inputs(&self, parent: u64, name: &[u8]) -> Option<CachedUnlink> {
-        let pkey = self.keys.inode(parent);
-        let (pv, prev) = self.kv.cached_to_compare(&pkey)?;
-        let prec = decode_inode(&pkey, &pv).ok()?;
+        let (prec, prev) = self.cached_inode_to_compare(parent)?;
         if prec.kind != FileKind::Dir {
             return None;
         }
@@ -1910,12 +1935,8 @@ impl Fs {
         // An inode's kind never changes, so any cached value of it tells; only without one is
         // it read (one round trip fewer per listing; a directory removed meanwhile lists empty,
         // as on a local filesystem, instead of failing).
-        let kind = match self
-            .kv
-            .cached_to_compare(&self.keys.inode(dir))
-            .and_then(|(v, _)| decode_inode(&self.keys.inode(dir), &v).ok())
-        {
-            Some(rec) => rec.kind,
+        let kind = match self.cached_inode_to_compare(dir) {
+            Some((rec, _)) => rec.kind,
             None => self.get_inode(dir).await?.0.kind,
         };
         if kind != FileKind::Dir {
@@ -1968,14 +1989,12 @@ impl Fs {
         let mut missing = Vec::new();
         for (i, e) in entries.iter().enumerate() {
             let cached = if self.opts.cached_lookups {
-                self.cached_inode_for_attr(e.ino).filter(|rec| {
-                    rec.kind == e.kind && (rec.kind == FileKind::Dir || rec.nlink > 0)
-                })
+                self.cached_entry_attr(e.ino, e.kind)
             } else {
                 None
             };
             match cached {
-                Some(rec) => out.push(Some(self.local_attr(e.ino, &rec))),
+                Some(attr) => out.push(Some(attr)),
                 None => {
                     out.push(None);
                     missing.push(i);

@@ -10,6 +10,7 @@ mod mount_helper;
 mod upkeep_cmd;
 mod volume_cmd;
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -284,9 +285,14 @@ enum DevClusterCmd {
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // A log that cannot be written (a full disk, `--log-file /dev/full`) must not stop the
+    // process: tracing-subscriber reports a failed write with `eprintln!`, which panics when
+    // stderr fails too, in whichever thread logged (FUSE workers, tokio tasks), and a mount on a
+    // full disk then died thread by thread. The lines are dropped instead.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .log_internal_errors(false)
         .init();
 }
 
@@ -530,7 +536,7 @@ fn main() -> ExitCode {
         match mount_helper::translate(&argv[1..]) {
             Ok(args) => Cli::parse_from(args),
             Err(e) => {
-                eprintln!("mount.fuse.twinfs: {e:#}");
+                let _ = writeln!(std::io::stderr(), "mount.fuse.twinfs: {e:#}");
                 return ExitCode::from(32); // mount(8)'s "mount failure"
             }
         }
@@ -548,7 +554,8 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("twinfs: error: {e:#}");
+            // Not eprintln!: it panics when stderr cannot be written (a full disk).
+            let _ = writeln!(std::io::stderr(), "twinfs: error: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -209,12 +209,7 @@ fn daemonize(conn: &ConnArgs, args: &MountArgs) -> Result<()> {
         return Ok(());
     }
     let status = child.wait().ok();
-    let tail = std::fs::read_to_string(&log)
-        .map(|s| {
-            let lines: Vec<&str> = s.lines().collect();
-            lines[lines.len().saturating_sub(5)..].join("\n")
-        })
-        .unwrap_or_default();
+    let tail = log_tail(&log, 5);
     bail!(
         "the mount process exited ({}) before mounting; last lines of {}:\n{tail}",
         status
@@ -222,6 +217,31 @@ fn daemonize(conn: &ConnArgs, args: &MountArgs) -> Result<()> {
             .unwrap_or_else(|| "unknown status".into()),
         log.display()
     )
+}
+
+/// The last `lines` lines of the log at `path`, read from at most its last 64 KiB (a log may be
+/// huge); nothing for a log that is not a regular file (a device may never end).
+fn log_tail(path: &Path, lines: usize) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    const TAIL_BYTES: u64 = 64 << 10;
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = match f.metadata() {
+        Ok(m) if m.is_file() => m.len(),
+        // A device (/dev/null, /dev/full) has no lines to show.
+        _ => return String::new(),
+    };
+    if len > TAIL_BYTES && f.seek(SeekFrom::Start(len - TAIL_BYTES)).is_err() {
+        return String::new();
+    }
+    let mut buf = Vec::new();
+    if f.take(TAIL_BYTES).read_to_end(&mut buf).is_err() {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// Unmounts the twinfs mount at `dir`, and then any dead ones a killed process left beneath it

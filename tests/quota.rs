@@ -229,3 +229,57 @@ fn usage_survives_a_crashed_mount() {
     assert_eq!(info["usage_instances"], 0, "{info}");
     assert_eq!(info["bytes_used"], present, "{info}");
 }
+
+/// Nodes that are full make writes fail with ENOSPC (as a full local disk does, not EIO), lose
+/// nothing already written, and leave the mount serving; a mount whose log cannot be written
+/// (`/dev/full`, as on a full disk) keeps working and reports the same errors.
+#[test]
+fn full_nodes_give_enospc_and_an_unwritable_log_stops_nothing() {
+    // Two nodes of 3 MB each, every block on both: room for about 3 MB of content.
+    let c = DevCluster::start(2, 10, 0, &["--capacity=3000000"]);
+    c.ok(&["volume", "create", "full"]);
+    let (a, _ga) = mount(&c, "full", "fa");
+    let dir = c.dir.path().join("fb");
+    fs::create_dir_all(&dir).expect("mount dir");
+    let _gb = DetachOnDrop(dir.clone());
+    let out = run(c
+        .cmd()
+        .args(["mount", "full"])
+        .arg(&dir)
+        .args(["--log-file", "/dev/full"]));
+    assert!(
+        out.status.success(),
+        "a mount logging to /dev/full starts: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let kept = random_bytes(MIB as usize);
+    fs::write(a.join("kept"), &kept).expect("1 MiB fits");
+    for (m, name) in [(&a, "big-a"), (&dir, "big-b")] {
+        let (_, err) = write_in_mibs(&m.join(name), &random_bytes(8 * MIB as usize));
+        let err = err.unwrap_or_else(|| panic!("8 MiB on full nodes through {m:?} succeeded"));
+        assert_eq!(
+            err.raw_os_error(),
+            Some(libc::ENOSPC),
+            "full nodes through {m:?}: {err}"
+        );
+    }
+    // Nothing written before is lost, both mounts still serve, and a write that fits again
+    // (the failed file removed) goes through.
+    for m in [&a, &dir] {
+        assert_eq!(fs::read(m.join("kept")).expect("read kept"), kept);
+        fs::remove_file(m.join(if *m == a { "big-a" } else { "big-b" })).expect("unlink");
+    }
+    fs::create_dir(dir.join("still-serving")).expect("mkdir through the /dev/full mount");
+    assert!(a.join("still-serving").is_dir());
+    fs::write(dir.join("small"), b"fits").expect("a small write fits");
+    assert_eq!(fs::read(a.join("small")).unwrap(), b"fits");
+    for m in [&a, &dir] {
+        let out = run(c.cmd().arg("umount").arg(m));
+        assert!(
+            out.status.success(),
+            "umount {m:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -65,10 +65,30 @@ pub enum ClientError {
     NotFound(BlockHash),
     #[error("no node could store the block: {0}")]
     PutFailed(String),
+    /// Every node asked to store the block answered that it is full (an application sees
+    /// ENOSPC, as from a full local disk).
+    #[error("no space left on any node that could store the block: {0}")]
+    NoSpace(String),
     #[error("no live node returned a good copy of {hash}: {attempts}")]
     GetFailed { hash: BlockHash, attempts: String },
     #[error("node {node}: {error}")]
     Node { node: String, error: String },
+}
+
+/// Why one node did not store a block.
+struct PutRefusal {
+    /// The node answered that it has no room.
+    full: bool,
+    reason: String,
+}
+
+impl PutRefusal {
+    fn other(reason: String) -> PutRefusal {
+        PutRefusal {
+            full: false,
+            reason,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -190,16 +210,22 @@ impl BlockClient {
         node: NodeRecord,
         hash: BlockHash,
         data: Bytes,
-    ) -> (NodeRecord, Result<(), String>) {
+    ) -> (NodeRecord, Result<(), PutRefusal>) {
         let msg = Message::Put { hash, data };
         let r = match self
             .request(&node, &msg, self.opts.put_attempt_timeout)
             .await
         {
             Ok(Message::Ok) => Ok(()),
-            Ok(Message::Error { code, message }) => Err(format!("{code:?}: {message}")),
-            Ok(other) => Err(format!("unexpected reply {:?}", other.kind())),
-            Err(e) => Err(e.to_string()),
+            Ok(Message::Error { code, message }) => Err(PutRefusal {
+                full: code == ErrorCode::NoSpace,
+                reason: format!("{code:?}: {message}"),
+            }),
+            Ok(other) => Err(PutRefusal::other(format!(
+                "unexpected reply {:?}",
+                other.kind()
+            ))),
+            Err(e) => Err(PutRefusal::other(e.to_string())),
         };
         (node, r)
     }
@@ -251,6 +277,8 @@ impl BlockClient {
         }
         let mut holders = Vec::new();
         let mut errors = Vec::new();
+        // Whether every refusal so far was a full node.
+        let mut all_full = true;
         let hedge = tokio::time::sleep(self.opts.hedge_after);
         tokio::pin!(hedge);
         let mut hedged = false;
@@ -261,7 +289,9 @@ impl BlockClient {
                     pending.remove(&node.id);
                     match result {
                         Ok(()) => holders.push(node.id),
-                        Err(e) => {
+                        Err(refusal) => {
+                            all_full &= refusal.full;
+                            let e = refusal.reason;
                             tracing::warn!(node = %node.id, block = %hash, error = %e, "put failed; trying the next node");
                             errors.push(format!("{}: {e}", node.id));
                             if let Some(n) = next.next() {
@@ -289,7 +319,12 @@ impl BlockClient {
             }
         }
         if holders.is_empty() {
-            return Err(ClientError::PutFailed(errors.join("; ")));
+            let errors = errors.join("; ");
+            return Err(if all_full && !errors.is_empty() {
+                ClientError::NoSpace(errors)
+            } else {
+                ClientError::PutFailed(errors)
+            });
         }
         let outcome = PutOutcome {
             hash,
@@ -489,9 +524,9 @@ impl BlockClient {
     ) -> Result<(), ClientError> {
         let len = data.len() as u64;
         let (_, r) = self.put_one(node.clone(), hash, data).await;
-        r.map_err(|error| ClientError::Node {
+        r.map_err(|refusal| ClientError::Node {
             node: node.id.clone(),
-            error,
+            error: refusal.reason,
         })?;
         crate::metrics::metrics().client_bytes_written.inc_by(len);
         Ok(())

@@ -7,6 +7,8 @@
 //! - `get` → [`BlockClient::get`] of the whole block, which walks the placement ranking and
 //!   verifies the bytes against the hash before returning them; a block no live node holds is
 //!   [`BlockError::NotFound`], any other failure [`BlockError::Other`].
+//! - A put that every node it asked refused for lack of room is [`BlockError::NoSpace`]: the
+//!   application sees ENOSPC, as from a full local disk, not EIO.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -50,6 +52,13 @@ fn get_error(hash: BlockHash, e: ClientError) -> BlockError {
     }
 }
 
+fn put_error(e: ClientError) -> BlockError {
+    match e {
+        ClientError::NoSpace(why) => BlockError::NoSpace(why),
+        other => BlockError::Other(format!("storing a block: {other}")),
+    }
+}
+
 impl BlockIo for ClusterBlocks {
     fn put(&self, data: Bytes) -> BoxFuture<'_, Result<BlockHash, BlockError>> {
         async move {
@@ -60,7 +69,7 @@ impl BlockIo for ClusterBlocks {
                     }
                     Ok(outcome.hash)
                 }
-                Err(e) => Err(BlockError::Other(format!("storing a block: {e}"))),
+                Err(e) => Err(put_error(e)),
             }
         }
         .boxed()
@@ -100,6 +109,14 @@ mod tests {
                     attempts: "node-0: returned corrupt bytes".into()
                 }
             ),
+            BlockError::Other(_)
+        ));
+        assert!(matches!(
+            put_error(ClientError::NoSpace("n1: NoSpace".into())),
+            BlockError::NoSpace(_)
+        ));
+        assert!(matches!(
+            put_error(ClientError::PutFailed("n1: timed out".into())),
             BlockError::Other(_)
         ));
     }

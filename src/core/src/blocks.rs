@@ -15,6 +15,9 @@ pub enum BlockError {
     NotFound(BlockHash),
     #[error("block {0} is corrupt")]
     Corrupt(BlockHash),
+    /// No node had room for the block.
+    #[error("no space for the block: {0}")]
+    NoSpace(String),
     #[error("block store error: {0}")]
     Other(String),
 }

@@ -67,7 +67,7 @@ impl FsError {
             FsError::NotPermitted(_) => libc::EPERM,
             FsError::TooManyLinks => libc::EMLINK,
             FsError::Busy => libc::EBUSY,
-            FsError::NoSpace => libc::ENOSPC,
+            FsError::NoSpace | FsError::Block(BlockError::NoSpace(_)) => libc::ENOSPC,
             FsError::NotSupported(_) => libc::EOPNOTSUPP,
             FsError::Corrupt(_) | FsError::Kv(_) | FsError::Block(_) => libc::EIO,
             FsError::Contention(_) => libc::EAGAIN,

@@ -543,6 +543,25 @@ fn main() -> ExitCode {
     } else {
         Cli::parse()
     };
+    if matches!(
+        cli.command,
+        Command::Status { .. }
+            | Command::Block { .. }
+            | Command::Volume { .. }
+            | Command::Fsck { .. }
+            | Command::Gc { .. }
+            | Command::Ca { .. }
+            | Command::Cert { .. }
+    ) {
+        // A report piped into `head` ends quietly when the reader goes, as other Unix tools
+        // do, instead of panicking in println! ("failed printing to stdout: Broken pipe").
+        // Sockets are unaffected: std and tokio send with MSG_NOSIGNAL.
+        // SAFETY: SIG_DFL installs no handler, so nothing runs in signal context; no other
+        // thread exists yet (the runtime starts in `run`).
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     init_logging(
         if matches!(cli.command, Command::Node(_) | Command::Mount(_)) {
             // fuser warns when its own unmount finds the mount already gone (we unmounted).

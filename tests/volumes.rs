@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -94,6 +95,27 @@ fn volume_lifecycle_through_the_cli() {
     let err = fails(&c, &["volume", "create", "uploads"]);
     assert!(err.contains("volume uploads already exists"), "{err}");
     c.ok(&["volume", "create", "media", "--replicas", "3"]);
+
+    // A report whose reader went away (`twinfs volume list | head -0`) ends quietly, as other
+    // Unix tools do, not with a panic.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = c
+        .cmd()
+        .args(["volume", "list"])
+        .stdout(writer)
+        .output()
+        .expect("run twinfs volume list");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("panicked"),
+        "volume list into a closed pipe: {stderr}"
+    );
+    assert!(
+        out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+        "volume list into a closed pipe: {:?} {stderr}",
+        out.status
+    );
 
     // Bad names and settings: non-zero exit and a message that says what is wrong.
     let long = "x".repeat(65);

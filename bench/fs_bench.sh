@@ -30,6 +30,7 @@ done
 [ -d "${WP_SRC:-/usr/share/wordpress}" ] || { echo "${WP_SRC:-/usr/share/wordpress} not found: run scripts/setup.sh (Debian package wordpress)" >&2; exit 1; }
 [ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release --bin twinfs
 TWINFS=$PWD/target/release/twinfs
+export TWINFS_BIN=$TWINFS
 dirty=""; [ -z "$(git status --porcelain -- . 2>/dev/null)" ] || dirty=" with uncommitted changes"
 export BUILD_DESC="release build of $(git rev-parse --short HEAD 2>/dev/null || echo '?')$dirty (binary built $(date -u -r "$TWINFS" '+%Y-%m-%d %H:%M UTC'))"
 

@@ -20,8 +20,9 @@ pub struct MountArgs {
     /// Stay in the foreground (logs to stderr) instead of detaching into the background.
     #[arg(short, long)]
     pub foreground: bool,
-    /// Where a background mount writes its log (default: /var/log/twinfs/mount-VOLUME.log, or
-    /// the temporary directory when that is not writable).
+    /// Where a background mount writes its log (default: /var/log/twinfs/mount-VOLUME-DIR.log,
+    /// DIR the mount point's path with `/` as `-`; the temporary directory when that is not
+    /// writable).
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
     /// Seconds the kernel may cache attributes and directory entries. Other nodes' changes are
@@ -140,12 +141,44 @@ pub fn mount(conn: &ConnArgs, args: MountArgs) -> Result<()> {
     )
 }
 
-fn default_log(volume: &str) -> PathBuf {
+/// One log per mount point: two mounts of a volume on one host (two pods, a test) must not
+/// interleave their lines, nor show each other's when one fails to start.
+fn default_log(volume: &str, mount_dir: &Path) -> PathBuf {
+    let name = format!("mount-{volume}-{}.log", path_slug(mount_dir));
     let dir = Path::new("/var/log/twinfs");
     if std::fs::create_dir_all(dir).is_ok() {
-        return dir.join(format!("mount-{volume}.log"));
+        return dir.join(name);
     }
-    std::env::temp_dir().join(format!("twinfs-mount-{volume}.log"))
+    std::env::temp_dir().join(format!("twinfs-{name}"))
+}
+
+/// `path` (made absolute when it can be) as one file-name part: its components joined by
+/// `-`, anything but ASCII letters, digits, `.` and `_` as `_`, at most 100 characters.
+fn path_slug(path: &Path) -> String {
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let slug: String = path
+        .components()
+        .filter_map(|c| match c {
+            std::path::Component::Normal(s) => Some(s.to_string_lossy().into_owned()),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join("-")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(100)
+        .collect();
+    if slug.is_empty() {
+        "root".to_string()
+    } else {
+        slug
+    }
 }
 
 /// Starts this same command again with `--foreground` in its own process group, with its log
@@ -156,7 +189,7 @@ fn daemonize(conn: &ConnArgs, args: &MountArgs) -> Result<()> {
     let log = args
         .log_file
         .clone()
-        .unwrap_or_else(|| default_log(&args.volume));
+        .unwrap_or_else(|| default_log(&args.volume, &args.dir));
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -270,4 +303,24 @@ pub fn umount(dir: &Path, lazy: bool) -> Result<()> {
     }
     println!("unmounted {}", dir.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_mount_point_gets_its_own_log_name() {
+        assert_eq!(
+            path_slug(Path::new("/var/www/wp-content/uploads")),
+            "var-www-wp-content-uploads"
+        );
+        assert_eq!(path_slug(Path::new("/mnt/a b/ü")), "mnt-a_b-_");
+        assert_eq!(path_slug(Path::new("/")), "root");
+        assert_ne!(
+            path_slug(Path::new("/srv/a")),
+            path_slug(Path::new("/srv/b"))
+        );
+        assert!(path_slug(Path::new(&format!("/{}", "x".repeat(300)))).len() <= 100);
+    }
 }

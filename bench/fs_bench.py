@@ -170,7 +170,6 @@ def twinfs_first_run_again(b):
     root = os.path.dirname(b)
     twinfs("umount", root)
     twinfs("mount", "uploads", root)
-    wait_for(lambda: os.path.isdir(b), f"{b} to appear after the reading mount restarted")
 
 
 def step_w3(a, b, run):
@@ -178,7 +177,7 @@ def step_w3(a, b, run):
     wa, wb = fresh_dir(a, b, "w3")
     if os.environ.get("BENCH_SYSTEM") == "twinfs" and run > 1:
         twinfs_first_run_again(b)
-        wait_for(lambda: os.path.isdir(wb), f"{wb} to appear")
+        wait_for(lambda: os.path.isdir(wb), f"{wb} to appear through the restarted reading mount")
     da, db = os.path.join(wa, "wp"), os.path.join(wb, "wp")
     drop_caches()
     t0 = now()

@@ -153,7 +153,7 @@ fn default_log(volume: &str, mount_dir: &Path) -> PathBuf {
 }
 
 /// `path` (made absolute when it can be) as one file-name part: its components joined by
-/// `-`, anything but ASCII letters, digits, `.` and `_` as `_`, at most 100 characters.
+/// `-`, anything but ASCII letters, digits, `.`, `_` and `-` as `_`, at most 100 characters.
 fn path_slug(path: &Path) -> String {
     let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let slug: String = path

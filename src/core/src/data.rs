@@ -881,14 +881,13 @@ impl Fs {
         // Each dirty chunk's block: a full chunk stored in the background already (awaited),
         // the others stored now. One that failed is left out, and the ordinary flush redoes it.
         let puts = futures::future::join_all(h.dirty.iter().map(|(&idx, d)| {
-            let upload = d.fresh_upload();
             let len = u32::try_from(d.len()).map_err(|_| FsError::Invalid("chunk too large"));
-            let content = upload.is_none().then(|| d.new_content());
+            // The upload in flight, or else the content to store now.
+            let source = d.fresh_upload().ok_or_else(|| d.new_content());
             async move {
-                match (upload, content) {
-                    (Some(up), _) => Ok((idx, up.await?, len?)),
-                    (None, Some(content)) => self.store_chunk(idx, content).await,
-                    (None, None) => Err(FsError::Invalid("no content")),
+                match source {
+                    Ok(up) => Ok((idx, up.await?, len?)),
+                    Err(content) => self.store_chunk(idx, content).await,
                 }
             }
         }))

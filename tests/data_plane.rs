@@ -356,3 +356,119 @@ fn admin_commands_explain_what_is_missing() {
     let out = run(twinfs().args(["block", "get", "not-a-hash", "--cluster", "/nonexistent"]));
     assert!(!out.status.success());
 }
+
+/// `get_many` (a batch of small blocks fetched ahead, one request per node) returns what
+/// `get` would for each block: good bytes in the order asked, a missing block as not found,
+/// and a bad copy in a batch is left out, fetched through `get`, reported and quarantined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_many_returns_each_block_as_get_would() {
+    use twinfs_cluster::client::{BlockClient, ClientError, ClientOptions};
+    use twinfs_cluster::BlockHash;
+    let c = tokio::task::spawn_blocking(|| DevCluster::up(3, 10))
+        .await
+        .unwrap();
+    let c = std::sync::Arc::new(c);
+    // An inline block, file-backed ones, and one whose first-ranked copy is corrupt.
+    let sizes = [100usize, 5_000, 100_000, 300_000, 200_000];
+    let (blocks, bad_node) = {
+        let c = c.clone();
+        tokio::task::spawn_blocking(move || {
+            let blocks: Vec<(String, Vec<u8>)> = sizes
+                .iter()
+                .map(|&n| {
+                    let d = random_bytes(n);
+                    (c.put(&d), d)
+                })
+                .collect();
+            let (hash, _) = &blocks[4];
+            let first = c.ranking(hash)[0].clone();
+            let path = c.block_path(&first, hash);
+            let mut bad = std::fs::read(&path).unwrap();
+            bad[777] ^= 0x40;
+            std::fs::write(&path, &bad).unwrap();
+            (blocks, first)
+        })
+        .await
+        .unwrap()
+    };
+
+    let identity = Identity::load(&c.client_cert_dir()).unwrap();
+    let cluster: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(c.cluster_file()).unwrap()).unwrap();
+    let endpoint = cluster["etcd"]["endpoints"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let etcd = etcd_client::Client::connect([endpoint], None)
+        .await
+        .unwrap();
+    let membership = twinfs_cluster::membership::Membership::watch(etcd)
+        .await
+        .unwrap();
+    let client = BlockClient::new(&identity, membership, ClientOptions::default()).unwrap();
+    let missing = BlockHash::of(b"no node stores this");
+    let mut asked: Vec<BlockHash> = blocks.iter().map(|(h, _)| h.parse().unwrap()).collect();
+    asked.insert(2, missing);
+    asked.push(asked[0]); // asked twice
+    let m = twinfs_cluster::metrics::metrics();
+    let count = |op: &'static str| {
+        let label = twinfs_cluster::metrics::OpLabel { op };
+        (
+            m.client_requests.total.get_or_create(&label).get(),
+            m.client_requests.errors.get_or_create(&label).get(),
+        )
+    };
+    let (batches_before, gets_before) = (count("get_many"), count("get"));
+    let got = client.get_many(&asked).await;
+    assert_eq!(got.len(), asked.len());
+    // Batches to at most the 3 nodes, all answered; one by one only the missing block and the
+    // one whose batched copy was bad.
+    let batches = count("get_many").0 - batches_before.0;
+    assert!((1..=3).contains(&batches), "{batches} batches");
+    assert_eq!(count("get_many").1, batches_before.1, "a batch failed");
+    assert_eq!(count("get").0 - gets_before.0, 2);
+    let mut want: Vec<Option<&Vec<u8>>> = blocks.iter().map(|(_, d)| Some(d)).collect();
+    want.insert(2, None);
+    want.push(want[0]);
+    for (i, (r, w)) in got.iter().zip(&want).enumerate() {
+        match (r, w) {
+            (Ok(data), Some(w)) => assert_eq!(&data[..], &w[..], "block {i}"),
+            (Err(ClientError::NotFound(h)), None) => assert_eq!(*h, missing),
+            (r, _) => panic!("block {i}: unexpected {r:?}"),
+        }
+    }
+    // The corrupt copy was reported and quarantined, as a `get` would have it.
+    let c2 = c.clone();
+    let status = tokio::task::spawn_blocking(move || c2.status_json())
+        .await
+        .unwrap();
+    let node = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == bad_node.as_str())
+        .unwrap();
+    assert_eq!(node["corrupt_detected"], 1, "{status}");
+
+    // A node asked directly answers in the order asked, nothing for what it lacks, and refuses
+    // a batch longer than the limit before reading it.
+    let pool = PeerPool::new(&identity).unwrap();
+    let (h0, d0) = &blocks[0];
+    let holder = c.ranking(h0)[0].clone();
+    let addr: SocketAddr = c.node(&holder).addr.parse().unwrap();
+    let t = Duration::from_secs(5);
+    let ask = Message::GetMany {
+        hashes: vec![missing, h0.parse().unwrap()],
+    };
+    match pool.request(addr, &ask, t, t).await.unwrap() {
+        Message::DataMany(got) => assert_eq!(got, vec![None, Some(d0.clone().into())]),
+        other => panic!("unexpected {other:?}"),
+    }
+    let too_many = Message::GetMany {
+        hashes: vec![missing; wire::MAX_GET_MANY + 1],
+    };
+    match pool.request(addr, &too_many, t, t).await.unwrap() {
+        Message::Error { code, .. } => assert_eq!(code, ErrorCode::TooLarge),
+        other => panic!("unexpected {other:?}"),
+    }
+}

@@ -6,6 +6,8 @@
 //!   outcome says how many copies exist so the caller can count the block as under-replicated.
 //! - `get` walks the ranking (suspect nodes last), giving each node a bounded time, and verifies
 //!   the bytes against the hash before returning them; a bad copy is reported and skipped.
+//! - `get_many` fetches several (small) blocks with one request per first-ranked holder; any
+//!   block that request does not return good goes through `get`.
 //!
 //! Nothing here holds a lock across network I/O.
 
@@ -22,7 +24,7 @@ use crate::membership::{Membership, NodeRecord};
 use crate::pki::Identity;
 use crate::placement;
 use crate::transport::{PeerPool, TransportError};
-use crate::wire::{ByteRange, ErrorCode, Message, NodeInfo, MAX_BLOCK_SIZE};
+use crate::wire::{ByteRange, ErrorCode, Message, NodeInfo, MAX_BLOCK_SIZE, MAX_GET_MANY};
 use crate::BlockHash;
 
 #[derive(Debug, Clone)]
@@ -438,6 +440,64 @@ impl BlockClient {
                 attempts: failures.join("; "),
             })
         }
+    }
+
+    /// Fetches whole blocks, each as [`get`](Self::get) would return it, in `hashes`' order.
+    /// The blocks are grouped by their first-ranked live holder and each group asked for in
+    /// one `GetMany` request (one stream and round trip instead of one per block: a small
+    /// block's fetch costs mostly its request, not its bytes). A block that request leaves
+    /// out, or returns with bytes that do not match its hash, or every block of a failed
+    /// request (a node that does not know `GetMany` included) is fetched through `get`,
+    /// which walks the ranking and deals with bad copies.
+    pub async fn get_many(&self, hashes: &[BlockHash]) -> Vec<Result<Bytes, ClientError>> {
+        let mut groups: HashMap<SocketAddr, (NodeRecord, Vec<usize>)> = HashMap::new();
+        for (i, hash) in hashes.iter().enumerate() {
+            if let Some(node) = self.ranked_nodes(hash).into_iter().next() {
+                groups
+                    .entry(node.addr)
+                    .or_insert_with(|| (node, Vec::new()))
+                    .1
+                    .push(i);
+            }
+        }
+        let mut got: Vec<Option<Bytes>> = vec![None; hashes.len()];
+        let asks = groups.values().flat_map(|(node, idxs)| {
+            idxs.chunks(MAX_GET_MANY).map(move |idxs| async move {
+                let start = Instant::now();
+                let msg = Message::GetMany {
+                    hashes: idxs.iter().map(|&i| hashes[i]).collect(),
+                };
+                let reply = self
+                    .request(node, &msg, self.opts.get_attempt_timeout)
+                    .await;
+                let ok = matches!(&reply, Ok(Message::DataMany(b)) if b.len() == idxs.len());
+                crate::metrics::metrics()
+                    .client_requests
+                    .record("get_many", start, ok);
+                match reply {
+                    Ok(Message::DataMany(blocks)) if ok => {
+                        idxs.iter().copied().zip(blocks).collect()
+                    }
+                    _ => Vec::new(),
+                }
+            })
+        });
+        for answers in futures::future::join_all(asks).await {
+            for (i, data) in answers {
+                got[i] = data.filter(|d| hashes[i].verifies(d));
+            }
+        }
+        let m = crate::metrics::metrics();
+        m.client_bytes_read
+            .inc_by(got.iter().flatten().map(|d| d.len() as u64).sum());
+        // Whatever the batches did not bring (usually nothing), one by one, in parallel.
+        futures::future::join_all(got.into_iter().zip(hashes).map(|(data, &hash)| async move {
+            match data {
+                Some(d) => Ok(d),
+                None => self.get(hash, None).await,
+            }
+        }))
+        .await
     }
 
     /// QUIC path figures of this client's connections to nodes.

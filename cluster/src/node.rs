@@ -15,7 +15,7 @@ use crate::etcd::EtcdConfig;
 use crate::membership::{unix_now, NodeRecord, NodeState, Registration};
 use crate::pki::Identity;
 use crate::transport::{self, Handler, ServerCounters};
-use crate::wire::{ErrorCode, Message, MessageKind, NodeInfo, MAX_LIST_PAGE};
+use crate::wire::{ErrorCode, Message, MessageKind, NodeInfo, MAX_GET_MANY_BYTES, MAX_LIST_PAGE};
 use crate::VERSION;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -287,6 +287,7 @@ impl NodeService {
             MessageKind::Info => "info",
             MessageKind::Verify => "verify",
             MessageKind::Collect => "collect",
+            MessageKind::GetMany => "get_many",
             _ => "other",
         };
         let m = crate::metrics::metrics();
@@ -294,8 +295,13 @@ impl NodeService {
             m.node_bytes_received.inc_by(data.len() as u64);
         }
         let reply = self.serve_request(req).await;
-        if let Message::Data(d) = &reply {
-            m.node_bytes_sent.inc_by(d.len() as u64);
+        let sent = match &reply {
+            Message::Data(d) => d.len() as u64,
+            Message::DataMany(blocks) => blocks.iter().flatten().map(|d| d.len() as u64).sum(),
+            _ => 0,
+        };
+        if sent > 0 {
+            m.node_bytes_sent.inc_by(sent);
         }
         // A missing block is an answer, not a failure (clients ask holders in turn).
         let failed = matches!(&reply, Message::Error { code, .. } if *code != ErrorCode::NotFound);
@@ -337,6 +343,28 @@ impl NodeService {
                 };
                 match read {
                     Ok(data) => Message::Data(data),
+                    Err(e) => store_error(e),
+                }
+            }
+            // Blocks are sent as stored, as for `Get`; the client verifies each one and fetches
+            // any it finds bad, missing or left out through `Get` (where a bad copy is dealt
+            // with), so a block this node cannot read is simply left out here.
+            Message::GetMany { hashes } => {
+                let read = self
+                    .blocking(move |s| {
+                        let mut budget = MAX_GET_MANY_BYTES;
+                        Ok(hashes
+                            .iter()
+                            .map(|h| {
+                                let data = s.read_unverified(h).ok()?;
+                                budget = budget.checked_sub(data.len())?;
+                                Some(data)
+                            })
+                            .collect())
+                    })
+                    .await;
+                match read {
+                    Ok(blocks) => Message::DataMany(blocks),
                     Err(e) => store_error(e),
                 }
             }

@@ -303,6 +303,7 @@ impl Message {
                 | Message::Info
                 | Message::Verify { .. }
                 | Message::Collect { .. }
+                | Message::GetMany { .. }
         )
     }
 }

@@ -29,6 +29,11 @@ pub const MAX_BLOCK_SIZE: usize = 8 << 20;
 pub const MAX_HAS_BATCH: usize = 8192;
 /// Largest page of a `List` reply.
 pub const MAX_LIST_PAGE: usize = 8192;
+/// Most hashes in one `GetMany` request.
+pub const MAX_GET_MANY: usize = 64;
+/// Most block bytes in one `DataMany` reply: a node leaves out the blocks past it (the
+/// client fetches those one by one).
+pub const MAX_GET_MANY_BYTES: usize = MAX_BLOCK_SIZE;
 /// Largest string (error message, node id, zone, version) carried in a frame.
 pub const MAX_STRING: usize = 4096;
 /// Largest body of any frame that does not carry block data.
@@ -45,11 +50,13 @@ pub enum MessageKind {
     Info = 0x06,
     Verify = 0x07,
     Collect = 0x08,
+    GetMany = 0x09,
     Ok = 0x41,
     Data = 0x42,
     HasReply = 0x43,
     ListReply = 0x44,
     InfoReply = 0x45,
+    DataMany = 0x46,
     Error = 0x7f,
 }
 
@@ -65,11 +72,13 @@ impl MessageKind {
             0x06 => Info,
             0x07 => Verify,
             0x08 => Collect,
+            0x09 => GetMany,
             0x41 => Ok,
             0x42 => Data,
             0x43 => HasReply,
             0x44 => ListReply,
             0x45 => InfoReply,
+            0x46 => DataMany,
             0x7f => Error,
             _ => return None,
         })
@@ -84,6 +93,8 @@ impl MessageKind {
             MessageKind::Has | MessageKind::Verify => 4 + 32 * MAX_HAS_BATCH,
             MessageKind::Collect => 12 + 32 * MAX_HAS_BATCH,
             MessageKind::ListReply => 5 + 48 * MAX_LIST_PAGE,
+            MessageKind::GetMany => 4 + 32 * MAX_GET_MANY,
+            MessageKind::DataMany => 4 + 5 * MAX_GET_MANY + MAX_GET_MANY_BYTES,
             _ => MAX_SMALL_BODY,
         }
     }
@@ -192,6 +203,15 @@ pub enum Message {
         more: bool,
     },
     InfoReply(NodeInfo),
+    /// Several whole blocks in one request (small blocks fetched ahead: one stream and one
+    /// round trip instead of one each). Answered by `DataMany`.
+    GetMany {
+        hashes: Vec<BlockHash>,
+    },
+    /// The blocks a `GetMany` asked for, in its order, as stored (the client verifies them);
+    /// `None` for a block the node has not, cannot read, or left out to stay within
+    /// [`MAX_GET_MANY_BYTES`].
+    DataMany(Vec<Option<Bytes>>),
     Error {
         code: ErrorCode,
         message: String,
@@ -357,6 +377,35 @@ pub fn decode_body(kind: MessageKind, body: Bytes) -> Result<Message, WireError>
             }
         }
         MessageKind::Delete => Message::Delete { hash: r.hash()? },
+        MessageKind::GetMany => {
+            let hashes = r.hashes()?;
+            if hashes.len() > MAX_GET_MANY {
+                return Err(WireError::Malformed(kind, "too many hashes"));
+            }
+            Message::GetMany { hashes }
+        }
+        MessageKind::DataMany => {
+            let n = r.u32()? as usize;
+            if n > MAX_GET_MANY {
+                return Err(WireError::Malformed(kind, "too many blocks"));
+            }
+            let mut blocks = Vec::with_capacity(n);
+            for _ in 0..n {
+                blocks.push(match r.u8()? {
+                    0 => None,
+                    1 => {
+                        let len = r.u32()? as usize;
+                        if len > MAX_BLOCK_SIZE {
+                            return Err(WireError::Malformed(kind, "block too large"));
+                        }
+                        r.need(len)?;
+                        Some(r.buf.split_to(len))
+                    }
+                    _ => return Err(WireError::Malformed(kind, "bad block flag")),
+                });
+            }
+            Message::DataMany(blocks)
+        }
         MessageKind::List => {
             let after = match r.u8()? {
                 0 => None,
@@ -474,6 +523,8 @@ impl Message {
             Message::Info => MessageKind::Info,
             Message::Verify { .. } => MessageKind::Verify,
             Message::Collect { .. } => MessageKind::Collect,
+            Message::GetMany { .. } => MessageKind::GetMany,
+            Message::DataMany(_) => MessageKind::DataMany,
             Message::Ok => MessageKind::Ok,
             Message::Data(_) => MessageKind::Data,
             Message::HasReply(_) => MessageKind::HasReply,
@@ -515,7 +566,9 @@ impl Message {
                     }
                 }
             }
-            Message::Has { hashes } | Message::Verify { hashes } => put_hashes(&mut b, hashes),
+            Message::Has { hashes } | Message::Verify { hashes } | Message::GetMany { hashes } => {
+                put_hashes(&mut b, hashes)
+            }
             Message::Collect {
                 hashes,
                 older_than_unix,
@@ -536,6 +589,23 @@ impl Message {
             }
             Message::Info | Message::Ok => {}
             Message::Data(data) => tail = Some(data.clone()),
+            Message::DataMany(blocks) => {
+                // Small blocks (see `MAX_GET_MANY_BYTES`): one copy into the frame is cheaper
+                // than a transport write per block.
+                let bytes: usize = blocks.iter().flatten().map(|d| d.len() + 5).sum();
+                b.reserve(4 + blocks.len() + bytes);
+                b.put_u32(blocks.len() as u32);
+                for block in blocks {
+                    match block {
+                        None => b.put_u8(0),
+                        Some(d) => {
+                            b.put_u8(1);
+                            b.put_u32(d.len() as u32);
+                            b.put_slice(d);
+                        }
+                    }
+                }
+            }
             Message::HasReply(bits) => {
                 b.put_u32(bits.len() as u32);
                 let mut packed = vec![0u8; bits.len().div_ceil(8)];
@@ -647,6 +717,13 @@ mod tests {
                 }),
             proptest::collection::vec(arb_hash(), 0..20)
                 .prop_map(|hashes| Message::Verify { hashes }),
+            proptest::collection::vec(arb_hash(), 0..=MAX_GET_MANY)
+                .prop_map(|hashes| Message::GetMany { hashes }),
+            proptest::collection::vec(
+                proptest::option::of(proptest::collection::vec(any::<u8>(), 0..300)),
+                0..20
+            )
+            .prop_map(|b| Message::DataMany(b.into_iter().map(|d| d.map(Bytes::from)).collect())),
             (proptest::collection::vec(arb_hash(), 0..20), any::<u64>()).prop_map(
                 |(hashes, older_than_unix)| Message::Collect {
                     hashes,
@@ -682,7 +759,7 @@ mod tests {
         /// Arbitrary bodies behind a valid header (the interesting case: past the magic check).
         #[test]
         fn arbitrary_bodies_never_panic(kind in prop::sample::select(vec![
-            1u8, 2, 3, 4, 5, 6, 7, 8, 0x41, 0x42, 0x43, 0x44, 0x45, 0x7f]),
+            1u8, 2, 3, 4, 5, 6, 7, 8, 9, 0x41, 0x42, 0x43, 0x44, 0x45, 0x46, 0x7f]),
             body in proptest::collection::vec(any::<u8>(), 0..1024)) {
             let mut frame = vec![b'T', b'W', WIRE_VERSION, kind];
             frame.extend_from_slice(&(body.len() as u32).to_be_bytes());

@@ -84,6 +84,21 @@ impl BlockIo for ClusterBlocks {
         }
         .boxed()
     }
+
+    fn get_many(&self, hashes: Vec<BlockHash>) -> BoxFuture<'_, Vec<Result<Bytes, BlockError>>> {
+        async move {
+            if let [hash] = hashes[..] {
+                return vec![self.get(hash).await];
+            }
+            let results = self.client.get_many(&hashes).await;
+            results
+                .into_iter()
+                .zip(hashes)
+                .map(|(r, hash)| r.map_err(|e| get_error(hash, e)))
+                .collect()
+        }
+        .boxed()
+    }
 }
 
 #[cfg(test)]

@@ -450,18 +450,17 @@ impl BlockClient {
     /// request (a node that does not know `GetMany` included) is fetched through `get`,
     /// which walks the ranking and deals with bad copies.
     pub async fn get_many(&self, hashes: &[BlockHash]) -> Vec<Result<Bytes, ClientError>> {
-        let mut groups: HashMap<SocketAddr, (NodeRecord, Vec<usize>)> = HashMap::new();
-        for (i, hash) in hashes.iter().enumerate() {
-            if let Some(node) = self.ranked_nodes(hash).into_iter().next() {
-                groups
-                    .entry(node.addr)
-                    .or_insert_with(|| (node, Vec::new()))
-                    .1
-                    .push(i);
-            }
-        }
+        let holders: Vec<Vec<NodeRecord>> = hashes
+            .iter()
+            .map(|h| {
+                let mut ranked = self.ranked_nodes(h);
+                ranked.truncate(self.opts.replicas.max(1));
+                ranked
+            })
+            .collect();
+        let groups = batch_by_holder(&holders);
         let mut got: Vec<Option<Bytes>> = vec![None; hashes.len()];
-        let asks = groups.values().flat_map(|(node, idxs)| {
+        let asks = groups.iter().flat_map(|(node, idxs)| {
             idxs.chunks(MAX_GET_MANY).map(move |idxs| async move {
                 let start = Instant::now();
                 let msg = Message::GetMany {
@@ -646,6 +645,40 @@ impl BlockClient {
     }
 }
 
+/// Groups blocks (each given by the nodes that should hold it, best first) into as few
+/// requests as it can: repeatedly the node that should hold the most blocks not yet grouped
+/// takes them all (ties to the node ranked better for more of them). With 3 nodes and 2
+/// copies a batch then goes to 2 nodes, not to all 3 as by first-ranked holder.
+fn batch_by_holder(holders: &[Vec<NodeRecord>]) -> Vec<(NodeRecord, Vec<usize>)> {
+    let mut left: Vec<usize> = (0..holders.len())
+        .filter(|&i| !holders[i].is_empty())
+        .collect();
+    let mut groups = Vec::new();
+    while !left.is_empty() {
+        // Per node: (blocks it holds among those left, sum of its ranks there).
+        let mut score: HashMap<SocketAddr, (usize, usize, &NodeRecord)> = HashMap::new();
+        for &i in &left {
+            for (rank, node) in holders[i].iter().enumerate() {
+                let e = score.entry(node.addr).or_insert((0, 0, node));
+                e.0 += 1;
+                e.1 += rank;
+            }
+        }
+        let Some((_, _, best)) = score
+            .into_values()
+            .max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)).then(b.2.id.cmp(&a.2.id)))
+        else {
+            break;
+        };
+        let (take, keep): (Vec<usize>, Vec<usize>) = left
+            .into_iter()
+            .partition(|&i| holders[i].iter().any(|n| n.addr == best.addr));
+        groups.push((best.clone(), take));
+        left = keep;
+    }
+    groups
+}
+
 /// The error for a request to `node` that did not get the reply it wanted: the node's own
 /// error, a reply of the wrong kind, or a transport failure.
 fn reply_error(node: &NodeRecord, reply: Result<Message, TransportError>) -> ClientError {
@@ -657,5 +690,51 @@ fn reply_error(node: &NodeRecord, reply: Result<Message, TransportError>) -> Cli
     ClientError::Node {
         node: node.id.clone(),
         error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::membership::NodeState;
+
+    fn node(i: u16) -> NodeRecord {
+        NodeRecord {
+            id: format!("n{i}"),
+            addr: SocketAddr::from(([127, 0, 0, 1], 7000 + i)),
+            zone: None,
+            version: String::new(),
+            capacity: 0,
+            free: 0,
+            blocks: 0,
+            bytes_used: 0,
+            state: NodeState::Up,
+            updated_unix: 0,
+        }
+    }
+
+    #[test]
+    fn batches_go_to_as_few_holders_as_cover_every_block() {
+        let (a, b, c) = (node(0), node(1), node(2));
+        // Six blocks on two of three nodes each; b holds five of them.
+        let holders = vec![
+            vec![a.clone(), b.clone()],
+            vec![b.clone(), c.clone()],
+            vec![c.clone(), a.clone()],
+            vec![b.clone(), a.clone()],
+            vec![c.clone(), b.clone()],
+            vec![a.clone(), b.clone()],
+            vec![],
+        ];
+        let groups = batch_by_holder(&holders);
+        let got: Vec<(String, Vec<usize>)> = groups.into_iter().map(|(n, i)| (n.id, i)).collect();
+        assert_eq!(
+            got,
+            vec![("n1".into(), vec![0, 1, 3, 4, 5]), ("n2".into(), vec![2])],
+            "a block no live node should hold is in no batch"
+        );
+        // Equal counts: the node ranked first for more of the blocks.
+        let holders = vec![vec![a.clone(), b.clone()], vec![a.clone(), b.clone()]];
+        assert_eq!(batch_by_holder(&holders)[0].0.id, "n0");
     }
 }

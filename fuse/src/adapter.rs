@@ -1014,7 +1014,7 @@ impl Filesystem for TwinFs {
                     }
                     added += 1;
                 }
-                fs.note_listed(ds.rest().iter().take(added).map(|e| e.ino));
+                fs.note_listed(ds.rest().iter().take(added).map(|e| e.ino), offset == 0);
                 ds.handed(added);
                 if full {
                     return reply.ok();
@@ -1067,6 +1067,8 @@ impl Filesystem for TwinFs {
                     return reply.error(errno(&e));
                 }
             };
+            // Whether the entries handed out next begin the directory's listing.
+            let mut starts = offset == 0;
             loop {
                 let batch: Vec<DirEntry> =
                     ds.rest().iter().take(READDIRPLUS_BATCH).cloned().collect();
@@ -1102,7 +1104,7 @@ impl Filesystem for TwinFs {
                             &fattr(&a),
                             Generation(0),
                         ) {
-                            fs.note_listed(batch.iter().take(added).map(|e| e.ino));
+                            fs.note_listed(batch.iter().take(added).map(|e| e.ino), starts);
                             ds.handed(added);
                             return reply.ok();
                         }
@@ -1110,7 +1112,8 @@ impl Filesystem for TwinFs {
                     }
                     added += 1;
                 }
-                fs.note_listed(batch.iter().take(added).map(|e| e.ino));
+                fs.note_listed(batch.iter().take(added).map(|e| e.ino), starts);
+                starts = false;
                 ds.handed(added);
             }
         });

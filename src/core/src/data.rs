@@ -417,11 +417,33 @@ impl Fs {
 
     /// This mount is handing out a directory listing: `inos` in the order listed. Opens that
     /// then follow it fetch the next files' first blocks ahead (see `prefetch_first_block`).
-    pub fn note_listed(&self, inos: impl IntoIterator<Item = u64>) {
-        let mut hints = self.first_blocks.lock().unwrap_or_else(|e| e.into_inner());
-        for ino in inos {
-            hints.listed(ino);
-        }
+    /// When `listing_starts` (the first entries of a listing), the first blocks of up to
+    /// [`OPEN_AHEAD`] of them, those of at most [`BATCHED_BLOCK_MAX`], are fetched at once,
+    /// in one batch: a directory's listing is most often followed by opens of its files
+    /// (tar, cp -r, rsync), and the first opens have no order to follow yet. Bounded (16 small
+    /// blocks a listing, once cached not fetched again), so `ls -l` costs little.
+    pub fn note_listed(&self, inos: impl IntoIterator<Item = u64>, listing_starts: bool) {
+        let wanted: Vec<BlockHash> = {
+            let mut hints = self.first_blocks.lock().unwrap_or_else(|e| e.into_inner());
+            let mut wanted = Vec::new();
+            for ino in inos {
+                hints.listed(ino);
+                if listing_starts && wanted.len() < OPEN_AHEAD {
+                    wanted.extend(hints.small_first_block(ino));
+                }
+            }
+            wanted
+        };
+        let Some(spawn) = self.opts.spawn.as_ref().filter(|_| !wanted.is_empty()) else {
+            return;
+        };
+        let blocks = self.blocks.clone();
+        spawn(
+            async move {
+                blocks.get_many(wanted).await;
+            }
+            .boxed(),
+        );
     }
 
     /// Starts fetching, in the background, the block the watch last saw as `ino`'s first
@@ -1180,7 +1202,7 @@ pub(crate) struct FirstBlockHints {
 /// ~1 MiB of hints: more files than a directory tree being copied in usually has.
 pub(crate) const FIRST_BLOCK_HINTS: usize = 16_384;
 /// Files fetched ahead once opens follow an order.
-pub(crate) const OPEN_AHEAD: usize = 8;
+pub(crate) const OPEN_AHEAD: usize = 16;
 /// Fetching ahead resumes when fewer files than this are still ahead of the one opened, so
 /// that the next files' first blocks go in batches of about `OPEN_AHEAD / 2` (see
 /// [`BATCHED_BLOCK_MAX`]) rather than one per open.
@@ -1274,6 +1296,14 @@ impl FirstBlockHints {
         let _ = self.listed.append(ino, false);
     }
 
+    /// `ino`'s first block, if known and small enough to fetch in a batch.
+    fn small_first_block(&self, ino: u64) -> Option<BlockHash> {
+        self.map
+            .get(&ino)
+            .filter(|&&(_, len)| len as usize <= BATCHED_BLOCK_MAX)
+            .map(|&(hash, _)| hash)
+    }
+
     #[cfg(test)]
     fn get(&self, ino: u64) -> Option<BlockHash> {
         self.map.get(&ino).map(|&(hash, _)| hash)
@@ -1333,8 +1363,13 @@ mod hint_tests {
 
     #[test]
     fn opens_in_write_order_fetch_the_next_files_ahead_once() {
+        assert_eq!(
+            (OPEN_AHEAD, OPEN_AHEAD_REFILL),
+            (16, 8),
+            "the figures below"
+        );
         let mut h = FirstBlockHints::default();
-        for ino in 1..=40 {
+        for ino in 1..=60 {
             h.insert(ino, hash(ino), 0);
         }
         h.remove(5); // deleted since: skipped
@@ -1345,41 +1380,44 @@ mod hint_tests {
         assert_eq!(on_open(&mut h, 1), vec![hash(1)]);
         assert_eq!(on_open(&mut h, 30), vec![hash(30)]);
         assert_eq!(on_open(&mut h, 1), vec![hash(1)], "backwards");
-        // The next file in write order: the following 8 (the removed one skipped).
+        // The next file in write order: the following 16 (the removed one skipped).
         let mut want = vec![hash(2)];
-        want.extend(ahead(3, 11));
+        want.extend(ahead(3, 19));
         assert_eq!(on_open(&mut h, 2), want);
         // Further along, nothing more while at least half the window is still ahead; then
         // the files not fetched ahead yet, in one batch.
         assert_eq!(on_open(&mut h, 3), vec![hash(3)]);
         assert_eq!(on_open(&mut h, 7), vec![hash(7)]);
-        let mut want = vec![hash(8)];
-        want.extend(ahead(12, 16));
-        assert_eq!(on_open(&mut h, 8), want);
+        assert_eq!(on_open(&mut h, 11), vec![hash(11)]);
+        let mut want = vec![hash(12)];
+        want.extend(ahead(20, 28));
+        assert_eq!(on_open(&mut h, 12), want);
         // A jump out of the window stops it; unknown files (written here) fetch nothing.
-        assert_eq!(on_open(&mut h, 20), vec![hash(20)]);
+        assert_eq!(on_open(&mut h, 40), vec![hash(40)]);
         assert_eq!(on_open(&mut h, 99), Vec::<BlockHash>::new());
-        assert_eq!(on_open(&mut h, 21), ahead(21, 29), "follows 20 again");
+        assert_eq!(on_open(&mut h, 41), ahead(41, 57), "follows 40 again");
     }
 
     #[test]
     fn opens_in_listing_order_fetch_the_next_listed_files_ahead() {
         let mut h = FirstBlockHints::default();
-        // Written in one order (20 down to 1), listed in another (1 up to 20; 4 is a
+        // Written in one order (30 down to 1), listed in another (1 up to 30; 4 is a
         // directory or a file written here: no hint).
-        for ino in (1..=20).rev().filter(|i| *i != 4) {
+        for ino in (1..=30).rev().filter(|i| *i != 4) {
             h.insert(ino, hash(ino), 0);
         }
-        for ino in 1..=20 {
+        for ino in 1..=30 {
             h.listed(ino);
         }
         assert_eq!(on_open(&mut h, 1), vec![hash(1)]);
-        // Opens in listing order fetch the next 8 listed (4 has nothing to fetch).
-        let want: Vec<BlockHash> = [2, 3, 5, 6, 7, 8, 9, 10].into_iter().map(hash).collect();
+        // Opens in listing order fetch the next 16 listed (4 has nothing to fetch).
+        let next_listed: Vec<BlockHash> = (3..=18).filter(|i| *i != 4).map(hash).collect();
+        let mut want = vec![hash(2)];
+        want.extend(next_listed.iter().copied());
         assert_eq!(on_open(&mut h, 2), want);
         assert_eq!(on_open(&mut h, 3), vec![hash(3)], "enough fetched ahead");
         // Listing the directory again starts its order over, after the old places.
-        for ino in 1..=20 {
+        for ino in 1..=30 {
             h.listed(ino);
         }
         assert_eq!(
@@ -1387,17 +1425,6 @@ mod hint_tests {
             vec![hash(1)],
             "not after 3 in the new listing"
         );
-        assert_eq!(
-            on_open(&mut h, 2)[1..],
-            [
-                hash(3),
-                hash(5),
-                hash(6),
-                hash(7),
-                hash(8),
-                hash(9),
-                hash(10)
-            ]
-        );
+        assert_eq!(on_open(&mut h, 2)[1..], next_listed[..]);
     }
 }

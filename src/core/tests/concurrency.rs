@@ -501,6 +501,85 @@ fn an_open_fetches_the_first_block_the_watch_announced() {
     assert_eq!(run_queued(), 0);
 }
 
+/// When a directory's listing starts, B fetches the first blocks of its first files (small
+/// ones, up to 16) in one batch: the opens that usually follow a listing (tar, cp -r) find them
+/// cached, the first ones included. A later part of a listing fetches nothing.
+#[test]
+fn a_listing_start_fetches_its_first_small_files_in_one_batch() {
+    use twinfs_core::{BlockIo, CachedBlocks, MetaKv, Spawner};
+    let kv = Arc::new(MemKv::new());
+    let stored = Arc::new(MemBlocks::new());
+    let a = block_on(Fs::open_volume(
+        kv.clone(),
+        stored.clone(),
+        "v",
+        FsOptions::default(),
+    ))
+    .unwrap();
+    let queued: Arc<std::sync::Mutex<Vec<futures::future::BoxFuture<'static, ()>>>> =
+        Arc::default();
+    let q = queued.clone();
+    let spawn: Spawner = Arc::new(move |f| q.lock().unwrap().push(f));
+    let cached: Arc<dyn BlockIo> = Arc::new(CachedBlocks::new(stored.clone(), 64 << 20));
+    let b = block_on(Fs::open_volume(
+        kv.clone(),
+        cached,
+        "v",
+        FsOptions {
+            spawn: Some(spawn),
+            ..FsOptions::default()
+        },
+    ))
+    .unwrap();
+    let run_queued = || {
+        let fs: Vec<_> = std::mem::take(&mut *queued.lock().unwrap());
+        let n = fs.len();
+        for f in fs {
+            block_on(f);
+        }
+        n
+    };
+    // 20 files written by A: the second is large (not batched), the others small.
+    let mut files = Vec::new();
+    for i in 0..20u32 {
+        let name = format!("f{i:02}");
+        let (attr, _) = block_on(a.create(ROOT_INO, name.as_bytes(), 0o644, 0, 0, true)).unwrap();
+        let mut h = block_on(a.open(attr.ino)).unwrap();
+        let len = if i == 1 { 300_000 } else { 1000 + i as usize };
+        let body: Vec<u8> = (0..len).map(|j| (j as u32 ^ i) as u8).collect();
+        block_on(a.write(&mut h, 0, &body)).unwrap();
+        block_on(a.flush(&mut h)).unwrap();
+        block_on(a.release(h)).unwrap();
+        // What the watch delivers to B.
+        let key = b.keys().chunk(attr.ino, 0);
+        let (value, _) = block_on(kv.get(&key)).unwrap().expect("chunk committed");
+        b.note_chunk_change(&key, Some(&value));
+        files.push((attr.ino, body));
+    }
+    let inos: Vec<u64> = files.iter().map(|(ino, _)| *ino).collect();
+    b.note_listed(inos.iter().copied(), false);
+    assert_eq!(run_queued(), 0, "a listing's later entries fetch nothing");
+    let gets_before = stored.counts().1;
+    b.note_listed(inos.iter().copied(), true);
+    assert_eq!(run_queued(), 1, "one batch");
+    assert_eq!(
+        stored.counts().1,
+        gets_before + 16,
+        "the first 16 small files' blocks, not the large one's"
+    );
+    // Reads of those files find their blocks cached.
+    for (i, (ino, body)) in files.iter().enumerate().take(17) {
+        let h = block_on(b.open(*ino)).unwrap();
+        let before = stored.counts().1;
+        let got = block_on(b.read(&h, 0, body.len())).unwrap();
+        assert_eq!(&got[..], &body[..]);
+        let fetched = stored.counts().1 - before;
+        assert_eq!(fetched, u64::from(i == 1), "file {i}");
+        block_on(b.release(h)).unwrap();
+        run_queued();
+    }
+}
+
 #[test]
 fn a_file_found_without_xattrs_is_asked_again_once_its_inode_changes() {
     let (_mem, kv, a, b) = stale_pair();

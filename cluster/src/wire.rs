@@ -19,7 +19,9 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use crate::BlockHash;
 
 pub const MAGIC: [u8; 2] = *b"TW";
-/// 2: list entries carry the time a copy was stored; Verify and Collect requests.
+/// 2: list entries carry the time a copy was stored; Verify and Collect requests. GetMany and
+/// DataMany came later within 2: an older node answers an unknown kind with `BadRequest`, and a
+/// client then fetches those blocks one by one, so no version bump was needed.
 pub const WIRE_VERSION: u8 = 2;
 pub const HEADER_LEN: usize = 8;
 /// Largest block a node accepts. Files are cut into 4 MiB chunks; the margin leaves room for a

@@ -1262,7 +1262,14 @@ impl OpenOrder {
             .last_open
             .is_some_and(|last| place > last && place - last <= OPEN_GAP);
         self.last_open = Some(place);
-        if !follows || self.ahead_to >= place + OPEN_AHEAD_REFILL {
+        if !follows {
+            // A jump (another directory, or back to the one a subdirectory interrupted):
+            // the window starts over here. Blocks fetched ahead before are cached; asking
+            // again costs no transfer.
+            self.ahead_to = place;
+            return Vec::new();
+        }
+        if self.ahead_to >= place + OPEN_AHEAD_REFILL {
             return Vec::new();
         }
         let mut ahead = Vec::new();
@@ -1426,5 +1433,40 @@ mod hint_tests {
             "not after 3 in the new listing"
         );
         assert_eq!(on_open(&mut h, 2)[1..], next_listed[..]);
+    }
+
+    /// tar and cp -r list a directory, open some of its files, recurse into a subdirectory
+    /// (listed after it), and come back: the parent's files are fetched ahead again.
+    #[test]
+    fn opens_back_in_a_directory_after_a_subdirectory_fetch_ahead_again() {
+        let mut h = FirstBlockHints::default();
+        let parent: Vec<u64> = (1..=40).collect();
+        let sub: Vec<u64> = (101..=130).collect();
+        // Written in the reverse order: only the listing's order is followed here.
+        for &ino in parent.iter().chain(&sub).rev() {
+            h.insert(ino, hash(ino), 0);
+        }
+        for &ino in &parent {
+            h.listed(ino);
+        }
+        on_open(&mut h, 1);
+        assert_eq!(on_open(&mut h, 2).len(), 17, "2 and the next 16");
+        for &ino in &sub {
+            h.listed(ino);
+        }
+        on_open(&mut h, 101);
+        assert_eq!(
+            on_open(&mut h, 102).len(),
+            17,
+            "the subdirectory's own window"
+        );
+        for ino in 103..=120 {
+            on_open(&mut h, ino);
+        }
+        // Back in the parent: the first open is a jump; the next follows and fetches ahead
+        // from there (some of it cached since, which costs no transfer).
+        assert_eq!(on_open(&mut h, 3), vec![hash(3)]);
+        let want: Vec<BlockHash> = (4..=20).map(hash).collect();
+        assert_eq!(on_open(&mut h, 4), want);
     }
 }

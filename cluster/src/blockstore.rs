@@ -641,6 +641,12 @@ impl BlockStore {
         Ok(v.map(|v| v.value()))
     }
 
+    /// The size the index records for `hash`, if the block is stored (a cheap check before
+    /// reading it).
+    pub fn stored_size(&self, hash: &BlockHash) -> Result<Option<u64>, StoreError> {
+        Ok(self.entry(hash)?.map(|(size, _)| size))
+    }
+
     /// Sets a present block's stored-at time to now.
     fn stamp(&self, hash: &BlockHash, size: u64) -> Result<(), StoreError> {
         let mut txn = self.write_txn()?;

@@ -455,6 +455,11 @@ impl BlockClient {
             .map(|h| {
                 let mut ranked = self.ranked_nodes(h);
                 ranked.truncate(self.opts.replicas.max(1));
+                // A suspect node (it timed out lately: killed, cut off) is asked only for
+                // blocks no other holder has, so a batch does not wait for it.
+                if ranked.iter().any(|n| !self.is_suspect(&n.id)) {
+                    ranked.retain(|n| !self.is_suspect(&n.id));
+                }
                 ranked
             })
             .collect();

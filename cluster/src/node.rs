@@ -356,6 +356,12 @@ impl NodeService {
                         Ok(hashes
                             .iter()
                             .map(|h| {
+                                // Sized from the index first: a block past the budget is not
+                                // read at all.
+                                let size = s.stored_size(h).ok()??;
+                                if size > budget as u64 {
+                                    return None;
+                                }
                                 let data = s.read_unverified(h).ok()?;
                                 budget = budget.checked_sub(data.len())?;
                                 Some(data)

@@ -417,7 +417,10 @@ async fn get_many_returns_each_block_as_get_would() {
     let (batches_before, gets_before) = (count("get_many"), count("get"));
     let missing = BlockHash::of(b"no node stores this");
     let bad: BlockHash = blocks[4].0.parse().unwrap();
-    let mut asked: Vec<BlockHash> = blocks[..4].iter().map(|(h, _)| h.parse().unwrap()).collect();
+    let mut asked: Vec<BlockHash> = blocks[..4]
+        .iter()
+        .map(|(h, _)| h.parse().unwrap())
+        .collect();
     asked.insert(2, missing);
     asked.push(asked[0]); // asked twice
     let got = client.get_many(&asked).await;
@@ -441,7 +444,10 @@ async fn get_many_returns_each_block_as_get_would() {
     // of the answer, fetched through `get`, which returns the good copy.
     let got = client.get_many(&[bad]).await;
     assert_eq!(got.len(), 1);
-    assert_eq!(&got[0].as_ref().expect("the good copy")[..], &blocks[4].1[..]);
+    assert_eq!(
+        &got[0].as_ref().expect("the good copy")[..],
+        &blocks[4].1[..]
+    );
     assert_eq!(count("get").0 - gets_before.0, 2);
     // The corrupt copy was reported and quarantined, as a `get` would have it.
     let c2 = c.clone();

@@ -418,13 +418,20 @@ fn a_new_files_first_flush_reads_nothing_and_a_wrong_guess_costs_only_a_retry() 
     assert_eq!(read_back(&a, attr.ino), b"Arom b, longer");
 }
 
-/// B learns from the watch which block another node committed as a file's first chunk and
-/// fetches it when the file is opened, before (in a mount: while) the open reads the chunk
-/// map: the read that follows finds it cached. Another chunk, or a deleted record, gives no
-/// hint; a stale hint costs a fetch, not wrong data.
-#[test]
-fn an_open_fetches_the_first_block_the_watch_announced() {
-    use twinfs_core::{BlockIo, CachedBlocks, MetaKv, Spawner};
+type Queued = Arc<std::sync::Mutex<Vec<futures::future::BoxFuture<'static, ()>>>>;
+
+/// A writes straight to the block store; B reads through a block cache and queues what it
+/// spawns (fetches ahead) for the test to run.
+struct FetchAheadPair {
+    kv: Arc<MemKv>,
+    stored: Arc<MemBlocks>,
+    a: Fs,
+    b: Fs,
+    queued: Queued,
+}
+
+fn fetch_ahead_pair() -> FetchAheadPair {
+    use twinfs_core::{BlockIo, CachedBlocks, Spawner};
     let kv = Arc::new(MemKv::new());
     let stored = Arc::new(MemBlocks::new());
     let a = block_on(Fs::open_volume(
@@ -434,8 +441,7 @@ fn an_open_fetches_the_first_block_the_watch_announced() {
         FsOptions::default(),
     ))
     .unwrap();
-    let queued: Arc<std::sync::Mutex<Vec<futures::future::BoxFuture<'static, ()>>>> =
-        Arc::default();
+    let queued: Queued = Arc::default();
     let q = queued.clone();
     let spawn: Spawner = Arc::new(move |f| q.lock().unwrap().push(f));
     let cached: Arc<dyn BlockIo> = Arc::new(CachedBlocks::new(stored.clone(), 64 << 20));
@@ -449,14 +455,40 @@ fn an_open_fetches_the_first_block_the_watch_announced() {
         },
     ))
     .unwrap();
-    let run_queued = || {
-        let fs: Vec<_> = std::mem::take(&mut *queued.lock().unwrap());
-        let n = fs.len();
-        for f in fs {
-            block_on(f);
-        }
-        n
-    };
+    FetchAheadPair {
+        kv,
+        stored,
+        a,
+        b,
+        queued,
+    }
+}
+
+/// Runs what was queued so far; how many there were.
+fn run_all(queued: &Queued) -> usize {
+    let fs: Vec<_> = std::mem::take(&mut *queued.lock().unwrap());
+    let n = fs.len();
+    for f in fs {
+        block_on(f);
+    }
+    n
+}
+
+/// B learns from the watch which block another node committed as a file's first chunk and
+/// fetches it when the file is opened, before (in a mount: while) the open reads the chunk
+/// map: the read that follows finds it cached. Another chunk, or a deleted record, gives no
+/// hint; a stale hint costs a fetch, not wrong data.
+#[test]
+fn an_open_fetches_the_first_block_the_watch_announced() {
+    use twinfs_core::MetaKv;
+    let FetchAheadPair {
+        kv,
+        stored,
+        a,
+        b,
+        queued,
+    } = fetch_ahead_pair();
+    let run_queued = || run_all(&queued);
 
     let (attr, _) = block_on(a.create(ROOT_INO, b"photo.jpg", 0o644, 0, 0, true)).unwrap();
     let mut h = block_on(a.open(attr.ino)).unwrap();
@@ -506,39 +538,15 @@ fn an_open_fetches_the_first_block_the_watch_announced() {
 /// cached, the first ones included. A later part of a listing fetches nothing.
 #[test]
 fn a_listing_start_fetches_its_first_small_files_in_one_batch() {
-    use twinfs_core::{BlockIo, CachedBlocks, MetaKv, Spawner};
-    let kv = Arc::new(MemKv::new());
-    let stored = Arc::new(MemBlocks::new());
-    let a = block_on(Fs::open_volume(
-        kv.clone(),
-        stored.clone(),
-        "v",
-        FsOptions::default(),
-    ))
-    .unwrap();
-    let queued: Arc<std::sync::Mutex<Vec<futures::future::BoxFuture<'static, ()>>>> =
-        Arc::default();
-    let q = queued.clone();
-    let spawn: Spawner = Arc::new(move |f| q.lock().unwrap().push(f));
-    let cached: Arc<dyn BlockIo> = Arc::new(CachedBlocks::new(stored.clone(), 64 << 20));
-    let b = block_on(Fs::open_volume(
-        kv.clone(),
-        cached,
-        "v",
-        FsOptions {
-            spawn: Some(spawn),
-            ..FsOptions::default()
-        },
-    ))
-    .unwrap();
-    let run_queued = || {
-        let fs: Vec<_> = std::mem::take(&mut *queued.lock().unwrap());
-        let n = fs.len();
-        for f in fs {
-            block_on(f);
-        }
-        n
-    };
+    use twinfs_core::MetaKv;
+    let FetchAheadPair {
+        kv,
+        stored,
+        a,
+        b,
+        queued,
+    } = fetch_ahead_pair();
+    let run_queued = || run_all(&queued);
     // 20 files written by A: the second is large (not batched), the others small.
     let mut files = Vec::new();
     for i in 0..20u32 {

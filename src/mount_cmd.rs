@@ -283,6 +283,13 @@ pub fn umount(dir: &Path, lazy: bool) -> Result<()> {
     if mount::mount_state(dir) == mount::MountState::NotMounted {
         bail!("{} is not a twinfs mount", dir.display());
     }
+    // Found before unmounting: afterwards the mount process only finishes its bookkeeping.
+    // A lazy unmount ends the session at the last close, whenever that is: not waited for.
+    let serving = if lazy {
+        Vec::new()
+    } else {
+        mount_processes_at(dir)
+    };
     loop {
         let before = twinfs_fuse::mountpoint::twinfs_mounts_at(dir);
         match mount::mount_state(dir) {
@@ -301,13 +308,96 @@ pub fn umount(dir: &Path, lazy: bool) -> Result<()> {
             bail!("{} is still mounted after 10 s", dir.display());
         }
     }
+    // The mount process then folds its usage into the volume, leaves the mount registry and
+    // exits; returning only after that, a `twinfs mount` right after (same --metrics-addr) or a
+    // `twinfs volume delete` finds it gone rather than finishing.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while serving.iter().any(|&pid| process_running(pid)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for pid in serving.iter().filter(|&&pid| process_running(pid)) {
+        eprintln!("twinfs: the mount process (pid {pid}) is still finishing after 10 s");
+    }
     println!("unmounted {}", dir.display());
     Ok(())
+}
+
+/// Processes started as `twinfs ... mount VOLUME DIR` for this `dir` (a background mount, or
+/// one started by `twinfs dev-cluster`), found by their command lines. A mount run inside
+/// another process (the agent) is not among them; nothing waits for it.
+fn mount_processes_at(dir: &Path) -> Vec<u32> {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(want) = std::path::absolute(dir) else {
+        return Vec::new();
+    };
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|&pid| {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<&std::ffi::OsStr> = cmdline
+                .split(|b| *b == 0)
+                .map(std::ffi::OsStr::from_bytes)
+                .collect();
+            let is_twinfs = args
+                .first()
+                .and_then(|a| Path::new(a).file_name())
+                .is_some_and(|n| n == "twinfs");
+            is_twinfs
+                && args.windows(3).any(|w| {
+                    w[0] == "mount" && {
+                        let p = Path::new(w[2]);
+                        let p = if p.is_absolute() {
+                            p.to_path_buf()
+                        } else {
+                            match std::fs::read_link(format!("/proc/{pid}/cwd")) {
+                                Ok(cwd) => cwd.join(p),
+                                Err(_) => return false,
+                            }
+                        };
+                        std::path::absolute(p).is_ok_and(|p| p == want)
+                    }
+                })
+        })
+        .collect()
+}
+
+/// Whether `pid` still runs (a zombie has finished).
+fn process_running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_running_process_is_told_from_a_gone_one() {
+        assert!(process_running(std::process::id()));
+        let mut child = Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Exited but not reaped: a zombie has finished.
+        while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z"))
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!process_running(pid));
+        child.wait().unwrap();
+        assert!(!process_running(pid));
+    }
 
     #[test]
     fn each_mount_point_gets_its_own_log_name() {

@@ -401,8 +401,8 @@ fn mounts_stop_cleanly_and_bad_mounts_fail_clearly() {
     );
     assert!(!is_mounted(a));
     assert!(
-        wait_for(Duration::from_secs(10), || !alive(c.mount_pids[0])).is_some(),
-        "mount process exits after umount"
+        !alive(c.mount_pids[0]),
+        "the mount process has exited when umount returns"
     );
 
     // SIGTERM flushes and unmounts: data written through an open file survives.

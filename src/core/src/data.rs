@@ -423,27 +423,18 @@ impl Fs {
     /// (tar, cp -r, rsync), and the first opens have no order to follow yet. Bounded (16 small
     /// blocks a listing, once cached not fetched again), so `ls -l` costs little.
     pub fn note_listed(&self, inos: impl IntoIterator<Item = u64>, listing_starts: bool) {
-        let wanted: Vec<BlockHash> = {
+        let wanted = {
             let mut hints = self.first_blocks.lock().unwrap_or_else(|e| e.into_inner());
             let mut wanted = Vec::new();
             for ino in inos {
                 hints.listed(ino);
                 if listing_starts && wanted.len() < OPEN_AHEAD {
-                    wanted.extend(hints.small_first_block(ino));
+                    wanted.extend(hints.first_block(ino).filter(|&(_, len)| batched(len)));
                 }
             }
             wanted
         };
-        let Some(spawn) = self.opts.spawn.as_ref().filter(|_| !wanted.is_empty()) else {
-            return;
-        };
-        let blocks = self.blocks.clone();
-        spawn(
-            async move {
-                blocks.get_many(wanted).await;
-            }
-            .boxed(),
-        );
+        self.fetch_ahead(wanted);
     }
 
     /// Starts fetching, in the background, the block the watch last saw as `ino`'s first
@@ -459,20 +450,22 @@ impl Fs {
     /// small block's fetch costs its request, not its bytes (a cold `tar` of a WordPress tree
     /// cost the nodes 0.21 ms and this mount 0.14 ms of CPU per block fetched one by one).
     pub fn prefetch_first_block(&self, ino: u64) {
-        let Some(spawn) = &self.opts.spawn else {
-            return;
-        };
         let wanted = self
             .first_blocks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .on_open(ino);
-        if wanted.is_empty() {
+        self.fetch_ahead(wanted);
+    }
+
+    /// Fetches `wanted` (blocks with their lengths) into the block cache in the background:
+    /// the small ones in one batch, the others one by one. Nothing without a spawner.
+    fn fetch_ahead(&self, wanted: Vec<(BlockHash, u32)>) {
+        let Some(spawn) = self.opts.spawn.as_ref().filter(|_| !wanted.is_empty()) else {
             return;
-        }
-        let (small, large): (Vec<_>, Vec<_>) = wanted
-            .into_iter()
-            .partition(|&(_, len)| len as usize <= BATCHED_BLOCK_MAX);
+        };
+        let (small, large): (Vec<_>, Vec<_>) =
+            wanted.into_iter().partition(|&(_, len)| batched(len));
         let blocks = self.blocks.clone();
         spawn(
             async move {
@@ -1210,6 +1203,11 @@ const OPEN_AHEAD_REFILL: u64 = OPEN_AHEAD as u64 / 2;
 /// First blocks up to this size are fetched ahead in batches (one request per node); larger
 /// ones one by one, so that a batch's small blocks do not wait behind a large block's bytes.
 pub(crate) const BATCHED_BLOCK_MAX: usize = 256 << 10;
+
+/// Whether a block of `len` bytes is fetched ahead in a batch ([`BATCHED_BLOCK_MAX`]).
+fn batched(len: u32) -> bool {
+    len as usize <= BATCHED_BLOCK_MAX
+}
 /// How far (in places) an open may jump forward and still count as following the order.
 const OPEN_GAP: u64 = 4;
 
@@ -1303,17 +1301,14 @@ impl FirstBlockHints {
         let _ = self.listed.append(ino, false);
     }
 
-    /// `ino`'s first block, if known and small enough to fetch in a batch.
-    fn small_first_block(&self, ino: u64) -> Option<BlockHash> {
-        self.map
-            .get(&ino)
-            .filter(|&&(_, len)| len as usize <= BATCHED_BLOCK_MAX)
-            .map(|&(hash, _)| hash)
+    /// `ino`'s first block and its length, if known.
+    fn first_block(&self, ino: u64) -> Option<(BlockHash, u32)> {
+        self.map.get(&ino).copied()
     }
 
     #[cfg(test)]
     fn get(&self, ino: u64) -> Option<BlockHash> {
-        self.map.get(&ino).map(|&(hash, _)| hash)
+        self.first_block(ino).map(|(hash, _)| hash)
     }
 
     /// `ino` is being opened: its first block, then the first blocks of the files after it

@@ -228,9 +228,9 @@ fn overwrite_is_seen_at_the_next_open_even_when_the_reader_cached_the_file() {
 }
 
 #[test]
-fn an_unlinked_file_stays_readable_through_its_open_descriptor() {
+fn an_unlinked_file_stays_readable_through_open_descriptors_on_either_mount() {
     let c = cluster();
-    let a = &c.mounts[0];
+    let (a, b) = (&c.mounts[0], &c.mounts[1]);
     let data = random_bytes(200 * 1024);
     fs::write(a.join("doomed"), &data).unwrap();
     let mut f = fs::File::open(a.join("doomed")).unwrap();
@@ -242,6 +242,50 @@ fn an_unlinked_file_stays_readable_through_its_open_descriptor() {
         back == data,
         "open descriptor reads the unlinked file's data"
     );
+
+    // Open on B, deleted through A (the inode is gone from etcd): B's descriptor keeps the
+    // file as it was, as a web server sending an attachment that WordPress on another node
+    // deletes meanwhile needs.
+    let data = random_bytes(3 * 1024 * 1024 + 5);
+    fs::write(a.join("attachment"), &data).unwrap();
+    let mut reader = fs::File::open(b.join("attachment")).unwrap();
+    let mut back = vec![0u8; 64 * 1024];
+    reader.read_exact(&mut back).unwrap();
+    let mut writer = fs::OpenOptions::new()
+        .write(true)
+        .open(b.join("attachment"))
+        .unwrap();
+    writer.write_all(b"written through B").unwrap();
+    writer.sync_all().unwrap();
+    fs::remove_file(a.join("attachment")).unwrap();
+    within("the unlink", PUSHED_WITHIN, || {
+        (!b.join("attachment").exists()).then_some(())
+    });
+    reader.read_to_end(&mut back).unwrap();
+    assert!(
+        back == data,
+        "B's descriptor reads the file another mount deleted, as it was"
+    );
+    let meta = reader.metadata().unwrap();
+    assert_eq!((meta.nlink(), meta.len()), (0, data.len() as u64));
+    // Writes through a descriptor of the deleted file succeed and go with it.
+    writer.write_all(b"more").unwrap();
+    writer.sync_all().unwrap();
+    drop(writer);
+    drop(reader);
+    assert!(!a.join("attachment").exists() && !b.join("attachment").exists());
+
+    // Replaced by a rename on A: B's descriptor keeps the old file.
+    fs::write(a.join("page.html"), b"old page").unwrap();
+    let mut old = fs::File::open(b.join("page.html")).unwrap();
+    fs::write(a.join("page.tmp"), b"new page").unwrap();
+    fs::rename(a.join("page.tmp"), a.join("page.html")).unwrap();
+    within("the rename", PUSHED_WITHIN, || {
+        (fs::read(b.join("page.html")).ok()? == b"new page").then_some(())
+    });
+    let mut seen = Vec::new();
+    old.read_to_end(&mut seen).unwrap();
+    assert_eq!(seen, b"old page");
 }
 
 fn listing(dir: &Path) -> Vec<String> {

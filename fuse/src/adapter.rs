@@ -249,6 +249,16 @@ impl Shared {
         });
     }
 
+    /// An open handle of `ino` on this mount, if any.
+    fn any_handle_of(&self, ino: u64) -> Option<Arc<Handle_>> {
+        self.handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .find(|h| h.ino == ino)
+            .cloned()
+    }
+
     fn handle(&self, fh: FileHandle) -> Option<Arc<Handle_>> {
         self.handles
             .lock()
@@ -552,10 +562,24 @@ impl Filesystem for TwinFs {
         });
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         let this = self.this();
         self.spawn("getattr", async move {
-            match this.shared.fs.getattr(ino.0).await {
+            let mut r = this.shared.fs.getattr(ino.0).await;
+            if matches!(r, Err(FsError::NotFound)) {
+                // A file another mount deleted while it is open here keeps, for `fstat`
+                // through its descriptors, the attributes it was opened with (the kernel
+                // sends fstat's getattr without the handle: any handle of the inode will do).
+                let handle = fh
+                    .and_then(|fh| this.shared.handle(fh))
+                    .or_else(|| this.shared.any_handle_of(ino.0));
+                if let Some(h) = handle {
+                    if let Some(f) = h.file.read().await.as_ref() {
+                        r = this.shared.fs.getattr_open(f).await;
+                    }
+                }
+            }
+            match r {
                 Ok(a) => {
                     this.shared.told(&a);
                     reply.attr(&this.shared.attr_ttl, &fattr(&a))

@@ -178,6 +178,9 @@ pub struct OpenFile {
     /// the file has no chunk records and takes the inode from the watch cache, so it reads
     /// nothing (its transaction compares both; a wrong guess costs one retry).
     new_here: bool,
+    /// The attributes this handle was opened with: `fstat` of a file another mount deleted
+    /// meanwhile answers from them (see [`Fs::getattr_open`]).
+    opened_attr: Option<crate::fs::Attr>,
 }
 
 /// What a handle remembers of the committed file between reads, so a sequential read costs
@@ -188,6 +191,10 @@ struct MetaCache {
     size: u64,
     /// Chunk index → its record (None = a hole), for the indices looked up so far.
     chunks: BTreeMap<u64, Option<ChunkRec>>,
+    /// The inode is gone from etcd (another mount removed its last link while this handle
+    /// was open here): what the handle read before is what the file held, and nothing more
+    /// can be read from etcd. See [`Fs::view_of_deleted`].
+    deleted: bool,
 }
 
 /// Chunk records fetched per metadata range read on a cache miss (sequential reads then cost
@@ -241,9 +248,13 @@ impl Fs {
                 generation,
                 size: rec.size,
                 chunks,
+                deleted: false,
             });
         }
-        Ok((h, self.local_attr(ino, &rec)))
+        let attr = self.local_attr(ino, &rec);
+        let mut h = h;
+        h.opened_attr = Some(attr.clone());
+        Ok((h, attr))
     }
 
     /// Opens a regular file this instance has just created (no need to read it back).
@@ -251,12 +262,14 @@ impl Fs {
         if attr.kind != FileKind::File {
             return Err(FsError::Invalid("not a regular file"));
         }
-        let h = self.new_handle(attr.ino);
+        let mut h = self.new_handle(attr.ino);
+        h.opened_attr = Some(attr.clone());
         // Just created here: its committed size is known (the quota check needs it).
         *h.meta.lock().unwrap_or_else(|e| e.into_inner()) = Some(MetaCache {
             generation: self.generation(attr.ino),
             size: attr.size,
             chunks: BTreeMap::new(),
+            deleted: false,
         });
         Ok(h)
     }
@@ -283,6 +296,7 @@ impl Fs {
             dirty_bytes: 0,
             meta: std::sync::Mutex::new(None),
             new_here: false,
+            opened_attr: None,
         }
     }
 
@@ -571,14 +585,21 @@ impl Fs {
         {
             let guard = h.meta.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(m) = guard.as_ref() {
-                if m.generation == generation && (first..=last).all(|i| m.chunks.contains_key(&i)) {
+                let known = (first..=last).all(|i| m.chunks.contains_key(&i));
+                if (m.generation == generation || m.deleted) && known {
                     let view = m.chunks.range(first..=last).map(|(k, v)| (*k, v.clone()));
                     return Ok((m.size, view.collect()));
+                }
+                if m.deleted {
+                    return Err(FsError::NotFound);
                 }
             }
         }
         let upto = last.max(first.saturating_add(CHUNK_MAP_PAGE - 1));
-        let (rec, fetched) = self.read_view(h.ino, first, upto).await?;
+        let (rec, fetched) = match self.read_view(h.ino, first, upto).await {
+            Err(FsError::NotFound) => return self.view_of_deleted(h, first, last),
+            r => r?,
+        };
         let view: BTreeMap<u64, Option<ChunkRec>> = fetched
             .range(first..=last)
             .map(|(k, v)| (*k, v.clone()))
@@ -591,10 +612,57 @@ impl Fs {
                     generation,
                     size: rec.size,
                     chunks: fetched,
+                    deleted: false,
                 })
             }
         }
         Ok((rec.size, view))
+    }
+
+    /// `h`'s file is gone from etcd: another mount removed its last link (inode numbers are
+    /// never reused, so the inode cannot come back). As on a local filesystem, the open
+    /// descriptor keeps the file as it was: the size and chunk records this handle last read
+    /// serve every later read of the chunks they cover, for as long as their blocks are kept
+    /// (GC removes unreferenced blocks only when older than its grace period, 1 h by
+    /// default). Chunks this handle never looked up cannot be known any more: ENOENT.
+    fn view_of_deleted(
+        &self,
+        h: &OpenFile,
+        first: u64,
+        last: u64,
+    ) -> FsResult<(u64, BTreeMap<u64, Option<ChunkRec>>)> {
+        let mut guard = h.meta.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(m) = guard.as_mut() else {
+            return Err(FsError::NotFound);
+        };
+        m.deleted = true;
+        if !(first..=last).all(|i| m.chunks.contains_key(&i)) {
+            return Err(FsError::NotFound);
+        }
+        let view = m.chunks.range(first..=last).map(|(k, v)| (*k, v.clone()));
+        Ok((m.size, view.collect()))
+    }
+
+    /// Attributes of `h`'s file (`fstat` through the descriptor): as [`Fs::getattr`], or, when
+    /// another mount deleted the file meanwhile, the attributes it was opened with, with no
+    /// link left and the size this handle knows.
+    pub async fn getattr_open(&self, h: &OpenFile) -> FsResult<crate::fs::Attr> {
+        match self.getattr(h.ino).await {
+            Err(FsError::NotFound) => {
+                let mut attr = h.opened_attr.clone().ok_or(FsError::NotFound)?;
+                let committed = h
+                    .meta
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                    .map_or(attr.size, |m| m.size);
+                attr.size = committed.max(h.pending_end(self.chunk_size));
+                attr.blocks = attr.size.div_ceil(512);
+                attr.nlink = 0;
+                Ok(attr)
+            }
+            r => r,
+        }
     }
 
     /// Reads up to `len` bytes at `offset`: committed data overlaid with this handle's own
@@ -770,7 +838,10 @@ impl Fs {
                         let mut got = got.into_iter();
                         let known = match got.next().flatten() {
                             Some((v, rev)) => (crate::schema::decode_inode(&ikey, &v)?, rev),
-                            None => return Err(FsError::NotFound),
+                            None => {
+                                self.discard_writes_of_deleted(h);
+                                return Ok(());
+                            }
                         };
                         for (&idx, v) in batch.iter().zip(got) {
                             current.insert(idx, self.decode_chunk(h.ino, idx, v)?);
@@ -879,6 +950,21 @@ impl Fs {
         // Committed: the growth is in this instance's usage now, no longer reserved.
         self.unreserve(h.fh);
         Ok(())
+    }
+
+    /// Another mount removed the last link of `h`'s file while it was open here, and the
+    /// inode is gone: as on a local filesystem, what was written through a descriptor of a
+    /// deleted file goes with it, and the `close` succeeds. (Blocks already stored for it are
+    /// garbage for GC.)
+    fn discard_writes_of_deleted(&self, h: &mut OpenFile) {
+        h.dirty.clear();
+        h.dirty_bytes = 0;
+        h.new_here = false;
+        if let Some(m) = h.meta.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            m.deleted = true;
+        }
+        self.set_unflushed(h.ino, h.fh, 0);
+        self.unreserve(h.fh);
     }
 
     /// After a flush's transaction committed chunks `idxs` of `h`: they are no longer dirty,

@@ -1060,3 +1060,66 @@ fn unlinked_files_leave_no_keys_behind() {
     }
     assert!(block_on(b.readdir(dir.ino, 0, 100)).unwrap().is_empty());
 }
+
+/// As on a local filesystem, a descriptor keeps the file it opened when another mount removes
+/// its last link (unlink, or a rename over it): reads go on with what the file held, `fstat`
+/// shows no link, and writes and close succeed (what is written goes with the file).
+#[test]
+fn a_file_deleted_by_another_mount_stays_readable_through_descriptors_open_here() {
+    let (_kv, a, b) = two_nodes();
+    let content: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let (f, _) = block_on(a.create(ROOT_INO, b"doomed", 0o644, 0, 0, true)).unwrap();
+    let mut w = a.open_new(&f).unwrap();
+    block_on(a.write(&mut w, 0, &content)).unwrap();
+    block_on(a.release(w)).unwrap();
+
+    let reader = block_on(b.open(f.ino)).unwrap();
+    let head = block_on(b.read(&reader, 0, 4096)).unwrap();
+    let mut writer = block_on(b.open(f.ino)).unwrap();
+    block_on(a.unlink(ROOT_INO, b"doomed")).unwrap();
+    // B's watch tells it the inode changed: its handles' cached metadata is stale.
+    b.invalidate(f.ino);
+    assert_eq!(block_on(b.getattr(f.ino)), Err(FsError::NotFound));
+
+    let mut got = head.to_vec();
+    while got.len() < content.len() {
+        let part = block_on(b.read(&reader, got.len() as u64, 128 << 10)).unwrap();
+        assert!(
+            !part.is_empty(),
+            "short read at {} of {}",
+            got.len(),
+            content.len()
+        );
+        got.extend_from_slice(&part);
+    }
+    assert!(got == content, "a deleted file read back different bytes");
+    assert!(block_on(b.read(&reader, content.len() as u64, 10))
+        .unwrap()
+        .is_empty());
+    let attr = block_on(b.getattr_open(&reader)).unwrap();
+    assert_eq!((attr.nlink, attr.size), (0, content.len() as u64));
+
+    block_on(b.write(&mut writer, 0, b"late words")).unwrap();
+    block_on(b.flush(&mut writer)).unwrap();
+    block_on(b.release(writer)).unwrap();
+    block_on(b.release(reader)).unwrap();
+    assert_eq!(
+        block_on(a.lookup(ROOT_INO, b"doomed")),
+        Err(FsError::NotFound)
+    );
+
+    // A rename over the file: the old file's descriptor keeps the old content.
+    let (old, _) = block_on(a.create(ROOT_INO, b"page", 0o644, 0, 0, true)).unwrap();
+    let mut w = a.open_new(&old).unwrap();
+    block_on(a.write(&mut w, 0, b"old page")).unwrap();
+    block_on(a.release(w)).unwrap();
+    let reader = block_on(b.open(old.ino)).unwrap();
+    let (new, _) = block_on(a.create(ROOT_INO, b"page.tmp", 0o644, 0, 0, true)).unwrap();
+    let mut w = a.open_new(&new).unwrap();
+    block_on(a.write(&mut w, 0, b"new page")).unwrap();
+    block_on(a.release(w)).unwrap();
+    block_on(a.rename(ROOT_INO, b"page.tmp", ROOT_INO, b"page", Default::default())).unwrap();
+    b.invalidate(old.ino);
+    assert_eq!(&block_on(b.read(&reader, 0, 100)).unwrap()[..], b"old page");
+    block_on(b.release(reader)).unwrap();
+}

@@ -657,3 +657,125 @@ fn a_name_made_in_a_directory_the_other_mount_made_is_found_at_once() {
         b"after a died"
     );
 }
+
+fn flock(f: &fs::File, op: libc::c_int) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock(2) on a descriptor this `File` owns and keeps open for the call.
+    if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn would_block(r: std::io::Result<()>) -> bool {
+    matches!(r, Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK))
+}
+
+#[test]
+fn flock_excludes_across_mounts_and_a_dead_mounts_locks_go() {
+    let c = cluster();
+    let (a, b) = (&c.mounts[0], &c.mounts[1]);
+    let _dead_mount = DetachOnDrop(a.clone());
+    fs::write(a.join("lock"), b"").unwrap();
+    fs::write(a.join("counter"), b"0").unwrap();
+
+    let on_a = fs::File::open(a.join("lock")).unwrap();
+    let on_b = fs::File::open(b.join("lock")).unwrap();
+    flock(&on_a, libc::LOCK_EX).unwrap();
+    assert!(would_block(flock(&on_b, libc::LOCK_EX | libc::LOCK_NB)));
+    assert!(would_block(flock(&on_b, libc::LOCK_SH | libc::LOCK_NB)));
+    // Shared locks share across mounts; an exclusive one then waits for both.
+    flock(&on_a, libc::LOCK_SH).unwrap();
+    flock(&on_b, libc::LOCK_SH | libc::LOCK_NB).unwrap();
+    let third = fs::File::open(b.join("lock")).unwrap();
+    assert!(would_block(flock(&third, libc::LOCK_EX | libc::LOCK_NB)));
+    flock(&on_a, libc::LOCK_UN).unwrap();
+    assert!(would_block(flock(&third, libc::LOCK_EX | libc::LOCK_NB)));
+    // The last close lets go (a moment after close(2) returns: the kernel sends the release
+    // without waiting for it).
+    drop(on_b);
+    within(
+        "the lock to go at the last close",
+        Duration::from_secs(5),
+        || flock(&third, libc::LOCK_EX | libc::LOCK_NB).ok(),
+    );
+    drop(third);
+
+    // Read-modify-write of a counter under LOCK_EX from both mounts at once: no update lost.
+    const ROUNDS: u32 = 15;
+    let bump = |root: std::path::PathBuf| {
+        std::thread::spawn(move || {
+            for _ in 0..ROUNDS {
+                let lock = fs::File::open(root.join("lock")).unwrap();
+                flock(&lock, libc::LOCK_EX).unwrap();
+                let n: u32 = fs::read_to_string(root.join("counter"))
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                fs::write(root.join("counter"), (n + 1).to_string()).unwrap();
+                flock(&lock, libc::LOCK_UN).unwrap();
+            }
+        })
+    };
+    let (ta, tb) = (bump(a.clone()), bump(b.clone()));
+    ta.join().unwrap();
+    tb.join().unwrap();
+    assert_eq!(
+        fs::read_to_string(a.join("counter")).unwrap(),
+        (2 * ROUNDS).to_string(),
+        "every increment made under the lock is kept"
+    );
+
+    // A taker on B blocks while A holds the lock and gets it when A lets go.
+    flock(&on_a, libc::LOCK_EX).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let lock_b = b.join("lock");
+    let waiter = std::thread::spawn(move || {
+        let f = fs::File::open(lock_b).unwrap();
+        flock(&f, libc::LOCK_EX).unwrap();
+        tx.send(()).unwrap();
+        f
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "B's taker waits while A holds the lock"
+    );
+    // A signal reaches a waiting taker: `flock -w 1` gives up after its second (exit 1).
+    let mut timed = Command::new("flock")
+        .args(["-w", "1"])
+        .arg(b.join("lock"))
+        .arg("true")
+        .spawn()
+        .unwrap();
+    let gave_up = within("flock -w 1 to give up", Duration::from_secs(10), || {
+        timed.try_wait().unwrap()
+    });
+    assert_eq!(
+        gave_up.code(),
+        Some(1),
+        "flock -w 1 timed out waiting for A's lock"
+    );
+    drop(on_a);
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("B's taker gets the lock once A closes");
+    drop(waiter.join().unwrap());
+
+    // A's mount dies holding a lock: B gets it once A's session lease runs out.
+    let on_a = fs::File::open(a.join("lock")).unwrap();
+    flock(&on_a, libc::LOCK_EX).unwrap();
+    let on_b = fs::File::open(b.join("lock")).unwrap();
+    assert!(would_block(flock(&on_b, libc::LOCK_EX | libc::LOCK_NB)));
+    // SAFETY: kill(2) has no memory-safety preconditions; the PID is this test's mount.
+    unsafe {
+        libc::kill(c.mount_pids[0] as i32, libc::SIGKILL);
+    }
+    let started = Instant::now();
+    flock(&on_b, libc::LOCK_EX).unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(15),
+        "a dead mount's lock goes with its lease (waited {waited:?})"
+    );
+    drop(on_a);
+}

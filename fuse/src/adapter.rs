@@ -30,7 +30,8 @@ use tokio::runtime::Handle;
 use tokio::sync::RwLock;
 use twinfs_cluster::metrics::{metrics, OpLabel};
 use twinfs_core::{
-    Attr, DirEntry, FileKind, Fs, FsError, OpenFile, SetAttr, TimeSet, XattrReply, XattrSet,
+    Attr, DirEntry, FileKind, FlockKind, Fs, FsError, OpenFile, SetAttr, TimeSet, XattrReply,
+    XattrSet,
 };
 
 /// Largest write the kernel sends in one request (with FUSE_MAX_PAGES).
@@ -449,6 +450,15 @@ impl TwinFs {
         }
     }
 
+    /// Lets go of the flock taken through handle `fh` of `ino`, if any (its last close).
+    async fn release_flock(&self, ino: u64, fh: u64) {
+        if let Err(e) = self.shared.fs.flock_release(ino, fh).await {
+            // The lock key stays until this mount's session ends (its lease's TTL after
+            // the mount stops or loses etcd).
+            tracing::error!(ino, error = %e, "letting go of a flock failed");
+        }
+    }
+
     fn count_err(&self, e: &FsError) {
         if !matches!(e, FsError::NotFound | FsError::NoData | FsError::Exists) {
             let op = CURRENT_OP.try_with(|op| *op).unwrap_or("write");
@@ -539,6 +549,9 @@ impl Filesystem for TwinFs {
             InitFlags::FUSE_ASYNC_DIO,
             InitFlags::FUSE_BIG_WRITES,
             InitFlags::FUSE_MAX_PAGES,
+            // flock(2) requests come here (as setlk), to hold across mounts (the core's
+            // flock.rs); fcntl record locks, not asked for, stay the kernel's, per mount.
+            InitFlags::FUSE_FLOCK_LOCKS,
         ] {
             let _ = config.add_capabilities(cap);
         }
@@ -961,6 +974,8 @@ impl Filesystem for TwinFs {
             if let Err(e) = &r {
                 tracing::error!(error = %e, "release failed (buffered data may be lost)");
             }
+            // The last close of the open file: a flock taken through it goes too.
+            this.release_flock(h.ino, fh.0).await;
             empty(&this, reply, r);
         });
     }
@@ -1146,7 +1161,7 @@ impl Filesystem for TwinFs {
     fn releasedir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         reply: ReplyEmpty,
@@ -1156,7 +1171,44 @@ impl Filesystem for TwinFs {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&fh.0);
-        reply.ok();
+        let this = self.this();
+        self.spawn("releasedir", async move {
+            this.release_flock(ino.0, fh.0).await;
+            reply.ok();
+        });
+    }
+
+    /// `flock(2)`: the kernel sends it as a lock of the whole file, owned by the open file
+    /// (one handle here); only flock requests come, as the mount asks for no fcntl locks.
+    fn setlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        _start: u64,
+        _end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let kind = match typ {
+            libc::F_RDLCK => Some(FlockKind::Shared),
+            libc::F_WRLCK => Some(FlockKind::Exclusive),
+            libc::F_UNLCK => None,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        let this = self.this();
+        self.spawn("flock", async move {
+            let interrupted = move || signal_pending(pid);
+            let r = this
+                .shared
+                .fs
+                .flock(ino.0, fh.0, kind, sleep, pid, &interrupted)
+                .await;
+            empty(&this, reply, r);
+        });
     }
 
     fn fsyncdir(
@@ -1449,4 +1501,27 @@ impl TwinFs {
             });
         }
     }
+}
+
+/// Whether thread `tid` (a FUSE request's caller, as the kernel numbers it in this mount's PID
+/// namespace) has a signal pending that it neither blocks nor ignores: the kernel would have
+/// sent FUSE_INTERRUPT, which the FUSE library answers with ENOSYS, so a waiting `flock` looks
+/// for itself. A caller not visible here (0, another PID namespace, gone) reads as not
+/// signalled. Reading procfs does not touch a disk; it is safe on an async thread.
+fn signal_pending(tid: u32) -> bool {
+    if tid == 0 {
+        return false;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
+        return false;
+    };
+    let mask = |field: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    let pending = mask("SigPnd:") | mask("ShdPnd:");
+    pending & !mask("SigBlk:") & !mask("SigIgn:") != 0
 }

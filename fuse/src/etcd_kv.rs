@@ -1125,6 +1125,10 @@ impl MetaKv for EtcdKv {
         self.claims.as_ref()?.current().map(|(number, _)| number)
     }
 
+    fn has_sessions(&self) -> bool {
+        self.claims.is_some()
+    }
+
     fn cached_absent(&self, key: &[u8], within: &[u8]) -> bool {
         if !key.starts_with(within) {
             return false;

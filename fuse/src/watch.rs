@@ -223,6 +223,10 @@ async fn follow(
                                 }
                             });
                         }
+                    } else if rest.starts_with(b"f/") {
+                        // A flock taken or let go (by any mount): takers waiting here on
+                        // that file read again.
+                        shared.fs.note_flock_change(kv.key());
                     } else if rest.starts_with(b"usage/") {
                         // Own revisions too: this mount's folds rewrite the base, and the
                         // core ignores its own delta keys.

@@ -44,6 +44,15 @@ pub enum FsError {
     Kv(#[from] KvError),
     #[error(transparent)]
     Block(#[from] BlockError),
+    /// A `flock` without waiting found the file locked by another holder.
+    #[error("resource temporarily unavailable: locked by another holder")]
+    WouldBlock,
+    /// A waiting `flock` gave up because its caller got a signal: EINTR.
+    #[error("interrupted by a signal while waiting for a lock")]
+    Interrupted,
+    /// No session to tie a lock to (the mount's etcd lease lapsed): ENOLCK.
+    #[error("no locks available: this mount's etcd session has lapsed")]
+    NoLocks,
     /// Too many optimistic-transaction conflicts in a row.
     #[error("too much contention: transaction retried {0} times")]
     Contention(u32),
@@ -70,7 +79,9 @@ impl FsError {
             FsError::NoSpace | FsError::Block(BlockError::NoSpace(_)) => libc::ENOSPC,
             FsError::NotSupported(_) => libc::EOPNOTSUPP,
             FsError::Corrupt(_) | FsError::Kv(_) | FsError::Block(_) => libc::EIO,
-            FsError::Contention(_) => libc::EAGAIN,
+            FsError::Contention(_) | FsError::WouldBlock => libc::EAGAIN,
+            FsError::NoLocks => libc::ENOLCK,
+            FsError::Interrupted => libc::EINTR,
         }
     }
 }

@@ -474,6 +474,8 @@ pub struct Fs {
     pub(crate) quota: AtomicU64,
     /// Growth reserved by open handles' unflushed writes: handle → bytes.
     pub(crate) reserved: Mutex<HashMap<u64, u64>>,
+    /// `flock` locks held here and takers waiting (see `flock.rs`).
+    pub(crate) flocks: Mutex<crate::flock::Flocks>,
 }
 
 pub(crate) fn now_ns() -> i64 {
@@ -635,6 +637,7 @@ impl Fs {
             usage_epoch: AtomicU64::new(0),
             quota: AtomicU64::new(0),
             reserved: Mutex::new(HashMap::new()),
+            flocks: Mutex::new(Default::default()),
         })
     }
 

@@ -195,6 +195,12 @@ pub trait MetaKv: Send + Sync {
         None
     }
 
+    /// Whether this store has sessions at all ([`MetaKv::session`] can be `Some`): a store
+    /// that has none keeps [`TxnOp::PutOwned`] as plain puts.
+    fn has_sessions(&self) -> bool {
+        false
+    }
+
     /// Keys and one range `[start, end)` (at most `limit` entries, 0 = all) read at one
     /// revision, in one round trip: a consistent snapshot of, say, an inode and its chunk map.
     fn get_many_and_range<'a>(

@@ -19,6 +19,9 @@
 //! | `x/<ino>/<name>` | raw bytes | one key per extended attribute |
 //! | `t/<ino>` | [`schema::DirTimesRec`] | a directory's mtime/ctime since its entries last changed, written without a compare (see below) |
 //! | `o/<ino>` | [`schema::OrphanRec`] | inode with no links left whose data is still to be purged |
+//! | `w/<dir>`, `r/<dir>` | instance id (8 bytes, big-endian) | a directory's claim by the mount that made it, and another mount's recall of it (see [`claims`]) |
+//! | `f/<ino>/<instance><fh>` | version byte + JSON (kind, pid) | a `flock` lock held through handle `fh` of a mount, under its session lease (see [`flock`]) |
+//! | `g/<ino>` | empty | rewritten by every `flock` taking on `ino`, which compares it (see [`flock`]) |
 //! | `usage/base` | [`schema::UsageRec`] | folded usage total: bytes of regular files (see [`usage`]) |
 //! | `usage/d/<instance>/<slot>` | [`schema::UsageRec`] | one instance's cumulative signed usage change, written only by it |
 //!
@@ -96,6 +99,7 @@ pub mod claims;
 mod data;
 mod early;
 pub mod error;
+pub mod flock;
 pub mod fs;
 pub mod kv;
 pub mod scan;
@@ -105,6 +109,7 @@ pub mod usage;
 pub use blocks::{BlockError, BlockIo, CachedBlocks, MemBlocks};
 pub use data::OpenFile;
 pub use error::{FsError, FsResult};
+pub use flock::FlockKind;
 pub use fs::{
     Attr, DirEntry, Fs, FsOptions, RenameFlags, SetAttr, Sleeper, Spawner, TimeSet, XattrReply,
     XattrSet, DEFAULT_CHUNK_SIZE, MAX_FILE_SIZE, NAME_MAX, ROOT_INO,

@@ -277,6 +277,27 @@ impl Keys {
         }
         parse_hex16(rest).ok()
     }
+    /// `f/<ino>/<instance><fh>`: a `flock` lock on `ino` held through handle `fh` of mount
+    /// `instance`, under that mount's session (see `flock.rs`).
+    pub fn flock(&self, ino: u64, instance: u64, fh: u64) -> Vec<u8> {
+        self.with(&format!("f/{ino:016x}/{instance:016x}{fh:016x}"))
+    }
+    /// Prefix of every `flock` lock on `ino`.
+    pub fn flocks(&self, ino: u64) -> Vec<u8> {
+        self.with(&format!("f/{ino:016x}/"))
+    }
+    /// `g/<ino>`: rewritten by every `flock` taken on `ino` and compared by the next one.
+    pub fn flock_gen(&self, ino: u64) -> Vec<u8> {
+        self.with(&format!("g/{ino:016x}"))
+    }
+    /// The inode of an `f/<ino>/…` lock key (`None` for any other key).
+    pub fn parse_flock(&self, key: &[u8]) -> Option<u64> {
+        let rest = key.strip_prefix(self.with("f/").as_slice())?;
+        if rest.len() != 16 + 1 + 32 || rest[16] != b'/' {
+            return None;
+        }
+        parse_hex16(&rest[..16]).ok()
+    }
     pub fn orphan(&self, ino: u64) -> Vec<u8> {
         self.with(&format!("o/{ino:016x}"))
     }

@@ -15,6 +15,11 @@ fn on_other_thread(f: impl FnOnce() + Send + 'static) {
     std::thread::spawn(f).join().expect("B's operation");
 }
 
+/// A `flock` caller that never gets a signal.
+fn never() -> bool {
+    false
+}
+
 fn two_nodes() -> (Arc<MemKv>, Arc<Fs>, Arc<Fs>) {
     let kv = Arc::new(MemKv::new());
     let blocks = Arc::new(MemBlocks::new());
@@ -1122,4 +1127,177 @@ fn a_file_deleted_by_another_mount_stays_readable_through_descriptors_open_here(
     b.invalidate(old.ino);
     assert_eq!(&block_on(b.read(&reader, 0, 100)).unwrap()[..], b"old page");
     block_on(b.release(reader)).unwrap();
+}
+
+/// flock(2) across mounts: an exclusive lock excludes every other holder on every instance,
+/// shared locks share, a waiting taker gets the lock once the holder lets go (also when the
+/// holder's handle is released), and no lock key is left behind.
+#[test]
+fn flock_excludes_across_instances_and_lets_waiters_in() {
+    use twinfs_core::FlockKind::{Exclusive, Shared};
+    let (kv, a, b) = two_nodes();
+    let (f, _) = block_on(a.create(ROOT_INO, b"lockfile", 0o644, 0, 0, true)).unwrap();
+    let ino = f.ino;
+    block_on(a.flock(ino, 1, Some(Exclusive), false, 100, &never)).unwrap();
+    assert_eq!(
+        block_on(b.flock(ino, 7, Some(Shared), false, 200, &never)),
+        Err(FsError::WouldBlock)
+    );
+    assert_eq!(
+        block_on(a.flock(ino, 2, Some(Exclusive), false, 101, &never)),
+        Err(FsError::WouldBlock),
+        "another handle on the same instance is another holder"
+    );
+    // Taking it again through the same handle is a no-op.
+    block_on(a.flock(ino, 1, Some(Exclusive), false, 100, &never)).unwrap();
+
+    // B waits; A lets go; B gets it.
+    let b2 = b.clone();
+    let waiter =
+        std::thread::spawn(move || block_on(b2.flock(ino, 7, Some(Exclusive), true, 200, &never)));
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert!(!waiter.is_finished(), "B took a lock A holds");
+    block_on(a.flock(ino, 1, None, false, 100, &never)).unwrap();
+    waiter.join().expect("waiter").unwrap();
+    assert_eq!(b.flocks_held(), vec![(ino, 7, Exclusive)]);
+    assert_eq!(
+        block_on(a.flock(ino, 1, Some(Shared), false, 100, &never)),
+        Err(FsError::WouldBlock)
+    );
+    // The handle's release lets go.
+    block_on(b.flock_release(ino, 7)).unwrap();
+    assert!(b.flocks_held().is_empty());
+
+    // Shared locks share; converting to exclusive must wait for the other shared holder.
+    block_on(a.flock(ino, 1, Some(Shared), false, 100, &never)).unwrap();
+    block_on(b.flock(ino, 7, Some(Shared), false, 200, &never)).unwrap();
+    assert_eq!(
+        block_on(a.flock(ino, 1, Some(Exclusive), false, 100, &never)),
+        Err(FsError::WouldBlock)
+    );
+    block_on(b.flock(ino, 7, None, false, 200, &never)).unwrap();
+    block_on(a.flock(ino, 1, Some(Exclusive), false, 100, &never)).unwrap();
+    block_on(a.flock_release(ino, 1)).unwrap();
+
+    let left: Vec<String> = kv
+        .scan_prefix(b"")
+        .iter()
+        .map(|e| String::from_utf8_lossy(&e.key).into_owned())
+        .filter(|k| k.contains("/f/") || k.contains("/g/"))
+        .collect();
+    assert!(left.is_empty(), "lock keys left behind: {left:?}");
+}
+
+/// Many takers on two instances, each holding the exclusive lock for a moment: never two
+/// inside at once (every taking rewrites the lock generation its transaction compares).
+#[test]
+fn flock_exclusive_holders_never_overlap() {
+    use std::sync::atomic::AtomicBool;
+    let (_kv, a, b) = two_nodes();
+    let (f, _) = block_on(a.create(ROOT_INO, b"counter", 0o644, 0, 0, true)).unwrap();
+    let ino = f.ino;
+    let inside = Arc::new(AtomicBool::new(false));
+    let entries = Arc::new(AtomicU64::new(0));
+    // Counted rather than asserted in the thread: a panicking holder would never let go.
+    let overlaps = Arc::new(AtomicU64::new(0));
+    let mut threads = Vec::new();
+    for t in 0..6u64 {
+        let fs = if t % 2 == 0 { a.clone() } else { b.clone() };
+        let (inside, entries, overlaps) = (inside.clone(), entries.clone(), overlaps.clone());
+        threads.push(std::thread::spawn(move || {
+            for _ in 0..30 {
+                block_on(fs.flock(
+                    ino,
+                    10 + t,
+                    Some(twinfs_core::FlockKind::Exclusive),
+                    true,
+                    1,
+                    &never,
+                ))
+                .unwrap();
+                if inside.swap(true, Ordering::SeqCst) {
+                    overlaps.fetch_add(1, Ordering::Relaxed);
+                }
+                entries.fetch_add(1, Ordering::Relaxed);
+                std::thread::yield_now();
+                inside.store(false, Ordering::SeqCst);
+                block_on(fs.flock(ino, 10 + t, None, false, 1, &never)).unwrap();
+            }
+        }));
+    }
+    for t in threads {
+        t.join().expect("taker");
+    }
+    assert_eq!(overlaps.load(Ordering::Relaxed), 0, "two holders at once");
+    assert_eq!(entries.load(Ordering::Relaxed), 6 * 30);
+}
+
+/// A reads the file unlocked; B takes the lock before A's transaction commits. A must not
+/// take it too (its transaction compares the lock generation B rewrote): it reads again and
+/// finds B's lock.
+#[test]
+fn flock_taker_that_saw_the_file_free_loses_to_one_that_took_it_meanwhile() {
+    let (kv, a, b) = two_nodes();
+    let (f, _) = block_on(a.create(ROOT_INO, b"lock", 0o644, 0, 0, true)).unwrap();
+    let ino = f.ino;
+    let b2 = b.clone();
+    kv.before_next_txn(move |_| {
+        on_other_thread(move || {
+            block_on(b2.flock(
+                ino,
+                7,
+                Some(twinfs_core::FlockKind::Exclusive),
+                false,
+                2,
+                &never,
+            ))
+            .unwrap();
+        });
+    });
+    let r = block_on(a.flock(
+        ino,
+        3,
+        Some(twinfs_core::FlockKind::Exclusive),
+        false,
+        1,
+        &never,
+    ));
+    assert!(
+        matches!(r, Err(FsError::WouldBlock)),
+        "A took a lock B holds: {r:?}"
+    );
+    assert!(a.flocks_held().is_empty());
+    assert_eq!(b.flocks_held().len(), 1);
+}
+
+/// A taker waiting for a lock gives up with EINTR once its caller got a signal (how
+/// `flock -w` and Ctrl-C reach a waiter), holding nothing.
+#[test]
+fn a_waiting_flock_taker_gives_up_when_its_caller_is_interrupted() {
+    use std::sync::atomic::AtomicBool;
+    use twinfs_core::FlockKind::Exclusive;
+    let (_kv, a, b) = two_nodes();
+    let (f, _) = block_on(a.create(ROOT_INO, b"lock", 0o644, 0, 0, true)).unwrap();
+    let ino = f.ino;
+    block_on(a.flock(ino, 1, Some(Exclusive), false, 100, &never)).unwrap();
+    let signalled = Arc::new(AtomicBool::new(false));
+    let (b2, sig) = (b.clone(), signalled.clone());
+    let waiter = std::thread::spawn(move || {
+        let interrupted = move || sig.load(Ordering::SeqCst);
+        block_on(b2.flock(ino, 7, Some(Exclusive), true, 200, &interrupted))
+    });
+    // The waiter keeps waiting until the signal comes (checked at every read it makes).
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert!(
+        !waiter.is_finished(),
+        "the taker waits while A holds the lock"
+    );
+    signalled.store(true, Ordering::SeqCst);
+    let r = waiter.join().expect("waiter");
+    assert!(matches!(r, Err(FsError::Interrupted)), "{r:?}");
+    assert_eq!(FsError::Interrupted.errno(), libc::EINTR);
+    assert!(b.flocks_held().is_empty());
+    // A still holds it; once A lets go, B takes it at once.
+    block_on(a.flock(ino, 1, None, false, 100, &never)).unwrap();
+    block_on(b.flock(ino, 7, Some(Exclusive), false, 200, &never)).unwrap();
 }

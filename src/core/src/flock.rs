@@ -1,0 +1,217 @@
+//! `flock(2)` locks that hold across mounts.
+//!
+//! A lock held through an open file is one etcd key, `f/<ino>/<instance><fh>` (the inode, this
+//! mount's instance and the handle: `flock` locks belong to an open file description, which is
+//! one handle here), put under the mount's session lease, so a mount that dies loses its locks
+//! within the lease's TTL and nobody waits for it longer. Its value says shared or exclusive.
+//!
+//! Taking one reads every holder of the inode and the inode's lock generation key `g/<ino>`
+//! in one snapshot; without a conflicting holder, one transaction puts the lock and rewrites
+//! the generation, compared at the revision read. Every taking rewrites the generation, so two
+//! mounts that read the same free state cannot both take it: the second transaction fails and
+//! reads again. Letting go deletes the key (and the generation key, which only serializes
+//! takers). A taker that must wait (`LOCK_EX` without `LOCK_NB`) sleeps until a holder of the inode lets go here
+//! or this mount's watch sees one change elsewhere (`Fs::note_flock_change`), or at most
+//! [`WAIT_POLL_MAX`], and reads again.
+//!
+//! As Linux does, changing a held lock's kind (shared to exclusive or back) first lets go of
+//! the old one when the new one has to wait, so two holders converting at once cannot
+//! deadlock. Locks go with the handle: at its release (the last close of the open file) it
+//! lets go. POSIX record locks (`fcntl`) stay the kernel's own, per mount (SEMANTICS.md).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::channel::oneshot;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{FsError, FsResult};
+use crate::fs::{Fs, Txn};
+use crate::kv::prefix_end;
+use crate::schema::{decode, encode};
+
+/// Longest sleep of a waiting taker between two reads when no change is seen (a safety net:
+/// the watch normally wakes it when a holder goes), and so the longest a signal to the waiting
+/// process goes unnoticed.
+pub const WAIT_POLL_MAX: Duration = Duration::from_millis(200);
+
+/// The kind of a `flock` lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FlockKind {
+    Shared,
+    Exclusive,
+}
+
+impl FlockKind {
+    fn conflicts_with(self, other: FlockKind) -> bool {
+        self == FlockKind::Exclusive || other == FlockKind::Exclusive
+    }
+}
+
+/// The value of a lock key.
+#[derive(Debug, Serialize, Deserialize)]
+struct FlockRec {
+    kind: FlockKind,
+    /// The process that took it, on its node (for people reading etcd).
+    pid: u32,
+}
+
+/// The locks this instance holds and the takers waiting for a change.
+#[derive(Default)]
+pub(crate) struct Flocks {
+    /// (inode, handle) → the kind held.
+    held: HashMap<(u64, u64), FlockKind>,
+    /// inode → takers waiting for one of its holders to change.
+    waiters: HashMap<u64, Vec<oneshot::Sender<()>>>,
+}
+
+impl Fs {
+    fn flocks(&self) -> std::sync::MutexGuard<'_, Flocks> {
+        self.flocks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes (`Some(kind)`) or lets go of (`None`) the `flock` lock of handle `fh` on `ino`.
+    /// A conflicting holder on any mount makes it wait when `wait`, else fail with
+    /// [`FsError::WouldBlock`] (EWOULDBLOCK). A waiting taker gives up with
+    /// [`FsError::Interrupted`] (EINTR) once `interrupted()` says its caller got a signal: the
+    /// FUSE library answers the kernel's interrupt requests with ENOSYS, so without this a
+    /// `flock -w 5` or a Ctrl-C would wait for the holder.
+    pub async fn flock(
+        &self,
+        ino: u64,
+        fh: u64,
+        kind: Option<FlockKind>,
+        wait: bool,
+        pid: u32,
+        interrupted: &(dyn Fn() -> bool + Sync),
+    ) -> FsResult<()> {
+        let Some(kind) = kind else {
+            return self.flock_unlock(ino, fh).await;
+        };
+        if self.kv.has_sessions() && self.kv.session().is_none() {
+            // A lock put now could not be tied to this mount's life: refuse rather than
+            // leave one behind that nobody would ever let go of.
+            return Err(FsError::NoLocks);
+        }
+        let mine = self.keys.flock(ino, self.instance, fh);
+        let gen_key = self.keys.flock_gen(ino);
+        let prefix = self.keys.flocks(ino);
+        let end = prefix_end(&prefix);
+        let mut pause = Duration::from_millis(2);
+        let mut attempt = 0;
+        loop {
+            // Registered before the read, so a change right after it is not missed.
+            let woken = wait.then(|| {
+                let (tx, rx) = oneshot::channel();
+                let mut flocks = self.flocks();
+                let list = flocks.waiters.entry(ino).or_default();
+                // Takers that stopped waiting (took the lock, or gave up) leave their sender.
+                list.retain(|tx| !tx.is_canceled());
+                list.push(tx);
+                rx
+            });
+            let (gen, holders) = self
+                .kv
+                .get_many_and_range(std::slice::from_ref(&gen_key), &prefix, &end, 0)
+                .await?;
+            let gen_rev = gen.into_iter().next().flatten().map_or(0, |(_, rev)| rev);
+            let mut conflict = false;
+            for e in &holders.entries {
+                if e.key == mine {
+                    continue;
+                }
+                // A value that does not decode is somebody's lock all the same.
+                let theirs =
+                    decode::<FlockRec>(&e.key, &e.value).map_or(FlockKind::Exclusive, |r| r.kind);
+                conflict |= kind.conflicts_with(theirs);
+            }
+            if !conflict {
+                let mut txn = Txn::default();
+                txn.cmp(gen_key.clone(), gen_rev);
+                txn.put_owned(gen_key.clone(), Vec::new());
+                txn.put_owned(mine.clone(), encode(&FlockRec { kind, pid }));
+                if self.commit(txn).await? {
+                    self.flocks().held.insert((ino, fh), kind);
+                    return Ok(());
+                }
+                // Another taker got in between (or the session lapsed): read again.
+                if self.kv.has_sessions() && self.kv.session().is_none() {
+                    return Err(FsError::NoLocks);
+                }
+                self.backoff(&mut attempt).await?;
+                continue;
+            }
+            let Some(woken) = woken else {
+                return Err(FsError::WouldBlock);
+            };
+            if interrupted() {
+                return Err(FsError::Interrupted);
+            }
+            let held = self.flocks().held.get(&(ino, fh)).copied();
+            if held.is_some_and(|h| h != kind) {
+                // A conversion that must wait lets go of the old lock first (as Linux does),
+                // so two holders converting at once do not wait for each other forever.
+                self.flock_unlock(ino, fh).await?;
+            }
+            match &self.opts.sleep {
+                Some(sleep) => {
+                    futures::future::select(woken, sleep(pause)).await;
+                }
+                None => std::thread::yield_now(),
+            }
+            pause = (pause * 2).min(WAIT_POLL_MAX);
+        }
+    }
+
+    /// Lets go of handle `fh`'s lock on `ino`, if it holds one.
+    /// Kept as held until the delete committed: a failure leaves it for the handle's release
+    /// to let go of again (and the mount's session bounds it in any case).
+    async fn flock_unlock(&self, ino: u64, fh: u64) -> FsResult<()> {
+        if !self.flocks().held.contains_key(&(ino, fh)) {
+            return Ok(());
+        }
+        let mut txn = Txn::default();
+        txn.del(self.keys.flock(ino, self.instance, fh));
+        txn.del(self.keys.flock_gen(ino));
+        self.commit(txn).await?;
+        let waiters = {
+            let mut flocks = self.flocks();
+            flocks.held.remove(&(ino, fh));
+            // Takers here need not wait for the watch to hear of it.
+            flocks.waiters.remove(&ino).unwrap_or_default()
+        };
+        for w in waiters {
+            let _ = w.send(());
+        }
+        Ok(())
+    }
+
+    /// Handle `fh` of `ino` is closed for good: its lock, if any, goes with it.
+    pub async fn flock_release(&self, ino: u64, fh: u64) -> FsResult<()> {
+        self.flock_unlock(ino, fh).await
+    }
+
+    /// The mount's watch saw a lock key of another mount change (taken or let go): takers
+    /// waiting on that inode read again.
+    pub fn note_flock_change(&self, key: &[u8]) {
+        let Some(ino) = self.keys.parse_flock(key) else {
+            return;
+        };
+        let waiters = self.flocks().waiters.remove(&ino).unwrap_or_default();
+        for w in waiters {
+            let _ = w.send(());
+        }
+    }
+
+    /// Locks this instance holds (for tests and diagnostics): (inode, handle, kind).
+    pub fn flocks_held(&self) -> Vec<(u64, u64, FlockKind)> {
+        let mut v: Vec<_> = self
+            .flocks()
+            .held
+            .iter()
+            .map(|(&(ino, fh), &k)| (ino, fh, k))
+            .collect();
+        v.sort_unstable_by_key(|&(ino, fh, _)| (ino, fh));
+        v
+    }
+}

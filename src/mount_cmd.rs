@@ -350,20 +350,23 @@ fn mount_processes_at(dir: &Path) -> Vec<u32> {
                 .first()
                 .and_then(|a| Path::new(a).file_name())
                 .is_some_and(|n| n == "twinfs");
+            // Any argument after `mount` that names the directory: options may come before
+            // or between VOLUME and DIR (`twinfs mount --cache-mb 64 v /mnt`).
+            let Some(at) = args.iter().position(|a| *a == "mount") else {
+                return false;
+            };
             is_twinfs
-                && args.windows(3).any(|w| {
-                    w[0] == "mount" && {
-                        let p = Path::new(w[2]);
-                        let p = if p.is_absolute() {
-                            p.to_path_buf()
-                        } else {
-                            match std::fs::read_link(format!("/proc/{pid}/cwd")) {
-                                Ok(cwd) => cwd.join(p),
-                                Err(_) => return false,
-                            }
-                        };
-                        std::path::absolute(p).is_ok_and(|p| p == want)
-                    }
+                && args[at + 1..].iter().any(|a| {
+                    let p = Path::new(a);
+                    let p = if p.is_absolute() {
+                        p.to_path_buf()
+                    } else {
+                        match std::fs::read_link(format!("/proc/{pid}/cwd")) {
+                            Ok(cwd) => cwd.join(p),
+                            Err(_) => return false,
+                        }
+                    };
+                    std::path::absolute(p).is_ok_and(|p| p == want)
                 })
         })
         .collect()
@@ -397,6 +400,37 @@ mod tests {
         assert!(!process_running(pid));
         child.wait().unwrap();
         assert!(!process_running(pid));
+    }
+
+    #[test]
+    fn a_mount_process_is_found_by_its_directory_wherever_the_options_are() {
+        // A shell named `twinfs` whose command line reads like a mount started from `work`
+        // with options before VOLUME and a relative DIR.
+        let tmp = std::env::temp_dir().join(format!("twinfs-mpa-{}", std::process::id()));
+        let work = tmp.join("work");
+        std::fs::create_dir_all(work.join("mnt")).unwrap();
+        let fake = tmp.join("twinfs");
+        std::os::unix::fs::symlink("/bin/sh", &fake).unwrap();
+        let mut child = Command::new(&fake)
+            .args([
+                "-c",
+                "sleep 30; true",
+                "mount",
+                "--cache-mb",
+                "64",
+                "vol",
+                "mnt",
+            ])
+            .current_dir(&work)
+            .spawn()
+            .unwrap();
+        let found = mount_processes_at(&work.join("mnt"));
+        let other = mount_processes_at(&work.join("elsewhere"));
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_dir_all(&tmp);
+        assert_eq!(found, vec![child.id()]);
+        assert!(other.is_empty());
     }
 
     #[test]

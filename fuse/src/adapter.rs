@@ -460,7 +460,15 @@ impl TwinFs {
     }
 
     fn count_err(&self, e: &FsError) {
-        if !matches!(e, FsError::NotFound | FsError::NoData | FsError::Exists) {
+        // Answers applications expect in normal work are not errors of the mount.
+        if !matches!(
+            e,
+            FsError::NotFound
+                | FsError::NoData
+                | FsError::Exists
+                | FsError::WouldBlock
+                | FsError::Interrupted
+        ) {
             let op = CURRENT_OP.try_with(|op| *op).unwrap_or("write");
             metrics()
                 .fuse_ops

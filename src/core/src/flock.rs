@@ -1,18 +1,20 @@
 //! `flock(2)` locks that hold across mounts.
 //!
-//! A lock held through an open file is one etcd key, `f/<ino>/<instance><fh>` (the inode, this
-//! mount's instance and the handle: `flock` locks belong to an open file description, which is
-//! one handle here), put under the mount's session lease, so a mount that dies loses its locks
-//! within the lease's TTL and nobody waits for it longer. Its value says shared or exclusive.
+//! A lock held through an open file is one etcd key, `f/<ino>/x/<instance><fh>` when exclusive
+//! or `f/<ino>/s/<instance><fh>` when shared (the inode, this mount's instance and the handle:
+//! `flock` locks belong to an open file description, which is one handle here), put under the
+//! mount's session lease, so a mount that dies loses its locks within the lease's TTL and
+//! nobody waits for it longer.
 //!
-//! Taking one reads every holder of the inode and the inode's lock generation key `g/<ino>`
-//! in one snapshot; without a conflicting holder, one transaction puts the lock and rewrites
-//! the generation, compared at the revision read. Every taking rewrites the generation, so two
-//! mounts that read the same free state cannot both take it: the second transaction fails and
-//! reads again. Letting go deletes the key (and the generation key, which only serializes
-//! takers). A taker that must wait (`LOCK_EX` without `LOCK_NB`) sleeps until a holder of the inode lets go here
-//! or this mount's watch sees one change elsewhere (`Fs::note_flock_change`), or at most
-//! [`WAIT_POLL_MAX`], and reads again.
+//! Taking one is a single transaction, without reading first: it puts the handle's key of the
+//! wanted kind (deleting its key of the other kind, for a conversion) if range compares find no
+//! other holder that conflicts: no key at all in `f/<ino>/` but the handle's own for an
+//! exclusive lock, no key in `f/<ino>/x/` but its own for a shared one. etcd evaluates the
+//! compares and the writes atomically, so two takers can never both get conflicting locks, and
+//! two shared takers both succeed. A failed compare means a conflicting holder: `LOCK_NB` gets
+//! EWOULDBLOCK; a taker that waits sleeps until a holder of the inode lets go here or this
+//! mount's watch sees one change elsewhere (`Fs::note_flock_change`), or at most
+//! [`WAIT_POLL_MAX`], and tries again. Letting go deletes the handle's keys.
 //!
 //! As Linux does, changing a held lock's kind (shared to exclusive or back) first lets go of
 //! the old one when the new one has to wait, so two holders converting at once cannot
@@ -28,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{FsError, FsResult};
 use crate::fs::{Fs, Txn};
 use crate::kv::prefix_end;
-use crate::schema::{decode, encode};
+use crate::schema::encode;
 
 /// Longest sleep of a waiting taker between two reads when no change is seen (a safety net:
 /// the watch normally wakes it when a holder goes), and so the longest a signal to the waiting
@@ -42,10 +44,11 @@ pub enum FlockKind {
     Exclusive,
 }
 
-impl FlockKind {
-    fn conflicts_with(self, other: FlockKind) -> bool {
-        self == FlockKind::Exclusive || other == FlockKind::Exclusive
-    }
+/// The key right after `key` in etcd's byte order.
+fn successor(key: &[u8]) -> Vec<u8> {
+    let mut next = key.to_vec();
+    next.push(0);
+    next
 }
 
 /// The value of a lock key.
@@ -93,14 +96,22 @@ impl Fs {
             // leave one behind that nobody would ever let go of.
             return Err(FsError::NoLocks);
         }
-        let mine = self.keys.flock(ino, self.instance, fh);
-        let gen_key = self.keys.flock_gen(ino);
-        let prefix = self.keys.flocks(ino);
-        let end = prefix_end(&prefix);
+        let exclusive = kind == FlockKind::Exclusive;
+        let mine = self.keys.flock(ino, exclusive, self.instance, fh);
+        let mine_other_kind = self.keys.flock(ino, !exclusive, self.instance, fh);
+        // Where a conflicting holder's key would be: any lock for an exclusive taking, an
+        // exclusive one for a shared taking; this handle's own keys are not conflicts.
+        let conflicts = if exclusive {
+            self.keys.flocks(ino)
+        } else {
+            self.keys.flocks_exclusive(ino)
+        };
+        let conflicts_end = prefix_end(&conflicts);
+        let mut own = [mine.clone(), mine_other_kind.clone()];
+        own.sort_unstable();
         let mut pause = Duration::from_millis(2);
-        let mut attempt = 0;
         loop {
-            // Registered before the read, so a change right after it is not missed.
+            // Registered before the attempt, so a change right after it is not missed.
             let woken = wait.then(|| {
                 let (tx, rx) = oneshot::channel();
                 let mut flocks = self.flocks();
@@ -110,36 +121,25 @@ impl Fs {
                 list.push(tx);
                 rx
             });
-            let (gen, holders) = self
-                .kv
-                .get_many_and_range(std::slice::from_ref(&gen_key), &prefix, &end, 0)
-                .await?;
-            let gen_rev = gen.into_iter().next().flatten().map_or(0, |(_, rev)| rev);
-            let mut conflict = false;
-            for e in &holders.entries {
-                if e.key == mine {
-                    continue;
-                }
-                // A value that does not decode is somebody's lock all the same.
-                let theirs =
-                    decode::<FlockRec>(&e.key, &e.value).map_or(FlockKind::Exclusive, |r| r.kind);
-                conflict |= kind.conflicts_with(theirs);
+            let mut txn = Txn::default();
+            let mut from = conflicts.clone();
+            for key in own
+                .iter()
+                .filter(|k| **k >= conflicts && **k < conflicts_end)
+            {
+                txn.cmp_empty(from, key.clone());
+                from = successor(key);
             }
-            if !conflict {
-                let mut txn = Txn::default();
-                txn.cmp(gen_key.clone(), gen_rev);
-                txn.put_owned(gen_key.clone(), Vec::new());
-                txn.put_owned(mine.clone(), encode(&FlockRec { kind, pid }));
-                if self.commit(txn).await? {
-                    self.flocks().held.insert((ino, fh), kind);
-                    return Ok(());
-                }
-                // Another taker got in between (or the session lapsed): read again.
-                if self.kv.has_sessions() && self.kv.session().is_none() {
-                    return Err(FsError::NoLocks);
-                }
-                self.backoff(&mut attempt).await?;
-                continue;
+            txn.cmp_empty(from, conflicts_end.clone());
+            txn.del(mine_other_kind.clone());
+            txn.put_owned(mine.clone(), encode(&FlockRec { kind, pid }));
+            if self.commit(txn).await? {
+                self.flocks().held.insert((ino, fh), kind);
+                return Ok(());
+            }
+            if self.kv.has_sessions() && self.kv.session().is_none() {
+                // The transaction may have failed for the lapsed session, not a holder.
+                return Err(FsError::NoLocks);
             }
             let Some(woken) = woken else {
                 return Err(FsError::WouldBlock);
@@ -171,8 +171,8 @@ impl Fs {
             return Ok(());
         }
         let mut txn = Txn::default();
-        txn.del(self.keys.flock(ino, self.instance, fh));
-        txn.del(self.keys.flock_gen(ino));
+        txn.del(self.keys.flock(ino, true, self.instance, fh));
+        txn.del(self.keys.flock(ino, false, self.instance, fh));
         self.commit(txn).await?;
         let waiters = {
             let mut flocks = self.flocks();

@@ -277,23 +277,30 @@ impl Keys {
         }
         parse_hex16(rest).ok()
     }
-    /// `f/<ino>/<instance><fh>`: a `flock` lock on `ino` held through handle `fh` of mount
-    /// `instance`, under that mount's session (see `flock.rs`).
-    pub fn flock(&self, ino: u64, instance: u64, fh: u64) -> Vec<u8> {
-        self.with(&format!("f/{ino:016x}/{instance:016x}{fh:016x}"))
+    /// `f/<ino>/x/<instance><fh>` (exclusive) or `f/<ino>/s/<instance><fh>` (shared): a `flock`
+    /// lock on `ino` held through handle `fh` of mount `instance`, under that mount's session
+    /// (see `flock.rs`). The kind is in the key so that a range compare can ask "no exclusive
+    /// holder" alone.
+    pub fn flock(&self, ino: u64, exclusive: bool, instance: u64, fh: u64) -> Vec<u8> {
+        let kind = if exclusive { 'x' } else { 's' };
+        self.with(&format!("f/{ino:016x}/{kind}/{instance:016x}{fh:016x}"))
     }
     /// Prefix of every `flock` lock on `ino`.
     pub fn flocks(&self, ino: u64) -> Vec<u8> {
         self.with(&format!("f/{ino:016x}/"))
     }
-    /// `g/<ino>`: rewritten by every `flock` taken on `ino` and compared by the next one.
-    pub fn flock_gen(&self, ino: u64) -> Vec<u8> {
-        self.with(&format!("g/{ino:016x}"))
+    /// Prefix of the exclusive `flock` locks on `ino`.
+    pub fn flocks_exclusive(&self, ino: u64) -> Vec<u8> {
+        self.with(&format!("f/{ino:016x}/x/"))
     }
     /// The inode of an `f/<ino>/…` lock key (`None` for any other key).
     pub fn parse_flock(&self, key: &[u8]) -> Option<u64> {
         let rest = key.strip_prefix(self.with("f/").as_slice())?;
-        if rest.len() != 16 + 1 + 32 || rest[16] != b'/' {
+        let well_formed = rest.len() == 16 + 3 + 32
+            && rest[16] == b'/'
+            && matches!(rest[17], b's' | b'x')
+            && rest[18] == b'/';
+        if !well_formed {
             return None;
         }
         parse_hex16(&rest[..16]).ok()

@@ -1189,7 +1189,7 @@ fn flock_excludes_across_instances_and_lets_waiters_in() {
 }
 
 /// Many takers on two instances, each holding the exclusive lock for a moment: never two
-/// inside at once (every taking rewrites the lock generation its transaction compares).
+/// inside at once.
 #[test]
 fn flock_exclusive_holders_never_overlap() {
     use std::sync::atomic::AtomicBool;
@@ -1232,11 +1232,10 @@ fn flock_exclusive_holders_never_overlap() {
     assert_eq!(entries.load(Ordering::Relaxed), 6 * 30);
 }
 
-/// A reads the file unlocked; B takes the lock before A's transaction commits. A must not
-/// take it too (its transaction compares the lock generation B rewrote): it reads again and
-/// finds B's lock.
+/// B takes the lock just before A's transaction commits. A must not take it too: its
+/// transaction's range compares find B's key (etcd evaluates them with the writes, atomically).
 #[test]
-fn flock_taker_that_saw_the_file_free_loses_to_one_that_took_it_meanwhile() {
+fn flock_takers_racing_for_one_file_never_both_get_it() {
     let (kv, a, b) = two_nodes();
     let (f, _) = block_on(a.create(ROOT_INO, b"lock", 0o644, 0, 0, true)).unwrap();
     let ino = f.ino;

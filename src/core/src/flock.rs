@@ -32,7 +32,7 @@ use crate::fs::{Fs, Txn};
 use crate::kv::prefix_end;
 use crate::schema::encode;
 
-/// Longest sleep of a waiting taker between two reads when no change is seen (a safety net:
+/// Longest sleep of a waiting taker between two attempts when no change is seen (a safety net:
 /// the watch normally wakes it when a holder goes), and so the longest a signal to the waiting
 /// process goes unnoticed.
 pub const WAIT_POLL_MAX: Duration = Duration::from_millis(200);

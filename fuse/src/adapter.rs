@@ -1169,7 +1169,7 @@ impl Filesystem for TwinFs {
     fn releasedir(
         &self,
         _req: &Request,
-        ino: INodeNo,
+        _ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         reply: ReplyEmpty,
@@ -1179,11 +1179,7 @@ impl Filesystem for TwinFs {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&fh.0);
-        let this = self.this();
-        self.spawn("releasedir", async move {
-            this.release_flock(ino.0, fh.0).await;
-            reply.ok();
-        });
+        reply.ok();
     }
 
     /// `flock(2)`: the kernel sends it as a lock of the whole file, owned by the open file

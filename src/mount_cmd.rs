@@ -405,26 +405,29 @@ mod tests {
     #[test]
     fn a_mount_process_is_found_by_its_directory_wherever_the_options_are() {
         // A shell named `twinfs` whose command line reads like a mount started from `work`
-        // with options before VOLUME and a relative DIR.
+        // with options before VOLUME and a relative DIR. It waits in its `read` builtin (no
+        // child process to leave behind) until its stdin closes.
         let tmp = std::env::temp_dir().join(format!("twinfs-mpa-{}", std::process::id()));
         let work = tmp.join("work");
         std::fs::create_dir_all(work.join("mnt")).unwrap();
         let fake = tmp.join("twinfs");
+        let _ = std::fs::remove_file(&fake);
         std::os::unix::fs::symlink("/bin/sh", &fake).unwrap();
         let mut child = Command::new(&fake)
-            .args([
-                "-c",
-                "sleep 30; true",
-                "mount",
-                "--cache-mb",
-                "64",
-                "vol",
-                "mnt",
-            ])
+            .args(["-c", "read line", "mount", "--cache-mb", "64", "vol", "mnt"])
             .current_dir(&work)
+            .stdin(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        let found = mount_processes_at(&work.join("mnt"));
+        // spawn() can return while the child's exec is still setting up its command line
+        // (a vfork-style spawn resumes the parent when the old memory is released), which
+        // reads as empty for a moment: look until it shows.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut found = mount_processes_at(&work.join("mnt"));
+        while found.is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+            found = mount_processes_at(&work.join("mnt"));
+        }
         let other = mount_processes_at(&work.join("elsewhere"));
         let _ = child.kill();
         let _ = child.wait();

@@ -5,7 +5,9 @@
 //! block's owner is the first node, in the block's placement ranking over the live nodes, that
 //! holds a copy (or the first live node when none does, so lost blocks are counted once). Two
 //! nodes whose views of membership differ for a moment may both repair a block; puts are
-//! idempotent, so that costs bandwidth, never correctness. Each node garbage-collects only its
+//! idempotent, so that costs bandwidth, never correctness. Ownership and surplus use the pure
+//! placement order (never one reordered by this node's suspicions; see `plan_scan`). Each node
+//! garbage-collects only its
 //! own copies, with the node itself re-checking age under a lock shared with puts.
 //!
 //! Timers (defaults in `MaintenanceConfig`; reasons in ARCHITECTURE.md, "Failure model").
@@ -282,15 +284,109 @@ async fn repair_scan(
             live.len()
         );
     }
+    let ScanPlan {
+        volumes,
+        mut due,
+        surplus,
+    } = plan_scan(me, &census, &copies, waiting, |h| {
+        client.placement_order_among(&live, h)
+    });
+    let m = twinfs_cluster::metrics::metrics();
+    m.blocks_under_replicated
+        .set(volumes.values().map(|v| v.under_replicated as i64).sum());
+    m.blocks_lost
+        .set(volumes.values().map(|v| v.lost as i64).sum());
+    health.volumes = volumes;
+    // Fewest copies first: a block with one copy left is one failure from loss.
+    due.sort();
+    let bytes_per_sec = cfg.repair_mib_per_sec * 1024.0 * 1024.0;
+    if bytes_per_sec > 0.0 {
+        for (_, hash) in due {
+            let Some(info) = census.blocks.get(&hash) else {
+                continue;
+            };
+            match repair_block(client, &hash, info, &copies).await {
+                Ok(bytes) => {
+                    health.repaired_blocks += 1;
+                    health.repaired_bytes += bytes;
+                    twinfs_cluster::metrics::metrics()
+                        .repaired_bytes
+                        .inc_by(bytes);
+                    tokio::time::sleep(Duration::from_secs_f64(bytes as f64 / bytes_per_sec)).await;
+                }
+                Err(e) => tracing::warn!(block = %hash, error = %format!("{e:#}"), "repair failed"),
+            }
+        }
+    }
+    for Surplus { hash, top, extra } in surplus {
+        // Only once every copy where placement wants one is verified good.
+        let verify = Message::Verify { hashes: vec![hash] };
+        let good = futures::future::join_all(
+            top.iter()
+                .map(|t| client.ask_bits(t, &verify, 1, Duration::from_secs(30))),
+        )
+        .await;
+        if good
+            .iter()
+            .all(|r| matches!(r, Ok(b) if b.first() == Some(&true)))
+        {
+            for node in extra {
+                match client.delete_on(&node, hash).await {
+                    Ok(()) => {
+                        health.surplus_removed += 1;
+                        tracing::info!(block = %hash, on = %node.id, "removed a surplus copy");
+                    }
+                    Err(e) => {
+                        tracing::warn!(block = %hash, on = %node.id, error = %e, "removing a surplus copy failed")
+                    }
+                }
+            }
+        } else {
+            tracing::warn!(block = %hash, "surplus copies stay: the copies where placement wants them did not verify");
+        }
+    }
+    Ok(census)
+}
+
+/// What one scan of one node will do, decided without I/O from what the scan read.
+#[derive(Debug, Default)]
+struct ScanPlan {
+    volumes: BTreeMap<String, VolumeHealth>,
+    /// Owned blocks to repair, with how many copies they have.
+    due: Vec<(usize, BlockHash)>,
+    surplus: Vec<Surplus>,
+}
+
+/// An owned block with more copies than it needs, all of the wanted ones present.
+#[derive(Debug)]
+struct Surplus {
+    hash: BlockHash,
+    /// Where placement wants the copies: verified before anything is removed.
+    top: Vec<NodeRecord>,
+    /// The other holders: their copies go.
+    extra: Vec<NodeRecord>,
+}
+
+/// Decides node `me`'s share of the upkeep. `placement_order` must be the same function of the
+/// live set on every node (not one reordered by this node's view of who is slow): two nodes
+/// that each believed themselves a block's owner, with different ideas of where its copies
+/// belong, could each remove the copies the other keeps.
+fn plan_scan(
+    me: &str,
+    census: &Census,
+    copies: &HashMap<String, HashSet<BlockHash>>,
+    waiting: bool,
+    placement_order: impl Fn(&BlockHash) -> Vec<NodeRecord>,
+) -> ScanPlan {
     let mut volumes: BTreeMap<String, VolumeHealth> = census
         .volumes
         .iter()
         .map(|v| (v.clone(), VolumeHealth::default()))
         .collect();
     let mut due: Vec<(usize, BlockHash)> = Vec::new();
-    let mut surplus: Vec<(BlockHash, Vec<NodeRecord>, Vec<NodeRecord>)> = Vec::new();
+    let mut surplus: Vec<Surplus> = Vec::new();
     for (hash, info) in &census.blocks {
-        let ranked = client.ranked_nodes(hash);
+        let ranked = placement_order(hash);
         let holders: Vec<&NodeRecord> = ranked
             .iter()
             .filter(|n| copies.get(&n.id).is_some_and(|s| s.contains(hash)))
@@ -331,57 +427,19 @@ async fn repair_scan(
                     .filter(|h| !top.iter().any(|t| t.id == h.id))
                     .map(|h| (*h).clone())
                     .collect();
-                surplus.push((*hash, top, extra));
+                surplus.push(Surplus {
+                    hash: *hash,
+                    top,
+                    extra,
+                });
             }
         }
     }
-    let m = twinfs_cluster::metrics::metrics();
-    m.blocks_under_replicated
-        .set(volumes.values().map(|v| v.under_replicated as i64).sum());
-    m.blocks_lost
-        .set(volumes.values().map(|v| v.lost as i64).sum());
-    health.volumes = volumes;
-    // Fewest copies first: a block with one copy left is one failure from loss.
-    due.sort();
-    let bytes_per_sec = cfg.repair_mib_per_sec * 1024.0 * 1024.0;
-    if bytes_per_sec > 0.0 {
-        for (_, hash) in due {
-            let Some(info) = census.blocks.get(&hash) else {
-                continue;
-            };
-            match repair_block(client, &hash, info, &copies).await {
-                Ok(bytes) => {
-                    health.repaired_blocks += 1;
-                    health.repaired_bytes += bytes;
-                    twinfs_cluster::metrics::metrics()
-                        .repaired_bytes
-                        .inc_by(bytes);
-                    tokio::time::sleep(Duration::from_secs_f64(bytes as f64 / bytes_per_sec)).await;
-                }
-                Err(e) => tracing::warn!(block = %hash, error = %format!("{e:#}"), "repair failed"),
-            }
-        }
+    ScanPlan {
+        volumes,
+        due,
+        surplus,
     }
-    for (hash, top, extra) in surplus {
-        // Only once every copy where placement wants one is verified good.
-        let verify = Message::Verify { hashes: vec![hash] };
-        let good = futures::future::join_all(
-            top.iter()
-                .map(|t| client.ask_bits(t, &verify, 1, Duration::from_secs(30))),
-        )
-        .await;
-        if good
-            .iter()
-            .all(|r| matches!(r, Ok(b) if b.first() == Some(&true)))
-        {
-            for node in extra {
-                if client.delete_on(&node, hash).await.is_ok() {
-                    health.surplus_removed += 1;
-                }
-            }
-        }
-    }
-    Ok(census)
 }
 
 /// Copies `hash` to the best-ranked live nodes without a copy until it has `replicas`.
@@ -534,6 +592,86 @@ mod tests {
             bytes_used: 0,
             state,
             updated_unix,
+        }
+    }
+
+    fn node(i: usize) -> NodeRecord {
+        NodeRecord {
+            id: format!("n{i}"),
+            ..rec(NodeState::Up, 0)
+        }
+    }
+
+    fn order(live: &[NodeRecord], replicas: usize) -> impl Fn(&BlockHash) -> Vec<NodeRecord> + '_ {
+        move |h| {
+            let candidates: Vec<_> = live.iter().map(|n| n.candidate()).collect();
+            twinfs_cluster::placement::rank(h, &candidates, replicas)
+                .into_iter()
+                .map(|i| live[i].clone())
+                .collect()
+        }
+    }
+
+    /// Every live node plans its scan from the same facts; returns the copies left once every
+    /// node has removed the surplus it decided to remove.
+    fn after_every_node_plans(
+        live: &[NodeRecord],
+        census: &Census,
+        copies: &HashMap<String, HashSet<BlockHash>>,
+    ) -> (HashMap<String, HashSet<BlockHash>>, u64) {
+        let mut left = copies.clone();
+        let mut owned = 0;
+        for me in live {
+            let plan = plan_scan(&me.id, census, copies, false, order(live, 2));
+            owned += plan.volumes.values().map(|v| v.blocks).sum::<u64>();
+            for s in plan.surplus {
+                for n in s.extra {
+                    if let Some(held) = left.get_mut(&n.id) {
+                        held.remove(&s.hash);
+                    }
+                }
+            }
+        }
+        (left, owned)
+    }
+
+    proptest::proptest! {
+        /// However copies are spread, each block has exactly one owner, and surplus removal by
+        /// all nodes together keeps every block's wanted copies.
+        #[test]
+        fn surplus_removal_keeps_the_copies_placement_wants(
+            holders in proptest::collection::vec(0u8..32, 1..40),
+        ) {
+            let live: Vec<NodeRecord> = (0..5).map(node).collect();
+            let mut census = Census { volumes: vec!["v".into()], ..Default::default() };
+            let mut copies: HashMap<String, HashSet<BlockHash>> =
+                live.iter().map(|n| (n.id.clone(), HashSet::new())).collect();
+            for (i, mask) in holders.iter().enumerate() {
+                let hash = BlockHash::of(&i.to_le_bytes());
+                census.blocks.insert(hash, BlockInfo { replicas: 2, size: 1, volumes: vec![0] });
+                for (n, node) in live.iter().enumerate() {
+                    if mask & (1 << n) != 0 {
+                        copies.get_mut(&node.id).expect("node").insert(hash);
+                    }
+                }
+            }
+            let (left, owned) = after_every_node_plans(&live, &census, &copies);
+            proptest::prop_assert_eq!(owned, holders.len() as u64);
+            for (i, mask) in holders.iter().enumerate() {
+                let hash = BlockHash::of(&i.to_le_bytes());
+                let before = mask.count_ones() as usize;
+                let after = left.values().filter(|s| s.contains(&hash)).count();
+                let top = order(&live, 2)(&hash);
+                let wanted_held = top.iter().take(2).all(|t| copies[&t.id].contains(&hash));
+                if before > 2 && wanted_held {
+                    proptest::prop_assert_eq!(after, 2);
+                    for t in top.iter().take(2) {
+                        proptest::prop_assert!(left[&t.id].contains(&hash));
+                    }
+                } else {
+                    proptest::prop_assert_eq!(after, before);
+                }
+            }
         }
     }
 

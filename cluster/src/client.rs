@@ -170,14 +170,29 @@ impl BlockClient {
         self.pool.forget(node.addr);
     }
 
-    /// Live nodes in preference order for `hash`: ranking order, suspects moved to the end.
-    pub fn ranked_nodes(&self, hash: &BlockHash) -> Vec<NodeRecord> {
-        let live = self.membership.live();
+    /// Live nodes in placement order for `hash`: the same on every node that sees the same
+    /// live set. Decisions that several nodes must agree on (who owns a block's repair, which
+    /// copies are surplus) use this order, never one that depends on this process's own
+    /// experience of its peers.
+    pub fn placement_order(&self, hash: &BlockHash) -> Vec<NodeRecord> {
+        self.placement_order_among(&self.membership.live(), hash)
+    }
+
+    /// [`placement_order`](Self::placement_order) over a given snapshot of the live set.
+    pub fn placement_order_among(&self, live: &[NodeRecord], hash: &BlockHash) -> Vec<NodeRecord> {
         let candidates: Vec<_> = live.iter().map(|n| n.candidate()).collect();
-        let order = placement::rank(hash, &candidates, self.opts.replicas);
-        let (mut good, bad): (Vec<NodeRecord>, Vec<NodeRecord>) = order
+        placement::rank(hash, &candidates, self.opts.replicas)
             .into_iter()
             .map(|i| live[i].clone())
+            .collect()
+    }
+
+    /// Live nodes in preference order for reading and writing `hash`: placement order, nodes
+    /// this process recently found unresponsive (suspects) moved to the end.
+    pub fn ranked_nodes(&self, hash: &BlockHash) -> Vec<NodeRecord> {
+        let (mut good, bad): (Vec<NodeRecord>, Vec<NodeRecord>) = self
+            .placement_order(hash)
+            .into_iter()
             .partition(|n| !self.is_suspect(&n.id));
         good.extend(bad);
         good
@@ -741,5 +756,30 @@ mod tests {
         // Equal counts: the node ranked first for more of the blocks.
         let holders = vec![vec![a.clone(), b.clone()], vec![a.clone(), b.clone()]];
         assert_eq!(batch_by_holder(&holders)[0].0.id, "n0");
+    }
+
+    #[tokio::test]
+    async fn suspicion_reorders_reads_and_writes_but_never_placement() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = dir.path().join("ca");
+        crate::pki::init_ca(&ca, "test").expect("ca");
+        let me = dir.path().join("me");
+        crate::pki::issue_cert(&ca, "me", crate::pki::CertRole::Client, &me).expect("cert");
+        let identity = Identity::load(&me).expect("identity");
+        let nodes: Vec<NodeRecord> = (0..4).map(node).collect();
+        let client = BlockClient::new(
+            &identity,
+            Membership::fixed(nodes),
+            ClientOptions::default(),
+        )
+        .expect("client");
+        let hash = BlockHash::of(b"a block");
+        let placed = client.placement_order(&hash);
+        assert_eq!(client.ranked_nodes(&hash), placed);
+        client.suspect(&placed[0]);
+        let ranked = client.ranked_nodes(&hash);
+        assert_eq!(ranked.last(), Some(&placed[0]));
+        assert_eq!(ranked[0], placed[1]);
+        assert_eq!(client.placement_order(&hash), placed);
     }
 }

@@ -106,6 +106,17 @@ impl Membership {
         Ok(Membership { nodes, changed: rx })
     }
 
+    /// A live set that never changes (tools and tests that need no etcd).
+    pub fn fixed(nodes: Vec<NodeRecord>) -> Membership {
+        let (_, rx) = watch::channel(0u64);
+        Membership {
+            nodes: Arc::new(RwLock::new(
+                nodes.into_iter().map(|n| (n.id.clone(), n)).collect(),
+            )),
+            changed: rx,
+        }
+    }
+
     pub fn live(&self) -> Vec<NodeRecord> {
         self.nodes
             .read()

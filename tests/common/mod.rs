@@ -349,3 +349,13 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<String> {
     s.read_to_string(&mut out).ok()?;
     Some(out)
 }
+
+/// The last `n` lines of a log file (for failure messages).
+pub fn log_tail(path: &Path, n: usize) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = std::io::Read::read_to_string(&mut f, &mut text);
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

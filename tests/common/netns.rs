@@ -32,7 +32,6 @@
 
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -75,17 +74,7 @@ fn ip() -> Command {
     Command::new("ip")
 }
 
-pub use crate::common::{detach_all, is_mounted, wait_for};
-
-/// The last `n` lines of a log file (for failure messages).
-pub fn log_tail(path: &Path, n: usize) -> String {
-    let mut text = String::new();
-    if let Ok(mut f) = File::open(path) {
-        let _ = f.read_to_string(&mut text);
-    }
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
+pub use crate::common::{detach_all, is_mounted, log_tail, wait_for};
 
 /// A hard link to the `twinfs` binary inside `dir`, so that every process of one cluster runs the
 /// same build even if `cargo build` replaces target/debug/twinfs meanwhile (cargo writes a new

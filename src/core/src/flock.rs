@@ -89,7 +89,7 @@ impl Fs {
         interrupted: &(dyn Fn() -> bool + Sync),
     ) -> FsResult<()> {
         let Some(kind) = kind else {
-            return self.flock_unlock(ino, fh).await;
+            return self.flock_release(ino, fh).await;
         };
         if self.kv.has_sessions() && self.kv.session().is_none() {
             // A lock put now could not be tied to this mount's life: refuse rather than
@@ -151,7 +151,7 @@ impl Fs {
             if held.is_some_and(|h| h != kind) {
                 // A conversion that must wait lets go of the old lock first (as Linux does),
                 // so two holders converting at once do not wait for each other forever.
-                self.flock_unlock(ino, fh).await?;
+                self.flock_release(ino, fh).await?;
             }
             match &self.opts.sleep {
                 Some(sleep) => {
@@ -163,10 +163,10 @@ impl Fs {
         }
     }
 
-    /// Lets go of handle `fh`'s lock on `ino`, if it holds one.
-    /// Kept as held until the delete committed: a failure leaves it for the handle's release
-    /// to let go of again (and the mount's session bounds it in any case).
-    async fn flock_unlock(&self, ino: u64, fh: u64) -> FsResult<()> {
+    /// Lets go of handle `fh`'s lock on `ino`, if it holds one: `LOCK_UN`, or the handle is
+    /// closed for good. Kept as held until the delete committed: a failure leaves it for the
+    /// handle's release to let go of again (and the mount's session bounds it in any case).
+    pub async fn flock_release(&self, ino: u64, fh: u64) -> FsResult<()> {
         if !self.flocks().held.contains_key(&(ino, fh)) {
             return Ok(());
         }
@@ -174,29 +174,21 @@ impl Fs {
         txn.del(self.keys.flock(ino, true, self.instance, fh));
         txn.del(self.keys.flock(ino, false, self.instance, fh));
         self.commit(txn).await?;
-        let waiters = {
-            let mut flocks = self.flocks();
-            flocks.held.remove(&(ino, fh));
-            // Takers here need not wait for the watch to hear of it.
-            flocks.waiters.remove(&ino).unwrap_or_default()
-        };
-        for w in waiters {
-            let _ = w.send(());
-        }
+        self.flocks().held.remove(&(ino, fh));
+        // Takers here need not wait for the watch to hear of it.
+        self.wake_flock_waiters(ino);
         Ok(())
-    }
-
-    /// Handle `fh` of `ino` is closed for good: its lock, if any, goes with it.
-    pub async fn flock_release(&self, ino: u64, fh: u64) -> FsResult<()> {
-        self.flock_unlock(ino, fh).await
     }
 
     /// The mount's watch saw a lock key of another mount change (taken or let go): takers
     /// waiting on that inode read again.
     pub fn note_flock_change(&self, key: &[u8]) {
-        let Some(ino) = self.keys.parse_flock(key) else {
-            return;
-        };
+        if let Some(ino) = self.keys.parse_flock(key) {
+            self.wake_flock_waiters(ino);
+        }
+    }
+
+    fn wake_flock_waiters(&self, ino: u64) {
         let waiters = self.flocks().waiters.remove(&ino).unwrap_or_default();
         for w in waiters {
             let _ = w.send(());

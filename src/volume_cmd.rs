@@ -1,4 +1,4 @@
-//! `twinfs volume …`: create, list, inspect and delete volumes (the registry in etcd, see
+//! `twinfs volume …`: create, list, inspect, change the quota of and delete volumes (the registry in etcd, see
 //! `twinfs_fuse::volume`).
 
 use anyhow::{bail, Context, Result};
@@ -37,9 +37,30 @@ pub enum VolumeCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Change a volume's quota (or remove it with "none"). Live mounts enforce the new quota
+    /// within moments; a quota below the current usage is allowed and refuses growth until
+    /// files are deleted.
+    SetQuota {
+        /// Volume name.
+        name: String,
+        /// New quota: bytes or with a binary suffix (K, M, G, T, P: 10G = 10 GiB), or "none".
+        #[arg(value_name = "BYTES|none", value_parser = parse_quota)]
+        quota: QuotaArg,
+    },
     /// Delete a volume and all its metadata (refused while it is mounted anywhere). Its data
     /// blocks are left to the cluster's garbage collection.
     Delete { name: String },
+}
+
+/// A quota on the command line: a size, or "none" for no quota.
+#[derive(Clone, Debug)]
+pub struct QuotaArg(Option<u64>);
+
+fn parse_quota(s: &str) -> Result<QuotaArg, String> {
+    if s.trim().eq_ignore_ascii_case("none") {
+        return Ok(QuotaArg(None));
+    }
+    parse_size(s).map(|b| QuotaArg(Some(b)))
 }
 
 /// Parses a size: bytes, or a number with a binary suffix K/M/G/T/P (optionally followed by
@@ -83,7 +104,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .checked_mul(1u64 << shift)
         .ok_or_else(|| format!("{s:?} is too large a size"))?;
     if bytes == 0 {
-        return Err("a quota must be greater than 0 (leave --quota out for no quota)".into());
+        return Err("a quota must be greater than 0 (for no quota leave --quota out of `volume create`, or give `volume set-quota NAME none`)".into());
     }
     Ok(bytes)
 }
@@ -175,6 +196,28 @@ pub async fn run(conn: &ConnArgs, cmd: VolumeCmd) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&info)?);
             } else {
                 print_info(&info);
+            }
+        }
+        VolumeCmd::SetQuota {
+            name,
+            quota: QuotaArg(quota),
+        } => {
+            let (old, new) = volume::set_quota(&etcd, &name, quota)
+                .await
+                .with_context(|| format!("cannot change the quota of volume {name}"))?;
+            println!(
+                "volume {name}: quota {} (was {}); live mounts apply it within moments",
+                quota_text(new.quota_bytes),
+                quota_text(old.quota_bytes)
+            );
+            if let (Some(q), Ok(Some(used))) = (quota, volume::used_bytes(&etcd, &name).await) {
+                if used > q {
+                    println!(
+                        "note: the volume already holds {} ({used} bytes), more than the new \
+                         quota: nothing is lost, but files cannot grow until usage is below it",
+                        human_bytes(used)
+                    );
+                }
             }
         }
         VolumeCmd::Delete { name } => {

@@ -283,3 +283,97 @@ fn full_nodes_give_enospc_and_an_unwritable_log_stops_nothing() {
         );
     }
 }
+
+#[test]
+fn a_changed_quota_reaches_mounted_volumes_at_once() {
+    let c = DevCluster::up(2, 10);
+    c.ok(&["volume", "create", "g", "--quota", "4M"]);
+    let (a, _ga) = mount(&c, "g", "ga");
+    let (b, _gb) = mount(&c, "g", "gb");
+    let three = random_bytes(3 * MIB as usize);
+    fs::write(a.join("three"), &three).expect("3 MiB fit in 4 MiB");
+    let (_, err) = write_in_mibs(&b.join("two"), &random_bytes(2 * MIB as usize));
+    assert_eq!(
+        err.and_then(|e| e.raw_os_error()),
+        Some(libc::ENOSPC),
+        "2 MiB more do not fit in 4 MiB"
+    );
+    fs::remove_file(b.join("two")).expect("unlink");
+
+    // Grown while both mounts are up: both show the new size and B may write.
+    let out = c.ok(&["volume", "set-quota", "g", "16M"]);
+    assert!(out.contains("quota 16.0 MiB (was 4.0 MiB)"), "{out}");
+    for m in [&a, &b] {
+        let seen = wait_for(Duration::from_secs(5), || {
+            let (total, free) = statvfs(m);
+            total == 16 * MIB && free == 13 * MIB
+        });
+        assert!(
+            seen.is_some(),
+            "statvfs on {}: {:?}",
+            m.display(),
+            statvfs(m)
+        );
+    }
+    let eight = random_bytes(8 * MIB as usize);
+    let (done, err) = write_in_mibs(&b.join("eight"), &eight);
+    assert!(err.is_none(), "8 MiB fit in 16 MiB: {err:?}");
+    assert_eq!(done, eight.len());
+    assert_eq!(inspect(&c, "g")["quota_bytes"], 16 * MIB);
+
+    // Shrunk below the usage: nothing is lost, growth fails, overwrites still work.
+    let out = c.ok(&["volume", "set-quota", "g", "5M"]);
+    assert!(out.contains("more than the new quota"), "{out}");
+    for m in [&a, &b] {
+        let seen = wait_for(Duration::from_secs(5), || statvfs(m) == (5 * MIB, 0));
+        assert!(
+            seen.is_some(),
+            "statvfs on {}: {:?}",
+            m.display(),
+            statvfs(m)
+        );
+    }
+    let (done, err) = write_in_mibs(&a.join("more"), &random_bytes(MIB as usize));
+    assert_eq!(done, 0);
+    assert_eq!(err.and_then(|e| e.raw_os_error()), Some(libc::ENOSPC));
+    {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .open(a.join("three"))
+            .expect("open");
+        f.write_all(&three[..MIB as usize])
+            .expect("overwrite within the size");
+    }
+    assert!(fs::read(b.join("eight")).expect("read") == eight);
+    assert!(fs::read(b.join("three")).expect("read") == three);
+
+    // Removed: the nodes' space is the limit again.
+    let out = c.ok(&["volume", "set-quota", "g", "none"]);
+    assert!(out.contains("quota none (was 5.0 MiB)"), "{out}");
+    assert!(
+        wait_for(Duration::from_secs(5), || statvfs(&a).0 > 16 * MIB).is_some(),
+        "statvfs: {:?}",
+        statvfs(&a)
+    );
+    let (_, err) = write_in_mibs(&a.join("more"), &random_bytes(2 * MIB as usize));
+    assert!(err.is_none(), "no quota: {err:?}");
+    assert!(inspect(&c, "g")["quota_bytes"].is_null());
+
+    // Mistakes are refused with a clear message and change nothing.
+    for (args, says) in [
+        (
+            vec!["volume", "set-quota", "nosuch", "1G"],
+            "does not exist",
+        ),
+        (vec!["volume", "set-quota", "g", "0"], "greater than 0"),
+        (vec!["volume", "set-quota", "g", "lots"], "not a size"),
+    ] {
+        let out = run(c.cmd().args(&args));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(inspect(&c, "g")["quota_bytes"].is_null());
+}

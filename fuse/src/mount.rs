@@ -335,16 +335,32 @@ async fn open(cfg: &MountConfig, mountpoint: &Path) -> Result<Opened> {
         tracing::warn!(key = %key, "usage value does not decode; counted as 0");
     }
     fs.set_quota(record.quota_bytes);
+    // `twinfs volume set-quota` reaches this mount through its watch of the volume record.
+    let quota_fs = Arc::downgrade(&fs);
+    let quota_volume = cfg.volume.clone();
+    tokio::spawn(volume::follow_quota(
+        etcd.clone(),
+        cfg.volume.clone(),
+        move |quota| {
+            let Some(fs) = quota_fs.upgrade() else {
+                return false; // the mount is gone
+            };
+            if fs.quota() != quota {
+                tracing::info!(volume = %quota_volume, ?quota, "volume quota changed");
+                fs.set_quota(quota);
+            }
+            true
+        },
+    ));
     tidy(&etcd, &fs, &cfg.volume).await;
     let replicas = u64::from(record.replicas.max(1));
-    let quota = record.quota_bytes;
     let space_membership = membership.clone();
     let space_fs = fs.clone();
     let space = Arc::new(move || {
         let live = space_membership.live();
         let total: u64 = live.iter().map(|n| n.capacity).sum::<u64>() / replicas;
         let free: u64 = live.iter().map(|n| n.free).sum::<u64>() / replicas;
-        match quota {
+        match space_fs.quota() {
             // The quota is the filesystem's size; what is left of it, or the nodes' free
             // space if that is less.
             Some(q) => SpaceInfo {

@@ -12,6 +12,9 @@
 //! * A mount calls [`register_mount`] **before** opening the volume: the record is written only
 //!   if the volume exists (same transaction), under an etcd lease (TTL 10 s) that a background
 //!   task renews, so a crashed mount disappears by itself within the TTL.
+//! * [`set_quota`] changes a volume's quota in one transaction compared on the record's
+//!   revision; every mount follows its volume's record ([`follow_quota`]) and enforces the new
+//!   quota (and shows it in `statfs`) from the moment its watch sees it.
 //! * [`delete`] removes the record and the whole namespace in one transaction that requires
 //!   that no mount record exists; a live mount therefore blocks it, and a mount cannot
 //!   register in a deleted volume. The volume's **data blocks are not touched**: nothing
@@ -450,6 +453,113 @@ async fn get_raw(etcd: &Client, key: &str) -> Result<Option<Vec<u8>>> {
         .iter()
         .find(|kv| kv.key() == key.as_bytes())
         .map(|kv| kv.value().to_vec()))
+}
+
+/// Sets volume `name`'s quota (`None` removes it); returns the record before and after. One
+/// transaction compared on the record's revision, so a concurrent change is never overwritten
+/// unseen. Live mounts follow the record ([`follow_quota`]) and enforce the new quota within
+/// moments. A quota below the current usage is allowed, as a full disk is: growth fails with
+/// ENOSPC until files are deleted or truncated, and everything already written stays.
+pub async fn set_quota(
+    etcd: &Client,
+    name: &str,
+    quota_bytes: Option<u64>,
+) -> Result<(VolumeRecord, VolumeRecord)> {
+    validate_name(name)?;
+    let key = volume_key(name);
+    for _ in 0..5 {
+        let mut c = etcd.clone();
+        let resp = bounded(&format!("reading {key}"), c.get(key.as_str(), None)).await?;
+        let Some(kv) = resp.kvs().iter().find(|kv| kv.key() == key.as_bytes()) else {
+            return Err(VolumeError::NotFound(name.to_string()));
+        };
+        let old = VolumeRecord::decode(name, kv.value())?;
+        let new = VolumeRecord {
+            quota_bytes,
+            ..old.clone()
+        };
+        new.validate()?;
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                kv.mod_revision(),
+            )])
+            .and_then([TxnOp::put(key.clone(), new.encode(), None)]);
+        let resp = bounded(&format!("updating volume {name}"), c.txn(txn)).await?;
+        if resp.succeeded() {
+            return Ok((old, new));
+        }
+        // The record changed (or went) between the read and the transaction: look again.
+    }
+    Err(VolumeError::Etcd(format!(
+        "the record of volume {name} kept changing; try again"
+    )))
+}
+
+/// Follows volume `name`'s record and calls `apply` with its quota now and after every change,
+/// for as long as `apply` returns true. A broken watch is re-established (the record re-read
+/// first, so no change is missed); a record that does not decode is logged and its quota left
+/// as it was.
+pub async fn follow_quota(etcd: Client, name: String, apply: impl Fn(Option<u64>) -> bool) {
+    let key = volume_key(&name);
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let result: std::result::Result<bool, String> = async {
+            let mut c = etcd.clone();
+            let resp = tokio::time::timeout(REQUEST_TIMEOUT, c.get(key.as_str(), None))
+                .await
+                .map_err(|_| "etcd did not answer".to_string())?
+                .map_err(|e| e.to_string())?;
+            let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            if let Some(kv) = resp.kvs().iter().find(|kv| kv.key() == key.as_bytes()) {
+                match VolumeRecord::decode(&name, kv.value()) {
+                    Ok(rec) => {
+                        if !apply(rec.quota_bytes) {
+                            return Ok(false);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "volume record; quota unchanged"),
+                }
+            }
+            let opts = etcd_client::WatchOptions::new().with_start_revision(revision + 1);
+            let (_watcher, mut stream) = c
+                .watch(key.as_str(), Some(opts))
+                .await
+                .map_err(|e| e.to_string())?;
+            while let Some(resp) = stream.message().await.map_err(|e| e.to_string())? {
+                if resp.compact_revision() > 0 || resp.canceled() {
+                    return Err("watch cancelled".into());
+                }
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    if ev.event_type() != etcd_client::EventType::Put {
+                        continue; // deleting a mounted volume is refused
+                    }
+                    match VolumeRecord::decode(&name, kv.value()) {
+                        Ok(rec) => {
+                            if !apply(rec.quota_bytes) {
+                                return Ok(false);
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "volume record; quota unchanged"),
+                    }
+                }
+                backoff = Duration::from_millis(200);
+            }
+            Err("watch stream ended".into())
+        }
+        .await;
+        match result {
+            Ok(false) => return,
+            Ok(true) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, volume = %name, "volume record watch broke; re-reading")
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
 }
 
 /// The record of volume `name`.

@@ -146,6 +146,53 @@ impl Started {
     }
 }
 
+impl Started {
+    /// Stops child `index` (SIGTERM, then SIGKILL after 3 s) and waits for it.
+    fn stop(&mut self, index: usize) {
+        let child = &mut self.children[index];
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        signal(child.id(), libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if matches!(child.try_wait(), Ok(None)) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Waits (up to 20 s) until the etcd at `cfg` answers, and checks that it is the one started
+/// as child `index` under the unique name `member`.
+async fn own_etcd(
+    cfg: &EtcdConfig,
+    member: &str,
+    started: &mut Started,
+    index: usize,
+) -> Result<etcd_client::Client> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut client = loop {
+        if let Some(status) = started.exited(index) {
+            bail!("etcd exited ({status})");
+        }
+        match cfg.connect().await {
+            Ok(c) => break c,
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    let members = tokio::time::timeout(Duration::from_secs(10), client.member_list())
+        .await
+        .context("etcd did not list its members")??;
+    if !members.members().iter().any(|m| m.name() == member) {
+        bail!("another etcd answers on that port");
+    }
+    Ok(client)
+}
+
 impl Drop for Started {
     /// On a failed `up`, stop whatever was already started, newest first.
     fn drop(&mut self) {
@@ -216,61 +263,72 @@ pub async fn up(dir: &Path, opts: &UpOptions) -> Result<()> {
         mount_points: Vec::new(),
     };
 
-    // etcd, on free loopback ports, with a fresh data directory.
+    // etcd, on free loopback ports, with a fresh data directory. A port found free may be
+    // taken by someone else before etcd binds it (several `up`s at once, as the test suite
+    // runs them): then the etcd answering there is not ours, which the member name (unique per
+    // attempt) shows; that attempt is stopped and another made on other ports. Seen once in a
+    // test run: a cluster's `up` found "volume uploads already exists" in another cluster's etcd.
     let etcd_dir = dir.join("etcd");
-    let _ = fs::remove_dir_all(&etcd_dir);
-    fs::create_dir_all(&etcd_dir)?;
-    let client_port = free_tcp_port()?;
-    let peer_port = free_tcp_port()?;
-    let client_url = format!("http://127.0.0.1:{client_port}");
-    let peer_url = format!("http://127.0.0.1:{peer_port}");
-    let mut etcd_cmd = Command::new(&etcd_bin);
-    if std::env::var_os("GOGC").is_none() {
-        // etcd's CPU per request is the floor under every metadata operation on a small
-        // machine; Go's collector at its default (GOGC=100) took 10-20 % of it (etcd-bench,
-        // transactions 0.95 -> 0.75 ms of etcd CPU at GOGC=400, 2-core VM), for a heap that
-        // stays tens of MiB here. A GOGC set by the caller wins.
-        etcd_cmd.env("GOGC", ETCD_GOGC);
-    }
-    if std::env::var_os("GOMAXPROCS").is_none() {
-        // Here etcd shares the machine with the nodes and the mounts: half its cores. On a
-        // 2-core VM, etcd with 1 instead of 2 (A/B, 3 rounds each, etcd restarted between):
-        // WordPress-tree tar 1.86 vs 2.16 s, 600 uploads verified 848 vs 757 files/s, writes
-        // and 8-process creates unchanged (292 vs 294 files/s, 2,455 vs 2,441 creates/s): a
-        // read's few hundred microseconds of etcd work no longer hop between cores. A
-        // GOMAXPROCS set by the caller wins.
-        etcd_cmd.env("GOMAXPROCS", etcd_gomaxprocs().to_string());
-    }
-    let etcd_child = spawn_background(
-        etcd_cmd
-            .arg("--name=twinfs-dev")
-            .arg(format!("--data-dir={}", etcd_dir.join("data").display()))
-            .arg(format!("--listen-client-urls={client_url}"))
-            .arg(format!("--advertise-client-urls={client_url}"))
-            .arg(format!("--listen-peer-urls={peer_url}"))
-            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster=twinfs-dev={peer_url}"))
-            .arg("--auto-compaction-mode=periodic")
-            .arg("--auto-compaction-retention=1h")
-            .arg("--log-level=warn"),
-        &etcd_dir.join("etcd.log"),
-    )?;
-    let (_, etcd_pid) = started.push(etcd_child);
-    let etcd_cfg = EtcdConfig {
-        endpoints: vec![client_url.clone()],
-        ..Default::default()
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let etcd = loop {
-        match etcd_cfg.connect().await {
-            Ok(c) => break c,
-            Err(e) if Instant::now() > deadline => {
+    let mut attempt = 0;
+    let (client_url, etcd_pid, etcd_cfg, etcd) = loop {
+        attempt += 1;
+        let _ = fs::remove_dir_all(&etcd_dir);
+        fs::create_dir_all(&etcd_dir)?;
+        let client_port = free_tcp_port()?;
+        let peer_port = free_tcp_port()?;
+        let client_url = format!("http://127.0.0.1:{client_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        // Unique among `up`s running at once: they are different processes.
+        let member = format!("twinfs-dev-{}-{attempt}", std::process::id());
+        let mut etcd_cmd = Command::new(&etcd_bin);
+        if std::env::var_os("GOGC").is_none() {
+            // etcd's CPU per request is the floor under every metadata operation on a small
+            // machine; Go's collector at its default (GOGC=100) took 10-20 % of it (etcd-bench,
+            // transactions 0.95 -> 0.75 ms of etcd CPU at GOGC=400, 2-core VM), for a heap that
+            // stays tens of MiB here. A GOGC set by the caller wins.
+            etcd_cmd.env("GOGC", ETCD_GOGC);
+        }
+        if std::env::var_os("GOMAXPROCS").is_none() {
+            // Here etcd shares the machine with the nodes and the mounts: half its cores. On a
+            // 2-core VM, etcd with 1 instead of 2 (A/B, 3 rounds each, etcd restarted between):
+            // WordPress-tree tar 1.86 vs 2.16 s, 600 uploads verified 848 vs 757 files/s, writes
+            // and 8-process creates unchanged (292 vs 294 files/s, 2,455 vs 2,441 creates/s): a
+            // read's few hundred microseconds of etcd work no longer hop between cores. A
+            // GOMAXPROCS set by the caller wins.
+            etcd_cmd.env("GOMAXPROCS", etcd_gomaxprocs().to_string());
+        }
+        let etcd_child = spawn_background(
+            etcd_cmd
+                .arg(format!("--name={member}"))
+                .arg(format!("--data-dir={}", etcd_dir.join("data").display()))
+                .arg(format!("--listen-client-urls={client_url}"))
+                .arg(format!("--advertise-client-urls={client_url}"))
+                .arg(format!("--listen-peer-urls={peer_url}"))
+                .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+                .arg(format!("--initial-cluster={member}={peer_url}"))
+                .arg(format!("--initial-cluster-token={member}"))
+                .arg("--auto-compaction-mode=periodic")
+                .arg("--auto-compaction-retention=1h")
+                .arg("--log-level=warn"),
+            &etcd_dir.join("etcd.log"),
+        )?;
+        let (etcd_index, etcd_pid) = started.push(etcd_child);
+        let etcd_cfg = EtcdConfig {
+            endpoints: vec![client_url.clone()],
+            ..Default::default()
+        };
+        match own_etcd(&etcd_cfg, &member, &mut started, etcd_index).await {
+            Ok(etcd) => break (client_url, etcd_pid, etcd_cfg, etcd),
+            Err(e) if attempt < 5 => {
+                eprintln!("etcd on {client_url}: {e:#}; trying other ports");
+                started.stop(etcd_index);
+            }
+            Err(e) => {
                 return Err(e.context(format!(
                     "etcd did not come up; see {}",
                     etcd_dir.join("etcd.log").display()
-                )));
+                )))
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     };
 
@@ -281,6 +339,25 @@ pub async fn up(dir: &Path, opts: &UpOptions) -> Result<()> {
     let client_cert_dir = dir.join("client");
     pki::issue_cert(&ca_dir, "admin", CertRole::Client, &client_cert_dir)?;
 
+    let spawn_node = |addr: SocketAddr, data_dir: &Path, tls_dir: &Path, log: &Path| {
+        spawn_background(
+            Command::new(&exe)
+                .arg("node")
+                .arg("--data-dir")
+                .arg(data_dir)
+                .arg("--listen")
+                .arg(addr.to_string())
+                .arg("--etcd")
+                .arg(&client_url)
+                .arg("--tls-dir")
+                .arg(tls_dir)
+                .arg("--lease-ttl")
+                .arg(lease_ttl.to_string())
+                .args(&opts.node_args),
+            log,
+        )
+    };
+    // (child index, pid, address, data dir, tls dir, log)
     let mut nodes = Vec::new();
     for i in 0..n {
         let node_dir = dir.join("nodes").join(format!("node-{i}"));
@@ -291,44 +368,64 @@ pub async fn up(dir: &Path, opts: &UpOptions) -> Result<()> {
         pki::issue_cert(&ca_dir, &format!("node-{i}"), CertRole::Node, &tls_dir)?;
         let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()?).parse()?;
         let log = node_dir.join("node.log");
-        let child = spawn_background(
-            Command::new(&exe)
-                .arg("node")
-                .arg("--data-dir")
-                .arg(&data_dir)
-                .arg("--listen")
-                .arg(addr.to_string())
-                .arg("--etcd")
-                .arg(&client_url)
-                .arg("--tls-dir")
-                .arg(&tls_dir)
-                .arg("--lease-ttl")
-                .arg(lease_ttl.to_string())
-                .args(&opts.node_args),
-            &log,
-        )?;
-        let (_, pid) = started.push(child);
-        nodes.push((pid, addr, data_dir, tls_dir, log));
+        let (index, pid) = started.push(spawn_node(addr, &data_dir, &tls_dir, &log)?);
+        nodes.push((index, pid, addr, data_dir, tls_dir, log));
     }
 
-    // Wait for every node to register.
+    // Wait for every node to register. A node that exits first most likely lost its port
+    // (found free, then taken before it bound it, as the etcd ports above): it is started
+    // again on another port, up to 3 times.
     let membership = Membership::watch(etcd).await?;
-    let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.1).collect();
-    let all_up = membership
-        .wait_until(Duration::from_secs(30), |live| {
-            addrs.iter().all(|a| live.iter().any(|r| r.addr == *a))
-        })
-        .await;
-    if !all_up {
-        bail!(
-            "not every node registered within 30 s; see the node logs under {}",
-            dir.join("nodes").display()
-        );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut restarts = 0;
+    loop {
+        let live = membership.live();
+        if nodes.iter().all(|n| live.iter().any(|r| r.addr == n.2)) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "not every node registered within 30 s; see the node logs under {}",
+                dir.join("nodes").display()
+            );
+        }
+        for node in nodes.iter_mut() {
+            let Some(status) = started.exited(node.0) else {
+                continue;
+            };
+            if restarts == 3 {
+                bail!(
+                    "node {} exited ({status}); see {}",
+                    node.2,
+                    node.5.display()
+                );
+            }
+            restarts += 1;
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()?).parse()?;
+            eprintln!(
+                "node on {} exited ({status}); starting it again on {addr}",
+                node.2
+            );
+            let (index, pid) = started.push(spawn_node(addr, &node.3, &node.4, &node.5)?);
+            *node = (
+                index,
+                pid,
+                addr,
+                node.3.clone(),
+                node.4.clone(),
+                node.5.clone(),
+            );
+        }
+        membership
+            .wait_until(Duration::from_millis(200), |live| {
+                nodes.iter().all(|n| live.iter().any(|r| r.addr == n.2))
+            })
+            .await;
     }
     let live = membership.live();
     let etcd_client = etcd_cfg.connect().await?;
     let mut entries = Vec::new();
-    for (pid, addr, data_dir, tls_dir, log) in nodes {
+    for (_, pid, addr, data_dir, tls_dir, log) in nodes {
         let id = live
             .iter()
             .find(|r| r.addr == addr)

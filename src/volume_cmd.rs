@@ -1,4 +1,4 @@
-//! `twinfs volume …`: create, list, inspect, change the quota of and delete volumes (the registry in etcd, see
+//! `twinfs volume …`: create, list, inspect, change and delete volumes (the registry in etcd, see
 //! `twinfs_fuse::volume`).
 
 use anyhow::{bail, Context, Result};
@@ -46,6 +46,16 @@ pub enum VolumeCmd {
         /// New quota: bytes or with a binary suffix (K, M, G, T, P: 10G = 10 GiB), or "none".
         #[arg(value_name = "BYTES|none", value_parser = parse_quota)]
         quota: QuotaArg,
+    },
+    /// Change how many copies a volume keeps of each block. Live mounts write that many from
+    /// within moments; the nodes' repair scans add or remove copies of the blocks already
+    /// stored (`twinfs status` shows the progress).
+    SetReplicas {
+        /// Volume name.
+        name: String,
+        /// Copies of every block, 1 to 5.
+        #[arg(value_parser = clap::value_parser!(u8).range(1..=5))]
+        replicas: u8,
     },
     /// Delete a volume and all its metadata (refused while it is mounted anywhere). Its data
     /// blocks are left to the cluster's garbage collection.
@@ -219,6 +229,24 @@ pub async fn run(conn: &ConnArgs, cmd: VolumeCmd) -> Result<()> {
                     );
                 }
             }
+        }
+        VolumeCmd::SetReplicas { name, replicas } => {
+            let (old, new) = volume::set_replicas(&etcd, &name, replicas)
+                .await
+                .with_context(|| format!("cannot change the replica count of volume {name}"))?;
+            println!(
+                "volume {name}: {} copies of each block (was {}); live mounts write {} copies \
+                 within moments, and the nodes' repair scans {} copies of the blocks already \
+                 stored (`twinfs status` shows the progress)",
+                new.replicas,
+                old.replicas,
+                new.replicas,
+                if new.replicas >= old.replicas {
+                    "add"
+                } else {
+                    "remove"
+                }
+            );
         }
         VolumeCmd::Delete { name } => {
             volume::delete(&etcd, &name)

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -384,4 +384,87 @@ fn a_corrupt_chunk_record_is_reported_by_fsck_and_stops_gc() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn a_changed_replica_count_is_applied_to_new_writes_and_to_stored_blocks() {
+    let c = DevCluster::start(3, 2, 1, FAST);
+    let mnt = c.mounts[0].clone();
+    let files = write_files(&mnt, 4);
+    let blocks = fsck(&c, false)["blocks"].as_u64().expect("blocks");
+    assert_eq!(total_blocks(&c), 2 * blocks);
+
+    // Up to 3: the stored blocks get a third copy from the repair scans...
+    let out = c.ok(&["volume", "set-replicas", "uploads", "3"]);
+    assert!(out.contains("3 copies of each block (was 2)"), "{out}");
+    let settled = wait_for(Duration::from_secs(60), || {
+        total_blocks(&c) == 3 * blocks && fsck(&c, true)["healthy"].as_u64() == Some(blocks)
+    });
+    assert!(
+        settled.is_some(),
+        "copies: {} for {blocks} blocks; {}",
+        total_blocks(&c),
+        fsck(&c, false)
+    );
+    // ... and a new file is written with 3 copies at once (the mount follows the record).
+    let mount_log = PathBuf::from(c.json["mounts"][0]["log"].as_str().expect("mount log"));
+    assert!(
+        std::fs::read_to_string(&mount_log)
+            .unwrap_or_default()
+            .contains("volume replica count changed"),
+        "{}",
+        log_tail(&mount_log, 20)
+    );
+    let before = total_blocks(&c);
+    let extra = random_bytes(300_000);
+    std::fs::write(mnt.join("after.jpg"), &extra).expect("write");
+    let report = fsck(&c, false);
+    let now_blocks = report["blocks"].as_u64().expect("blocks");
+    assert_eq!(now_blocks, blocks + 1, "{report}");
+    assert_eq!(report["healthy"].as_u64(), Some(now_blocks), "{report}");
+    assert!(
+        wait_for(Duration::from_secs(10), || total_blocks(&c) == before + 3).is_some(),
+        "copies: {} (was {before})",
+        total_blocks(&c)
+    );
+
+    // Down to 1: the surplus copies go, every file stays whole.
+    c.ok(&["volume", "set-replicas", "uploads", "1"]);
+    let settled = wait_for(Duration::from_secs(60), || {
+        total_blocks(&c) == now_blocks && fsck(&c, true)["healthy"].as_u64() == Some(now_blocks)
+    });
+    assert!(
+        settled.is_some(),
+        "copies: {} for {now_blocks} blocks; {}",
+        total_blocks(&c),
+        fsck(&c, false)
+    );
+    assert_files(&mnt, &files);
+    assert!(std::fs::read(mnt.join("after.jpg")).expect("read") == extra);
+
+    // Out of range, or no such volume: refused, nothing changes.
+    for (args, says) in [
+        (
+            vec!["volume", "set-replicas", "uploads", "0"],
+            "not in 1..=5",
+        ),
+        (
+            vec!["volume", "set-replicas", "uploads", "6"],
+            "not in 1..=5",
+        ),
+        (
+            vec!["volume", "set-replicas", "nosuch", "2"],
+            "does not exist",
+        ),
+    ] {
+        let out = run(c.cmd().args(&args));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(c
+        .ok(&["volume", "inspect", "uploads"])
+        .contains("replicas:    1"));
 }

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -119,6 +119,8 @@ pub struct BlockClient {
     membership: Membership,
     opts: ClientOptions,
     suspects: Mutex<HashMap<String, Instant>>,
+    /// Copies a put makes: `opts.replicas` at first; a mount follows its volume's setting.
+    replicas: AtomicUsize,
     pub stats: ClientStats,
 }
 
@@ -136,6 +138,7 @@ impl BlockClient {
         Ok(Arc::new(BlockClient {
             pool: PeerPool::new(identity)?,
             membership,
+            replicas: AtomicUsize::new(opts.replicas),
             opts,
             suspects: Mutex::new(HashMap::new()),
             stats: ClientStats::default(),
@@ -148,6 +151,17 @@ impl BlockClient {
 
     pub fn options(&self) -> &ClientOptions {
         &self.opts
+    }
+
+    /// Copies each put makes.
+    pub fn replicas(&self) -> usize {
+        self.replicas.load(Ordering::Relaxed)
+    }
+
+    /// Changes the copies later puts make (a volume's replica count changed); blocks already
+    /// stored get theirs from the nodes' repair scans.
+    pub fn set_replicas(&self, replicas: usize) {
+        self.replicas.store(replicas.max(1), Ordering::Relaxed);
     }
 
     fn is_suspect(&self, id: &str) -> bool {
@@ -181,7 +195,7 @@ impl BlockClient {
     /// [`placement_order`](Self::placement_order) over a given snapshot of the live set.
     pub fn placement_order_among(&self, live: &[NodeRecord], hash: &BlockHash) -> Vec<NodeRecord> {
         let candidates: Vec<_> = live.iter().map(|n| n.candidate()).collect();
-        placement::rank(hash, &candidates, self.opts.replicas)
+        placement::rank(hash, &candidates, self.replicas())
             .into_iter()
             .map(|i| live[i].clone())
             .collect()
@@ -284,7 +298,7 @@ impl BlockClient {
         if ranked.is_empty() {
             return Err(ClientError::NoLiveNodes);
         }
-        let wanted = self.opts.replicas;
+        let wanted = self.replicas();
         let mut next = ranked.into_iter();
         let mut in_flight = FuturesUnordered::new();
         let mut pending: HashMap<String, NodeRecord> = HashMap::new();
@@ -469,7 +483,7 @@ impl BlockClient {
             .iter()
             .map(|h| {
                 let mut ranked = self.ranked_nodes(h);
-                ranked.truncate(self.opts.replicas.max(1));
+                ranked.truncate(self.replicas().max(1));
                 // A suspect node (it timed out lately: killed, cut off) is asked only for
                 // blocks no other holder has, so a batch does not wait for it.
                 if ranked.iter().any(|n| !self.is_suspect(&n.id)) {

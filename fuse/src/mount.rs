@@ -271,7 +271,7 @@ async fn open(cfg: &MountConfig, mountpoint: &Path) -> Result<Opened> {
         },
     )?;
     let blocks: Arc<dyn BlockIo> = Arc::new(CachedBlocks::new(
-        Arc::new(ClusterBlocks::new(client)),
+        Arc::new(ClusterBlocks::new(client.clone())),
         cfg.cache_bytes,
     ));
     let keys = Keys::new(&cfg.volume);
@@ -335,28 +335,36 @@ async fn open(cfg: &MountConfig, mountpoint: &Path) -> Result<Opened> {
         tracing::warn!(key = %key, "usage value does not decode; counted as 0");
     }
     fs.set_quota(record.quota_bytes);
-    // `twinfs volume set-quota` reaches this mount through its watch of the volume record.
-    let quota_fs = Arc::downgrade(&fs);
-    let quota_volume = cfg.volume.clone();
-    tokio::spawn(volume::follow_quota(
+    // `twinfs volume set-quota` and `set-replicas` reach this mount through its watch of the
+    // volume record.
+    let follow_fs = Arc::downgrade(&fs);
+    let follow_client = client.clone();
+    let follow_volume = cfg.volume.clone();
+    tokio::spawn(volume::follow_record(
         etcd.clone(),
         cfg.volume.clone(),
-        move |quota| {
-            let Some(fs) = quota_fs.upgrade() else {
+        move |rec| {
+            let Some(fs) = follow_fs.upgrade() else {
                 return false; // the mount is gone
             };
-            if fs.quota() != quota {
-                tracing::info!(volume = %quota_volume, ?quota, "volume quota changed");
-                fs.set_quota(quota);
+            if fs.quota() != rec.quota_bytes {
+                tracing::info!(volume = %follow_volume, quota = ?rec.quota_bytes, "volume quota changed");
+                fs.set_quota(rec.quota_bytes);
+            }
+            let replicas = usize::from(rec.replicas);
+            if follow_client.replicas() != replicas {
+                tracing::info!(volume = %follow_volume, replicas, "volume replica count changed");
+                follow_client.set_replicas(replicas);
             }
             true
         },
     ));
     tidy(&etcd, &fs, &cfg.volume).await;
-    let replicas = u64::from(record.replicas.max(1));
     let space_membership = membership.clone();
     let space_fs = fs.clone();
+    let space_client = client.clone();
     let space = Arc::new(move || {
+        let replicas = space_client.replicas().max(1) as u64;
         let live = space_membership.live();
         let total: u64 = live.iter().map(|n| n.capacity).sum::<u64>() / replicas;
         let free: u64 = live.iter().map(|n| n.free).sum::<u64>() / replicas;

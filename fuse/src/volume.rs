@@ -12,9 +12,10 @@
 //! * A mount calls [`register_mount`] **before** opening the volume: the record is written only
 //!   if the volume exists (same transaction), under an etcd lease (TTL 10 s) that a background
 //!   task renews, so a crashed mount disappears by itself within the TTL.
-//! * [`set_quota`] changes a volume's quota in one transaction compared on the record's
-//!   revision; every mount follows its volume's record ([`follow_quota`]) and enforces the new
-//!   quota (and shows it in `statfs`) from the moment its watch sees it.
+//! * [`set_quota`] and [`set_replicas`] change a volume's settings in one transaction compared
+//!   on the record's revision; every mount follows its volume's record ([`follow_record`]) and
+//!   enforces the new quota (and shows it in `statfs`), or makes the new number of copies of
+//!   what it writes, from the moment its watch sees it.
 //! * [`delete`] removes the record and the whole namespace in one transaction that requires
 //!   that no mount record exists; a live mount therefore blocks it, and a mount cannot
 //!   register in a deleted volume. The volume's **data blocks are not touched**: nothing
@@ -455,15 +456,43 @@ async fn get_raw(etcd: &Client, key: &str) -> Result<Option<Vec<u8>>> {
         .map(|kv| kv.value().to_vec()))
 }
 
-/// Sets volume `name`'s quota (`None` removes it); returns the record before and after. One
-/// transaction compared on the record's revision, so a concurrent change is never overwritten
-/// unseen. Live mounts follow the record ([`follow_quota`]) and enforce the new quota within
-/// moments. A quota below the current usage is allowed, as a full disk is: growth fails with
-/// ENOSPC until files are deleted or truncated, and everything already written stays.
+/// Sets volume `name`'s quota (`None` removes it); returns the record before and after. Live
+/// mounts follow the record ([`follow_record`]) and enforce the new quota within moments. A
+/// quota below the current usage is allowed, as a full disk is: growth fails with ENOSPC until
+/// files are deleted or truncated, and everything already written stays.
 pub async fn set_quota(
     etcd: &Client,
     name: &str,
     quota_bytes: Option<u64>,
+) -> Result<(VolumeRecord, VolumeRecord)> {
+    update(etcd, name, |old| VolumeRecord {
+        quota_bytes,
+        ..old.clone()
+    })
+    .await
+}
+
+/// Sets how many copies volume `name` keeps of each block; returns the record before and after.
+/// Live mounts make that many copies of what they write from the moment they see the change;
+/// the blocks already stored get copies added or removed by the nodes' repair scans.
+pub async fn set_replicas(
+    etcd: &Client,
+    name: &str,
+    replicas: u8,
+) -> Result<(VolumeRecord, VolumeRecord)> {
+    update(etcd, name, |old| VolumeRecord {
+        replicas,
+        ..old.clone()
+    })
+    .await
+}
+
+/// Rewrites volume `name`'s record with `change` applied, in one transaction compared on the
+/// record's revision, so a concurrent change is never overwritten unseen.
+async fn update(
+    etcd: &Client,
+    name: &str,
+    change: impl Fn(&VolumeRecord) -> VolumeRecord,
 ) -> Result<(VolumeRecord, VolumeRecord)> {
     validate_name(name)?;
     let key = volume_key(name);
@@ -474,10 +503,7 @@ pub async fn set_quota(
             return Err(VolumeError::NotFound(name.to_string()));
         };
         let old = VolumeRecord::decode(name, kv.value())?;
-        let new = VolumeRecord {
-            quota_bytes,
-            ..old.clone()
-        };
+        let new = change(&old);
         new.validate()?;
         let txn = Txn::new()
             .when([Compare::mod_revision(
@@ -497,11 +523,11 @@ pub async fn set_quota(
     )))
 }
 
-/// Follows volume `name`'s record and calls `apply` with its quota now and after every change,
-/// for as long as `apply` returns true. A broken watch is re-established (the record re-read
+/// Follows volume `name`'s record and calls `apply` with it now and after every change, for as
+/// long as `apply` returns true. A broken watch is re-established (the record re-read
 /// first, so no change is missed); a record that does not decode is logged and its quota left
 /// as it was.
-pub async fn follow_quota(etcd: Client, name: String, apply: impl Fn(Option<u64>) -> bool) {
+pub async fn follow_record(etcd: Client, name: String, apply: impl Fn(&VolumeRecord) -> bool) {
     let key = volume_key(&name);
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -515,11 +541,11 @@ pub async fn follow_quota(etcd: Client, name: String, apply: impl Fn(Option<u64>
             if let Some(kv) = resp.kvs().iter().find(|kv| kv.key() == key.as_bytes()) {
                 match VolumeRecord::decode(&name, kv.value()) {
                     Ok(rec) => {
-                        if !apply(rec.quota_bytes) {
+                        if !apply(&rec) {
                             return Ok(false);
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "volume record; quota unchanged"),
+                    Err(e) => tracing::warn!(error = %e, "volume record; settings unchanged"),
                 }
             }
             let opts = etcd_client::WatchOptions::new().with_start_revision(revision + 1);
@@ -538,11 +564,11 @@ pub async fn follow_quota(etcd: Client, name: String, apply: impl Fn(Option<u64>
                     }
                     match VolumeRecord::decode(&name, kv.value()) {
                         Ok(rec) => {
-                            if !apply(rec.quota_bytes) {
+                            if !apply(&rec) {
                                 return Ok(false);
                             }
                         }
-                        Err(e) => tracing::warn!(error = %e, "volume record; quota unchanged"),
+                        Err(e) => tracing::warn!(error = %e, "volume record; settings unchanged"),
                     }
                 }
                 backoff = Duration::from_millis(200);

@@ -636,6 +636,58 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// A node joining (or leaving) is seen by some nodes a moment before the others: nodes
+        /// planning from the two live sets at once still leave every block at least two copies.
+        #[test]
+        fn surplus_removal_from_two_views_of_membership_keeps_two_copies(
+            holders in proptest::collection::vec(0u8..32, 1..40),
+            newcomer in 0usize..5,
+            late in 0u8..32,
+        ) {
+            let all: Vec<NodeRecord> = (0..5).map(node).collect();
+            let without: Vec<NodeRecord> =
+                all.iter().filter(|n| n.id != all[newcomer].id).cloned().collect();
+            let mut census = Census { volumes: vec!["v".into()], ..Default::default() };
+            let mut copies: HashMap<String, HashSet<BlockHash>> =
+                all.iter().map(|n| (n.id.clone(), HashSet::new())).collect();
+            for (i, mask) in holders.iter().enumerate() {
+                let hash = BlockHash::of(&i.to_le_bytes());
+                census.blocks.insert(hash, BlockInfo { replicas: 2, size: 1, volumes: vec![0] });
+                for (n, node) in all.iter().enumerate() {
+                    if mask & (1 << n) != 0 {
+                        copies.get_mut(&node.id).expect("node").insert(hash);
+                    }
+                }
+            }
+            // A view only asks the nodes it knows for their copies.
+            let seen_without: HashMap<String, HashSet<BlockHash>> = copies
+                .iter()
+                .filter(|(id, _)| **id != all[newcomer].id)
+                .map(|(id, held)| (id.clone(), held.clone()))
+                .collect();
+            let mut left = copies.clone();
+            for (n, me) in all.iter().enumerate() {
+                // The newcomer knows itself; the others are early or late, as `late` says.
+                let (view, seen) = if n != newcomer && late & (1 << n) != 0 {
+                    (&without, &seen_without)
+                } else {
+                    (&all, &copies)
+                };
+                let plan = plan_scan(&me.id, &census, seen, false, order(view, 2));
+                for s in plan.surplus {
+                    for x in s.extra {
+                        left.get_mut(&x.id).expect("node").remove(&s.hash);
+                    }
+                }
+            }
+            for (i, mask) in holders.iter().enumerate() {
+                let hash = BlockHash::of(&i.to_le_bytes());
+                let before = mask.count_ones() as usize;
+                let after = left.values().filter(|s| s.contains(&hash)).count();
+                proptest::prop_assert!(after >= before.min(2), "block {i}: {before} -> {after}");
+            }
+        }
+
         /// However copies are spread, each block has exactly one owner, and surplus removal by
         /// all nodes together keeps every block's wanted copies.
         #[test]

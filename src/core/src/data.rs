@@ -307,9 +307,10 @@ impl Fs {
         // Whatever could not be flushed is dropped with the handle.
         self.set_unflushed(h.ino, h.fh, 0);
         self.unreserve(h.fh);
-        let last = {
+        let orphaned_and_last = {
+            // One lock with the pending-orphan check: see `Fs::settle_orphans`.
             let mut counts = self.open_counts.lock().unwrap_or_else(|e| e.into_inner());
-            match counts.get_mut(&h.ino) {
+            let last = match counts.get_mut(&h.ino) {
                 Some(n) if *n > 1 => {
                     *n -= 1;
                     false
@@ -318,9 +319,10 @@ impl Fs {
                     counts.remove(&h.ino);
                     true
                 }
-            }
+            };
+            last && self.take_pending_orphan(h.ino)
         };
-        if last && self.take_pending_orphan(h.ino) {
+        if orphaned_and_last {
             if let Some((rec, _)) = self.get_inode_opt(h.ino).await? {
                 if rec.nlink == 0 {
                     self.purge(h.ino).await?;

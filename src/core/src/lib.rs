@@ -77,7 +77,9 @@
 //! * **Unlinked but open**: when the last link of an inode goes, the same transaction sets
 //!   `nlink = 0` and writes `o/<ino>`. If no handle of this instance has it open, it is purged at
 //!   once (chunks and xattrs in batches, then inode and orphan record together); otherwise at
-//!   the last [`Fs::release`]. Orphans left by a crash are purged by [`Fs::purge_orphans`].
+//!   the last [`Fs::release`], or right after the transaction commits if that release came
+//!   while it was in flight (decided under the lock that counts handles). Orphans left by a
+//!   crash are purged by [`Fs::purge_orphans`].
 //!   Limitation: open handles on *other* instances are not tracked (a session/lease registry
 //!   would be needed); such a handle sees ENOENT after the purge.
 //!

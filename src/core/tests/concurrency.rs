@@ -1300,3 +1300,32 @@ fn a_waiting_flock_taker_gives_up_when_its_caller_is_interrupted() {
     block_on(a.flock(ino, 1, None, false, 100, &never)).unwrap();
     block_on(b.flock(ino, 7, Some(Exclusive), false, 200, &never)).unwrap();
 }
+
+/// A close racing an unlink of the same file: the last release runs while the unlink's
+/// transaction is in flight (the unlink saw the file open, so it orphans it; the release still
+/// sees it linked). Once both are done the file is purged: no orphan record, its bytes out of
+/// the volume's usage. Before the fix the orphan stayed until the next mount.
+#[test]
+fn a_close_racing_an_unlink_still_purges_the_file() {
+    use futures::FutureExt;
+    let (kv, a, _b, _blocks) = early_pair();
+    let (attr, _) = block_on(a.create(ROOT_INO, b"f", 0o644, 0, 0, false)).unwrap();
+    let mut h = a.open_created(&attr).unwrap();
+    block_on(a.write(&mut h, 0, &[7u8; 1000])).unwrap();
+    block_on(a.flush(&mut h)).unwrap();
+    assert_eq!(a.usage_bytes(), 1000);
+
+    let commit = kv.hooks.hold_next();
+    let mut unlink = a.unlink(ROOT_INO, b"f").boxed();
+    assert!(
+        poll_once(&mut unlink).is_pending(),
+        "held at its transaction"
+    );
+    block_on(a.release(h)).unwrap();
+    commit.send(Ok(())).unwrap();
+    block_on(unlink).unwrap();
+
+    assert_eq!(block_on(a.list_orphans()).unwrap(), vec![]);
+    assert_eq!(block_on(a.getattr(attr.ino)), Err(FsError::NotFound));
+    assert_eq!(a.usage_bytes(), 0);
+}

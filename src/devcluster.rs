@@ -136,17 +136,6 @@ impl Started {
         (self.children.len() - 1, pid)
     }
 
-    /// Why child `index` has exited, or None while it runs.
-    fn exited(&mut self, index: usize) -> Option<String> {
-        match self.children[index].try_wait() {
-            Ok(Some(status)) => Some(status.to_string()),
-            Ok(None) => None,
-            Err(e) => Some(format!("state unknown ({e})")),
-        }
-    }
-}
-
-impl Started {
     /// Stops child `index` (SIGTERM, then SIGKILL after 3 s) and waits for it.
     fn stop(&mut self, index: usize) {
         let child = &mut self.children[index];
@@ -161,6 +150,15 @@ impl Started {
         if matches!(child.try_wait(), Ok(None)) {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// Why child `index` has exited, or None while it runs.
+    fn exited(&mut self, index: usize) -> Option<String> {
+        match self.children[index].try_wait() {
+            Ok(Some(status)) => Some(status.to_string()),
+            Ok(None) => None,
+            Err(e) => Some(format!("state unknown ({e})")),
         }
     }
 }
@@ -196,19 +194,8 @@ async fn own_etcd(
 impl Drop for Started {
     /// On a failed `up`, stop whatever was already started, newest first.
     fn drop(&mut self) {
-        for child in self.children.iter_mut().rev() {
-            if matches!(child.try_wait(), Ok(Some(_))) {
-                continue;
-            }
-            signal(child.id(), libc::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(3);
-            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if matches!(child.try_wait(), Ok(None)) {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+        for index in (0..self.children.len()).rev() {
+            self.stop(index);
         }
         for path in &self.mount_points {
             twinfs_fuse::mount::detach_all(path);

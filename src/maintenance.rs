@@ -635,6 +635,38 @@ mod tests {
         (left, owned)
     }
 
+    /// Block `i` (2 copies wanted) held by the nodes whose bits are set in `holders[i]`.
+    fn spread(
+        nodes: &[NodeRecord],
+        holders: &[u8],
+    ) -> (Census, HashMap<String, HashSet<BlockHash>>) {
+        let mut census = Census {
+            volumes: vec!["v".into()],
+            ..Default::default()
+        };
+        let mut copies: HashMap<String, HashSet<BlockHash>> = nodes
+            .iter()
+            .map(|n| (n.id.clone(), HashSet::new()))
+            .collect();
+        for (i, mask) in holders.iter().enumerate() {
+            let hash = BlockHash::of(&i.to_le_bytes());
+            census.blocks.insert(
+                hash,
+                BlockInfo {
+                    replicas: 2,
+                    size: 1,
+                    volumes: vec![0],
+                },
+            );
+            for (n, node) in nodes.iter().enumerate() {
+                if mask & (1 << n) != 0 {
+                    copies.get_mut(&node.id).expect("node").insert(hash);
+                }
+            }
+        }
+        (census, copies)
+    }
+
     proptest::proptest! {
         /// A node joining (or leaving) is seen by some nodes a moment before the others: nodes
         /// planning from the two live sets at once still leave every block at least two copies.
@@ -647,18 +679,7 @@ mod tests {
             let all: Vec<NodeRecord> = (0..5).map(node).collect();
             let without: Vec<NodeRecord> =
                 all.iter().filter(|n| n.id != all[newcomer].id).cloned().collect();
-            let mut census = Census { volumes: vec!["v".into()], ..Default::default() };
-            let mut copies: HashMap<String, HashSet<BlockHash>> =
-                all.iter().map(|n| (n.id.clone(), HashSet::new())).collect();
-            for (i, mask) in holders.iter().enumerate() {
-                let hash = BlockHash::of(&i.to_le_bytes());
-                census.blocks.insert(hash, BlockInfo { replicas: 2, size: 1, volumes: vec![0] });
-                for (n, node) in all.iter().enumerate() {
-                    if mask & (1 << n) != 0 {
-                        copies.get_mut(&node.id).expect("node").insert(hash);
-                    }
-                }
-            }
+            let (census, copies) = spread(&all, &holders);
             // A view only asks the nodes it knows for their copies.
             let seen_without: HashMap<String, HashSet<BlockHash>> = copies
                 .iter()
@@ -695,18 +716,7 @@ mod tests {
             holders in proptest::collection::vec(0u8..32, 1..40),
         ) {
             let live: Vec<NodeRecord> = (0..5).map(node).collect();
-            let mut census = Census { volumes: vec!["v".into()], ..Default::default() };
-            let mut copies: HashMap<String, HashSet<BlockHash>> =
-                live.iter().map(|n| (n.id.clone(), HashSet::new())).collect();
-            for (i, mask) in holders.iter().enumerate() {
-                let hash = BlockHash::of(&i.to_le_bytes());
-                census.blocks.insert(hash, BlockInfo { replicas: 2, size: 1, volumes: vec![0] });
-                for (n, node) in live.iter().enumerate() {
-                    if mask & (1 << n) != 0 {
-                        copies.get_mut(&node.id).expect("node").insert(hash);
-                    }
-                }
-            }
+            let (census, copies) = spread(&live, &holders);
             let (left, owned) = after_every_node_plans(&live, &census, &copies);
             proptest::prop_assert_eq!(owned, holders.len() as u64);
             for (i, mask) in holders.iter().enumerate() {

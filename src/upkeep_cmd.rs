@@ -32,6 +32,9 @@ struct FsckReport {
     bytes: u64,
     /// Blocks with the full number of good copies on live nodes.
     healthy: u64,
+    /// Of the healthy, blocks with more copies than wanted (a returning node's, or after the
+    /// replica count was lowered): the repair scans remove the extra ones.
+    surplus: u64,
     endangered: u64,
     lost: u64,
     /// Copies verified (re-read and re-hashed by their node) or only seen present (--quick).
@@ -83,7 +86,7 @@ pub async fn fsck(conn: &ConnArgs, volume: &str, quick: bool, json: bool) -> Res
         .map(|n| n.id.clone())
         .collect();
     let good = |h: &BlockHash| copies.values().filter(|s| s.contains(h)).count();
-    let (mut healthy, mut endangered, mut lost) = (0u64, 0u64, 0u64);
+    let (mut healthy, mut surplus, mut endangered, mut lost) = (0u64, 0u64, 0u64, 0u64);
     let mut damaged_blocks: HashSet<BlockHash> = HashSet::new();
     for h in &hashes {
         match good(h) {
@@ -95,7 +98,12 @@ pub async fn fsck(conn: &ConnArgs, volume: &str, quick: bool, json: bool) -> Res
                 endangered += 1;
                 damaged_blocks.insert(*h);
             }
-            _ => healthy += 1,
+            n => {
+                healthy += 1;
+                if n > replicas {
+                    surplus += 1;
+                }
+            }
         }
     }
     let mut files = Vec::new();
@@ -140,6 +148,7 @@ pub async fn fsck(conn: &ConnArgs, volume: &str, quick: bool, json: bool) -> Res
         blocks: hashes.len() as u64,
         bytes,
         healthy,
+        surplus,
         endangered,
         lost,
         verified: !quick,
@@ -180,6 +189,12 @@ pub async fn fsck(conn: &ConnArgs, volume: &str, quick: bool, json: bool) -> Res
         "  {} healthy, {} endangered (fewer than {replicas} good copies), {} lost (no good copy)",
         report.healthy, report.endangered, report.lost
     );
+    if report.surplus > 0 {
+        println!(
+            "  {} with more than {replicas} copies (the repair scans remove the extra ones)",
+            report.surplus
+        );
+    }
     for r in &report.corrupt_records {
         println!("  CORRUPT RECORD {r}");
     }

@@ -529,9 +529,18 @@ async fn update(
 /// as it was.
 pub async fn follow_record(etcd: Client, name: String, apply: impl Fn(&VolumeRecord) -> bool) {
     let key = volume_key(&name);
+    // Whether to go on following.
+    let offer = |value: &[u8]| match VolumeRecord::decode(&name, value) {
+        Ok(rec) => apply(&rec),
+        Err(e) => {
+            tracing::warn!(error = %e, "volume record; settings unchanged");
+            true
+        }
+    };
     let mut backoff = Duration::from_millis(200);
     loop {
-        let result: std::result::Result<bool, String> = async {
+        // Ok: `apply` asked to stop; Err: the watch broke.
+        let result: std::result::Result<(), String> = async {
             let mut c = etcd.clone();
             let resp = tokio::time::timeout(REQUEST_TIMEOUT, c.get(key.as_str(), None))
                 .await
@@ -539,13 +548,8 @@ pub async fn follow_record(etcd: Client, name: String, apply: impl Fn(&VolumeRec
                 .map_err(|e| e.to_string())?;
             let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
             if let Some(kv) = resp.kvs().iter().find(|kv| kv.key() == key.as_bytes()) {
-                match VolumeRecord::decode(&name, kv.value()) {
-                    Ok(rec) => {
-                        if !apply(&rec) {
-                            return Ok(false);
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "volume record; settings unchanged"),
+                if !offer(kv.value()) {
+                    return Ok(());
                 }
             }
             let opts = etcd_client::WatchOptions::new().with_start_revision(revision + 1);
@@ -558,17 +562,11 @@ pub async fn follow_record(etcd: Client, name: String, apply: impl Fn(&VolumeRec
                     return Err("watch cancelled".into());
                 }
                 for ev in resp.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    if ev.event_type() != etcd_client::EventType::Put {
-                        continue; // deleting a mounted volume is refused
-                    }
-                    match VolumeRecord::decode(&name, kv.value()) {
-                        Ok(rec) => {
-                            if !apply(&rec) {
-                                return Ok(false);
-                            }
+                    // A delete is ignored: deleting a mounted volume is refused.
+                    if let (Some(kv), etcd_client::EventType::Put) = (ev.kv(), ev.event_type()) {
+                        if !offer(kv.value()) {
+                            return Ok(());
                         }
-                        Err(e) => tracing::warn!(error = %e, "volume record; settings unchanged"),
                     }
                 }
                 backoff = Duration::from_millis(200);
@@ -577,8 +575,7 @@ pub async fn follow_record(etcd: Client, name: String, apply: impl Fn(&VolumeRec
         }
         .await;
         match result {
-            Ok(false) => return,
-            Ok(true) => {}
+            Ok(()) => return,
             Err(e) => {
                 tracing::warn!(error = %e, volume = %name, "volume record watch broke; re-reading")
             }

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::{statvfs, wait_for};
 use netns::{log_tail, ClusterOptions, LinkSide, NetCluster, VOLUME};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
@@ -899,6 +900,18 @@ fn etcd_restarted_under_load() {
             stopped.as_secs_f64(),
             t.elapsed().as_secs_f64()
         ));
+        // The mounts' watches of the volume record came back too: a quota set now reaches
+        // every mount's statfs.
+        c.twinfs_ok(&["volume", "set-quota", VOLUME, "1T"]);
+        for m in &c.mounts {
+            let seen = wait_for(Duration::from_secs(15), || statvfs(&m.path).0 == 1 << 40);
+            assert!(
+                seen.is_some(),
+                "statvfs on {} after the quota change: {:?}",
+                m.path.display(),
+                statvfs(&m.path)
+            );
+        }
         format!("etcd (pid {pid}) stopped with SIGTERM, started again 2 s later")
     });
     finish(o, c);

@@ -13,17 +13,6 @@ use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
 
-/// (total, free) bytes as `statvfs` reports them.
-fn statvfs(path: &Path) -> (u64, u64) {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
-    // SAFETY: `c` is a valid NUL-terminated path and `st` a plain struct statvfs fills in.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    assert_eq!(r, 0, "statvfs {}", path.display());
-    let frsize = st.f_frsize as u64;
-    (st.f_blocks as u64 * frsize, st.f_bavail as u64 * frsize)
-}
-
 fn mount(c: &DevCluster, volume: &str, name: &str) -> (PathBuf, DetachOnDrop) {
     let dir = c.dir.path().join(name);
     // A dead mount (its process killed) is in the way of a second mount there: EEXIST.

@@ -49,7 +49,7 @@ pub enum VolumeCmd {
     },
     /// Change how many copies a volume keeps of each block. Live mounts write that many from
     /// within moments; the nodes' repair scans add or remove copies of the blocks already
-    /// stored (`twinfs status` shows the progress).
+    /// stored (`twinfs fsck NAME --quick` shows the progress).
     SetReplicas {
         /// Volume name.
         name: String,
@@ -237,7 +237,7 @@ pub async fn run(conn: &ConnArgs, cmd: VolumeCmd) -> Result<()> {
             println!(
                 "volume {name}: {} copies of each block (was {}); live mounts write {} copies \
                  within moments, and the nodes' repair scans {} copies of the blocks already \
-                 stored (`twinfs status` shows the progress)",
+                 stored (`twinfs fsck {name} --quick` shows the progress)",
                 new.replicas,
                 old.replicas,
                 new.replicas,

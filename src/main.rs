@@ -81,7 +81,7 @@ enum Command {
         #[command(subcommand)]
         cmd: BlockCmd,
     },
-    /// Create, list, inspect and delete volumes.
+    /// Create, list, inspect, change and delete volumes.
     Volume {
         #[command(subcommand)]
         cmd: volume_cmd::VolumeCmd,

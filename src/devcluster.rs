@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use twinfs_cluster::etcd::EtcdConfig;
-use twinfs_cluster::membership::Membership;
+use twinfs_cluster::membership::{Membership, NodeRecord};
 use twinfs_cluster::pki::{self, CertRole};
 
 use crate::clusterfile::{ClusterFile, EtcdEntry, MountEntry, NodeEntry};
@@ -161,6 +161,16 @@ impl Started {
             Err(e) => Some(format!("state unknown ({e})")),
         }
     }
+}
+
+/// A node process `up` started: its child in [`Started`] and where it serves, keeps its data
+/// and logs (all kept when it is started again on another port).
+struct StartedNode {
+    child: usize,
+    addr: SocketAddr,
+    data_dir: PathBuf,
+    tls_dir: PathBuf,
+    log: PathBuf,
 }
 
 /// Waits (up to 20 s) until the etcd at `cfg` answers, and checks that it is the one started
@@ -344,8 +354,7 @@ pub async fn up(dir: &Path, opts: &UpOptions) -> Result<()> {
             log,
         )
     };
-    // (child index, pid, address, data dir, tls dir, log)
-    let mut nodes = Vec::new();
+    let mut nodes: Vec<StartedNode> = Vec::new();
     for i in 0..n {
         let node_dir = dir.join("nodes").join(format!("node-{i}"));
         let data_dir = node_dir.join("data");
@@ -355,8 +364,14 @@ pub async fn up(dir: &Path, opts: &UpOptions) -> Result<()> {
         pki::issue_cert(&ca_dir, &format!("node-{i}"), CertRole::Node, &tls_dir)?;
         let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()?).parse()?;
         let log = node_dir.join("node.log");
-        let (index, pid) = started.push(spawn_node(addr, &data_dir, &tls_dir, &log)?);
-        nodes.push((index, pid, addr, data_dir, tls_dir, log));
+        let (child, _) = started.push(spawn_node(addr, &data_dir, &tls_dir, &log)?);
+        nodes.push(StartedNode {
+            child,
+            addr,
+            data_dir,
+            tls_dir,
+            log,
+        });
     }
 
     // Wait for every node to register. A node that exits first most likely lost its port
@@ -365,9 +380,11 @@ pub async fn up(dir: &Path, opts: &UpOptions) -> Result<()> {
     let membership = Membership::watch(etcd).await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut restarts = 0;
+    let all_registered = |nodes: &[StartedNode], live: &[NodeRecord]| {
+        nodes.iter().all(|n| live.iter().any(|r| r.addr == n.addr))
+    };
     loop {
-        let live = membership.live();
-        if nodes.iter().all(|n| live.iter().any(|r| r.addr == n.2)) {
+        if all_registered(&nodes, &membership.live()) {
             break;
         }
         if Instant::now() > deadline {
@@ -377,54 +394,49 @@ pub async fn up(dir: &Path, opts: &UpOptions) -> Result<()> {
             );
         }
         for node in nodes.iter_mut() {
-            let Some(status) = started.exited(node.0) else {
+            let Some(status) = started.exited(node.child) else {
                 continue;
             };
             if restarts == 3 {
                 bail!(
                     "node {} exited ({status}); see {}",
-                    node.2,
-                    node.5.display()
+                    node.addr,
+                    node.log.display()
                 );
             }
             restarts += 1;
             let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()?).parse()?;
             eprintln!(
                 "node on {} exited ({status}); starting it again on {addr}",
-                node.2
+                node.addr
             );
-            let (index, pid) = started.push(spawn_node(addr, &node.3, &node.4, &node.5)?);
-            *node = (
-                index,
-                pid,
-                addr,
-                node.3.clone(),
-                node.4.clone(),
-                node.5.clone(),
-            );
+            let (child, _) =
+                started.push(spawn_node(addr, &node.data_dir, &node.tls_dir, &node.log)?);
+            node.child = child;
+            node.addr = addr;
         }
         membership
             .wait_until(Duration::from_millis(200), |live| {
-                nodes.iter().all(|n| live.iter().any(|r| r.addr == n.2))
+                all_registered(&nodes, live)
             })
             .await;
     }
     let live = membership.live();
     let etcd_client = etcd_cfg.connect().await?;
     let mut entries = Vec::new();
-    for (_, pid, addr, data_dir, tls_dir, log) in nodes {
+    for node in nodes {
         let id = live
             .iter()
-            .find(|r| r.addr == addr)
+            .find(|r| r.addr == node.addr)
             .map(|r| r.id.clone())
             .context("node vanished after registering")?;
         entries.push(NodeEntry {
             id,
-            pid,
-            addr: addr.to_string(),
-            data_dir,
-            tls_dir,
-            log,
+            pid: started.children[node.child].id(),
+            addr: node.addr.to_string(),
+            data_dir: node.data_dir,
+            tls_dir: node.tls_dir,
+            log: node.log,
         });
     }
     let mut file = ClusterFile {

@@ -603,13 +603,7 @@ mod tests {
     }
 
     fn order(live: &[NodeRecord], replicas: usize) -> impl Fn(&BlockHash) -> Vec<NodeRecord> + '_ {
-        move |h| {
-            let candidates: Vec<_> = live.iter().map(|n| n.candidate()).collect();
-            twinfs_cluster::placement::rank(h, &candidates, replicas)
-                .into_iter()
-                .map(|i| live[i].clone())
-                .collect()
-        }
+        move |h| twinfs_cluster::client::placement_order(live, h, replicas)
     }
 
     /// Every live node plans its scan from the same facts; returns the copies left once every

@@ -124,6 +124,16 @@ pub struct BlockClient {
     pub stats: ClientStats,
 }
 
+/// `live` in placement order for `hash` (zones spread over the first `replicas`): a function
+/// of the live set alone, so the same on every node that sees it.
+pub fn placement_order(live: &[NodeRecord], hash: &BlockHash, replicas: usize) -> Vec<NodeRecord> {
+    let candidates: Vec<_> = live.iter().map(|n| n.candidate()).collect();
+    placement::rank(hash, &candidates, replicas)
+        .into_iter()
+        .map(|i| live[i].clone())
+        .collect()
+}
+
 enum AttemptError {
     NotFound,
     Failed(String),
@@ -194,11 +204,7 @@ impl BlockClient {
 
     /// [`placement_order`](Self::placement_order) over a given snapshot of the live set.
     pub fn placement_order_among(&self, live: &[NodeRecord], hash: &BlockHash) -> Vec<NodeRecord> {
-        let candidates: Vec<_> = live.iter().map(|n| n.candidate()).collect();
-        placement::rank(hash, &candidates, self.replicas())
-            .into_iter()
-            .map(|i| live[i].clone())
-            .collect()
+        placement_order(live, hash, self.replicas())
     }
 
     /// Live nodes in preference order for reading and writing `hash`: placement order, nodes

@@ -447,13 +447,20 @@ pub async fn create(
 }
 
 async fn get_raw(etcd: &Client, key: &str) -> Result<Option<Vec<u8>>> {
+    Ok(get_kv(etcd, key).await?.0.map(|kv| kv.value().to_vec()))
+}
+
+/// `key`'s entry, if any, and the store's revision when it was read.
+async fn get_kv(etcd: &Client, key: &str) -> Result<(Option<KeyValue>, i64)> {
     let mut c = etcd.clone();
     let resp = bounded(&format!("reading {key}"), c.get(key, None)).await?;
-    Ok(resp
+    let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+    let kv = resp
         .kvs()
         .iter()
         .find(|kv| kv.key() == key.as_bytes())
-        .map(|kv| kv.value().to_vec()))
+        .cloned();
+    Ok((kv, revision))
 }
 
 /// Sets volume `name`'s quota (`None` removes it); returns the record before and after. Live
@@ -497,9 +504,7 @@ async fn update(
     validate_name(name)?;
     let key = volume_key(name);
     for _ in 0..5 {
-        let mut c = etcd.clone();
-        let resp = bounded(&format!("reading {key}"), c.get(key.as_str(), None)).await?;
-        let Some(kv) = resp.kvs().iter().find(|kv| kv.key() == key.as_bytes()) else {
+        let (Some(kv), _) = get_kv(etcd, &key).await? else {
             return Err(VolumeError::NotFound(name.to_string()));
         };
         let old = VolumeRecord::decode(name, kv.value())?;
@@ -512,6 +517,7 @@ async fn update(
                 kv.mod_revision(),
             )])
             .and_then([TxnOp::put(key.clone(), new.encode(), None)]);
+        let mut c = etcd.clone();
         let resp = bounded(&format!("updating volume {name}"), c.txn(txn)).await?;
         if resp.succeeded() {
             return Ok((old, new));
@@ -541,17 +547,13 @@ pub async fn follow_record(etcd: Client, name: String, apply: impl Fn(&VolumeRec
     loop {
         // Ok: `apply` asked to stop; Err: the watch broke.
         let result: std::result::Result<(), String> = async {
-            let mut c = etcd.clone();
-            let resp = tokio::time::timeout(REQUEST_TIMEOUT, c.get(key.as_str(), None))
-                .await
-                .map_err(|_| "etcd did not answer".to_string())?
-                .map_err(|e| e.to_string())?;
-            let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-            if let Some(kv) = resp.kvs().iter().find(|kv| kv.key() == key.as_bytes()) {
+            let (kv, revision) = get_kv(&etcd, &key).await.map_err(|e| e.to_string())?;
+            if let Some(kv) = kv {
                 if !offer(kv.value()) {
                     return Ok(());
                 }
             }
+            let mut c = etcd.clone();
             let opts = etcd_client::WatchOptions::new().with_start_revision(revision + 1);
             let (_watcher, mut stream) = c
                 .watch(key.as_str(), Some(opts))

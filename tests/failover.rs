@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{statvfs, wait_for};
+use common::wait_statvfs;
 use netns::{log_tail, ClusterOptions, LinkSide, NetCluster, VOLUME};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
@@ -904,13 +904,9 @@ fn etcd_restarted_under_load() {
         // every mount's statfs.
         c.twinfs_ok(&["volume", "set-quota", VOLUME, "1T"]);
         for m in &c.mounts {
-            let seen = wait_for(Duration::from_secs(15), || statvfs(&m.path).0 == 1 << 40);
-            assert!(
-                seen.is_some(),
-                "statvfs on {} after the quota change: {:?}",
-                m.path.display(),
-                statvfs(&m.path)
-            );
+            wait_statvfs(&m.path, Duration::from_secs(15), |(total, _)| {
+                total == 1 << 40
+            });
         }
         format!("etcd (pid {pid}) stopped with SIGTERM, started again 2 s later")
     });

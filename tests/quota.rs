@@ -75,16 +75,7 @@ fn a_quota_holds_across_two_mounts() {
     // Both mounts report the quota as the size and what is left as free (B within the
     // watch's latency).
     for m in [&a, &b] {
-        let seen = wait_for(Duration::from_secs(5), || {
-            let (total, free) = statvfs(m);
-            total == 8 * MIB && free == 2 * MIB
-        });
-        assert!(
-            seen.is_some(),
-            "statvfs on {}: {:?}",
-            m.display(),
-            statvfs(m)
-        );
+        wait_statvfs(m, Duration::from_secs(5), |s| s == (8 * MIB, 2 * MIB));
     }
 
     // B may add 2 MiB: the third 1 MiB write fails with ENOSPC, the first two are kept.
@@ -121,11 +112,8 @@ fn a_quota_holds_across_two_mounts() {
 
     // Deleting A's file gives the space back to B.
     fs::remove_file(a.join("six")).expect("unlink");
-    assert!(
-        wait_for(Duration::from_secs(5), || statvfs(&b).1 == 6 * MIB).is_some(),
-        "B sees the space come back: {:?}",
-        statvfs(&b)
-    );
+    // B sees the space come back.
+    wait_statvfs(&b, Duration::from_secs(5), |(_, free)| free == 6 * MIB);
     fs::remove_file(b.join("four")).expect("unlink");
     let (done, err) = write_in_mibs(&b.join("again"), &four);
     assert!(err.is_none(), "{err:?}");
@@ -293,16 +281,7 @@ fn a_changed_quota_reaches_mounted_volumes_at_once() {
     let out = c.ok(&["volume", "set-quota", "g", "16M"]);
     assert!(out.contains("quota 16.0 MiB (was 4.0 MiB)"), "{out}");
     for m in [&a, &b] {
-        let seen = wait_for(Duration::from_secs(5), || {
-            let (total, free) = statvfs(m);
-            total == 16 * MIB && free == 13 * MIB
-        });
-        assert!(
-            seen.is_some(),
-            "statvfs on {}: {:?}",
-            m.display(),
-            statvfs(m)
-        );
+        wait_statvfs(m, Duration::from_secs(5), |s| s == (16 * MIB, 13 * MIB));
     }
     let eight = random_bytes(8 * MIB as usize);
     let (done, err) = write_in_mibs(&b.join("eight"), &eight);
@@ -314,13 +293,7 @@ fn a_changed_quota_reaches_mounted_volumes_at_once() {
     let out = c.ok(&["volume", "set-quota", "g", "5M"]);
     assert!(out.contains("more than the new quota"), "{out}");
     for m in [&a, &b] {
-        let seen = wait_for(Duration::from_secs(5), || statvfs(m) == (5 * MIB, 0));
-        assert!(
-            seen.is_some(),
-            "statvfs on {}: {:?}",
-            m.display(),
-            statvfs(m)
-        );
+        wait_statvfs(m, Duration::from_secs(5), |s| s == (5 * MIB, 0));
     }
     let (done, err) = write_in_mibs(&a.join("more"), &random_bytes(MIB as usize));
     assert_eq!(done, 0);
@@ -339,11 +312,7 @@ fn a_changed_quota_reaches_mounted_volumes_at_once() {
     // Removed: the nodes' space is the limit again.
     let out = c.ok(&["volume", "set-quota", "g", "none"]);
     assert!(out.contains("quota none (was 5.0 MiB)"), "{out}");
-    assert!(
-        wait_for(Duration::from_secs(5), || statvfs(&a).0 > 16 * MIB).is_some(),
-        "statvfs: {:?}",
-        statvfs(&a)
-    );
+    wait_statvfs(&a, Duration::from_secs(5), |(total, _)| total > 16 * MIB);
     let (_, err) = write_in_mibs(&a.join("more"), &random_bytes(2 * MIB as usize));
     assert!(err.is_none(), "no quota: {err:?}");
     assert!(inspect(&c, "g")["quota_bytes"].is_null());

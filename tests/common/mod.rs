@@ -370,3 +370,15 @@ pub fn statvfs(path: &Path) -> (u64, u64) {
     let frsize = st.f_frsize as u64;
     (st.f_blocks as u64 * frsize, st.f_bavail as u64 * frsize)
 }
+
+/// Waits up to `timeout` until `statvfs(path)` — (total, free) — satisfies `ok`; fails naming
+/// the path and what it showed last.
+pub fn wait_statvfs(path: &Path, timeout: Duration, ok: impl Fn((u64, u64)) -> bool) {
+    let seen = wait_for(timeout, || ok(statvfs(path)));
+    assert!(
+        seen.is_some(),
+        "statvfs on {}: {:?}",
+        path.display(),
+        statvfs(path)
+    );
+}

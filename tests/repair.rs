@@ -325,23 +325,22 @@ fn a_returning_node_s_surplus_copies_go_once_two_verified_copies_exist_elsewhere
     // ... then the node comes back with its old copies: surplus, removed once the copies where
     // placement wants them are verified; every block ends with exactly two copies.
     let _restarted = restart_killed_node(&c, &victim, &cmdline);
-    // 13.7 s alone; once in CI (six clusters of this file at once on 2 cores) the returning
-    // node still held 2 surplus copies after 60 s. Not reproduced since (7 clusters at once);
-    // a suspect-ordered ownership bug was found and fixed while looking. Bound 120 s; a failure
-    // prints the nodes' logs, which say what each scan did.
+    // 13.7 s alone. Copies are counted by fsck, which asks every node's index: twice in CI the
+    // nodes' own block counters (`twinfs status`) summed to 18 for 8 blocks for minutes while
+    // the repair scans, which ask the same indexes, found nothing left to remove (the second
+    // time with the logs below showing every removal done). That counter drift is a separate,
+    // open bug of the status display. A failure prints both views and the nodes' logs.
     let settled = wait_for(Duration::from_secs(120), || {
-        c.status_json()["nodes"]
-            .as_array()
-            .expect("nodes")
-            .iter()
-            .filter(|n| n["state"] == "alive")
-            .count()
-            == 3
-            && total_blocks(&c) == 2 * blocks
+        let r = fsck(&c, true);
+        r["live_nodes"] == 3
+            && r["unreachable"].as_array().is_some_and(|u| u.is_empty())
+            && r["healthy"].as_u64() == Some(blocks)
+            && r["surplus"] == 0
     });
     assert!(
         settled.is_some(),
-        "copies: {} for {blocks} blocks; {}\n{}",
+        "{}\nstatus counters: {} copies for {blocks} blocks; {}\n{}",
+        fsck(&c, true),
         total_blocks(&c),
         c.ok(&["status"]),
         c.nodes

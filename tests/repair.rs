@@ -325,11 +325,12 @@ fn a_returning_node_s_surplus_copies_go_once_two_verified_copies_exist_elsewhere
     // ... then the node comes back with its old copies: surplus, removed once the copies where
     // placement wants them are verified; every block ends with exactly two copies.
     let _restarted = restart_killed_node(&c, &victim, &cmdline);
-    // 13.7 s alone. Copies are counted by fsck, which asks every node's index: twice in CI the
-    // nodes' own block counters (`twinfs status`) summed to 18 for 8 blocks for minutes while
-    // the repair scans, which ask the same indexes, found nothing left to remove (the second
-    // time with the logs below showing every removal done). That counter drift is a separate,
-    // open bug of the status display. A failure prints both views and the nodes' logs.
+    // 13.7 s alone. Copies are counted by fsck, which asks every node's index for the
+    // referenced blocks. Twice in CI the nodes' own block counters (`twinfs status`, which count
+    // every copy a node holds, referenced or not) summed to 18 for 8 blocks for minutes while
+    // the repair scans found nothing left to remove (the second time the logs below showed
+    // every removal done). Whether those 2 were unreferenced copies or a counter error is not
+    // known yet: a failure prints both views and the nodes' logs.
     let settled = wait_for(Duration::from_secs(120), || {
         let r = fsck(&c, true);
         r["live_nodes"] == 3

@@ -159,10 +159,17 @@ fn usage_survives_a_crashed_mount() {
     );
     drop(open);
 
-    // Mounted again over the dead mount (for a second after the crash the kernel's cached
-    // attributes make it look alive, and the mount is refused): the usage is exactly the
-    // bytes of the files there.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Mounted again over the dead mount once the kernel answers ENOTCONN there (until then the
+    // mount command takes it for a live mount and refuses): the usage is exactly the bytes of
+    // the files there.
+    assert!(
+        wait_for(Duration::from_secs(10), || fs::read_dir(&a)
+            .err()
+            .and_then(|e| e.raw_os_error())
+            == Some(libc::ENOTCONN))
+        .is_some(),
+        "the killed mount's directory never answered ENOTCONN"
+    );
     let (a2, _ga2) = mount(&c, "q", "qa");
     let present: u64 = fs::read_dir(&a2)
         .expect("readdir")
@@ -269,6 +276,8 @@ fn a_changed_quota_reaches_mounted_volumes_at_once() {
     let (b, _gb) = mount(&c, "g", "gb");
     let three = random_bytes(3 * MIB as usize);
     fs::write(a.join("three"), &three).expect("3 MiB fit in 4 MiB");
+    // B knows A's committed usage within the watch latency (SEMANTICS.md, Quotas).
+    wait_statvfs(&b, Duration::from_secs(5), |s| s == (4 * MIB, MIB));
     let (_, err) = write_in_mibs(&b.join("two"), &random_bytes(2 * MIB as usize));
     assert_eq!(
         err.and_then(|e| e.raw_os_error()),

@@ -510,7 +510,11 @@ impl Fs {
         Ok(bytes)
     }
 
-    async fn get_chunk(&self, ino: u64, idx: u64) -> FsResult<Option<(ChunkRec, Revision)>> {
+    pub(crate) async fn get_chunk(
+        &self,
+        ino: u64,
+        idx: u64,
+    ) -> FsResult<Option<(ChunkRec, Revision)>> {
         let key = self.keys.chunk(ino, idx);
         let v = self.kv.get(&key).await?;
         self.decode_chunk(ino, idx, v)
@@ -668,8 +672,14 @@ impl Fs {
     }
 
     /// Reads up to `len` bytes at `offset`: committed data overlaid with this handle's own
-    /// unflushed writes; holes read as zeros; short at end of file.
+    /// unflushed writes; holes read as zeros; short at end of file. A block missing because
+    /// another mount's put of it is still in flight is waited for (see `pending.rs`).
     pub async fn read(&self, h: &OpenFile, offset: u64, len: usize) -> FsResult<Bytes> {
+        self.retry_while_pending(h.ino, || self.read_once(h, offset, len))
+            .await
+    }
+
+    async fn read_once(&self, h: &OpenFile, offset: u64, len: usize) -> FsResult<Bytes> {
         let cs = self.chunk_size;
         if len == 0 {
             return Ok(Bytes::new());
@@ -995,22 +1005,92 @@ impl Fs {
     ) -> FsResult<bool> {
         // Each dirty chunk's block: a full chunk stored in the background already (awaited),
         // the others stored now. One that failed is left out, and the ordinary flush redoes it.
-        let puts = futures::future::join_all(h.dirty.iter().map(|(&idx, d)| {
+        // Each dirty chunk's block: a full chunk stored in the background already (awaited);
+        // the others stored now, while the transaction commits when this instance has a
+        // session to vouch for them (pending content, see `pending.rs`), else before it. A
+        // block that failed is left out, and the ordinary flush redoes it.
+        let per_txn = self.opts.max_txn_ops.saturating_sub(2).max(1);
+        let session = self.kv.session().filter(|_| h.dirty.len() + 4 <= per_txn);
+        let mut in_flight: Vec<(u64, BlockHash)> = Vec::new();
+        let mut now_puts = Vec::new();
+        let mut background = Vec::new();
+        for (&idx, d) in &h.dirty {
             let len = u32::try_from(d.len()).map_err(|_| FsError::Invalid("chunk too large"));
-            // The upload in flight, or else the content to store now.
-            let source = d.fresh_upload().ok_or_else(|| d.new_content());
-            async move {
-                match source {
-                    Ok(up) => Ok((idx, up.await?, len?)),
-                    Err(content) => self.store_chunk(idx, content).await,
+            match d.fresh_upload() {
+                Some(up) => {
+                    background.push(async move { Ok::<_, FsError>((idx, up.await?, len?)) })
+                }
+                None => {
+                    let content = d.new_content();
+                    if session.is_some() {
+                        let hash = BlockHash::of(&content);
+                        in_flight.push((idx, hash));
+                        stored.insert(idx, (0, hash, len?));
+                    }
+                    now_puts.push(self.store_chunk(idx, content));
                 }
             }
-        }))
-        .await;
-        for (idx, hash, len) in puts.into_iter().flatten() {
+        }
+        for (idx, hash, len) in futures::future::join_all(background)
+            .await
+            .into_iter()
+            .flatten()
+        {
             stored.insert(idx, (0, hash, len));
         }
-        let merged = self.commit_create_with_content(h, &taken, stored).await;
+        let pending = session.filter(|_| !in_flight.is_empty());
+        let (merged, put_error) = match pending {
+            Some(session) => {
+                let (merged, puts) = futures::future::join(
+                    self.commit_create_with_content(h, &taken, stored, Some((session, &in_flight))),
+                    futures::future::join_all(now_puts),
+                )
+                .await;
+                let put_error = puts.into_iter().find_map(|r| r.err());
+                if put_error.is_some() {
+                    for (idx, _) in &in_flight {
+                        stored.remove(idx);
+                    }
+                }
+                (merged, put_error)
+            }
+            None => {
+                let puts = futures::future::join_all(now_puts).await;
+                for (idx, hash, len) in puts.into_iter().flatten() {
+                    stored.insert(idx, (0, hash, len));
+                }
+                let merged = self
+                    .commit_create_with_content(h, &taken, stored, None)
+                    .await;
+                (merged, None)
+            }
+        };
+        if let (Ok(true), Some(session)) = (&merged, pending) {
+            // The file exists for everyone now (its create committed with the content).
+            let _ = taken.done.send(Ok(()));
+            if let Some(e) = put_error {
+                // Its content could not be stored: withdrawn, and `close` says so. The writes
+                // stay buffered for a later flush, the ordinary way.
+                h.new_here = false;
+                self.invalidate(h.ino);
+                self.withdraw_own_pending(h.ino).await?;
+                return Err(e);
+            }
+            if self.kv.session() == Some(session) {
+                self.clear_pending(h.ino).await;
+            } else {
+                self.confirm_own_pending(h.ino, &in_flight).await?;
+            }
+            let idxs: Vec<u64> = h.dirty.keys().copied().collect();
+            self.note_flushed(h, &idxs);
+            self.unreserve(h.fh);
+            return Ok(true);
+        }
+        if pending.is_some() && put_error.is_none() && merged.is_err() {
+            // The transaction's outcome is unknown: if it committed, its record goes (the
+            // blocks are durable).
+            self.clear_pending(h.ino).await;
+        }
         if let Ok(true) = merged {
             let _ = taken.done.send(Ok(()));
             let idxs: Vec<u64> = h.dirty.keys().copied().collect();
@@ -1043,6 +1123,7 @@ impl Fs {
         h: &OpenFile,
         taken: &TakenCreate,
         stored: &HashMap<u64, (Revision, BlockHash, u32)>,
+        pending: Option<(u64, &[(u64, BlockHash)])>,
     ) -> FsResult<bool> {
         let Some((p, prev)) = self.cached_inode_to_compare(taken.parent) else {
             return Ok(false);
@@ -1077,6 +1158,9 @@ impl Fs {
         rec.ctime_ns = now;
         txn.usage = bytes_i64(rec.size);
         self.put_new_entry(&mut txn, taken.parent, &taken.name, h.ino, &rec, taken.at);
+        if let Some((session, in_flight)) = pending {
+            self.mark_pending(&mut txn, h.ino, session, in_flight);
+        }
         self.commit(txn).await
     }
 
@@ -1087,7 +1171,7 @@ impl Fs {
     }
 
     /// Indices of `ino`'s chunks at or after `from`, ascending.
-    async fn chunk_indices_from(&self, ino: u64, from: u64) -> FsResult<Vec<u64>> {
+    pub(crate) async fn chunk_indices_from(&self, ino: u64, from: u64) -> FsResult<Vec<u64>> {
         let end = prefix_end(&self.keys.chunks(ino));
         let mut start = self.keys.chunk(ino, from);
         let mut out = Vec::new();

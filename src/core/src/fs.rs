@@ -456,6 +456,8 @@ pub struct Fs {
     pub(crate) claims: Mutex<HashMap<u64, crate::claims::Held>>,
     /// Creates and unlinks answered before their transactions committed (see `early.rs`).
     pub(crate) early: Mutex<crate::early::EarlyOps>,
+    /// Pending-content records of closes that succeeded, to delete (see `pending.rs`).
+    pub(crate) pending_clears: Arc<Mutex<crate::pending::PendingClears>>,
     /// The first block of files as other mounts last committed them (see
     /// [`Fs::prefetch_first_block`]).
     pub(crate) first_blocks: Mutex<crate::data::FirstBlockHints>,
@@ -627,6 +629,7 @@ impl Fs {
             xattr_free: Mutex::new(std::collections::HashSet::new()),
             claims: Mutex::new(HashMap::new()),
             early: Mutex::new(Default::default()),
+            pending_clears: Default::default(),
             xattr_free_at: Mutex::new(HashMap::new()),
             generation_seq: AtomicU64::new(0),
             pending_orphans: Mutex::new(std::collections::HashSet::new()),

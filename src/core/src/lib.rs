@@ -103,6 +103,7 @@ pub mod error;
 pub mod flock;
 pub mod fs;
 pub mod kv;
+mod pending;
 pub mod scan;
 pub mod schema;
 pub mod usage;

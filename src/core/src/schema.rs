@@ -117,6 +117,17 @@ pub struct OrphanRec {
     pub owner: u64,
 }
 
+/// `p/<ino>`: a new file's first content committed while its blocks were still being stored
+/// (see `pending.rs`): the blocks that may not be durable yet, and the writer that vouches for
+/// them while its `s/<instance>/<session>` key lives.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingRec {
+    pub instance: u64,
+    pub session: u64,
+    /// Chunk index and block (hex) of each chunk whose block was in flight at commit.
+    pub blocks: Vec<(u64, String)>,
+}
+
 /// `usage/base` and `usage/d/<instance>/<slot>`: bytes of regular files (apparent size), the
 /// folded total or one instance's cumulative signed change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -317,6 +328,26 @@ impl Keys {
             .strip_prefix(self.orphans().as_slice())
             .ok_or_else(|| FsError::Corrupt("bad orphan key".into()))?;
         parse_hex16(rest)
+    }
+    /// `p/<ino>`: `ino`'s pending content ([`PendingRec`]).
+    pub fn pending(&self, ino: u64) -> Vec<u8> {
+        self.with(&format!("p/{ino:016x}"))
+    }
+    /// Prefix of every pending-content record.
+    pub fn all_pending(&self) -> Vec<u8> {
+        self.with("p/")
+    }
+    /// Parses the inode number out of a `p/<ino>` key.
+    pub fn parse_pending(&self, key: &[u8]) -> FsResult<u64> {
+        let rest = key
+            .strip_prefix(self.all_pending().as_slice())
+            .ok_or_else(|| FsError::Corrupt("bad pending key".into()))?;
+        parse_hex16(rest)
+    }
+    /// `s/<instance>/<session>`: exists while that session of that mount lives (put under
+    /// its lease); a writer's pending content is its to settle while it does.
+    pub fn writer_alive(&self, instance: u64, session: u64) -> Vec<u8> {
+        self.with(&format!("s/{instance:016x}/{session:016x}"))
     }
     /// `usage/base`: the folded usage total of the volume ([`UsageRec`]).
     pub fn usage_base(&self) -> Vec<u8> {

@@ -1329,3 +1329,241 @@ fn a_close_racing_an_unlink_still_purges_the_file() {
     assert_eq!(block_on(a.getattr(attr.ino)), Err(FsError::NotFound));
     assert_eq!(a.usage_bytes(), 0);
 }
+
+/// Blocks whose puts can be held (or failed) until the test says, to catch a writer between
+/// its pending commit and the end of its puts (see the core's `pending.rs`).
+#[derive(Default)]
+struct GatedBlocks {
+    inner: MemBlocks,
+    hold: std::sync::Mutex<Option<PutGate>>,
+}
+
+type PutGate = futures::future::Shared<
+    futures::future::BoxFuture<'static, Result<(), twinfs_core::BlockError>>,
+>;
+
+impl GatedBlocks {
+    /// Holds every later put until the returned sender fires (`Err`: they fail).
+    fn hold_puts(&self) -> futures::channel::oneshot::Sender<Result<(), twinfs_core::BlockError>> {
+        use futures::FutureExt;
+        let (tx, rx) = futures::channel::oneshot::channel();
+        let gate = rx
+            .map(|r| {
+                r.unwrap_or(Err(twinfs_core::BlockError::Other(
+                    "the writer died".into(),
+                )))
+            })
+            .boxed()
+            .shared();
+        *self.hold.lock().unwrap() = Some(gate);
+        tx
+    }
+}
+
+impl twinfs_core::BlockIo for GatedBlocks {
+    fn put(
+        &self,
+        data: bytes::Bytes,
+    ) -> futures::future::BoxFuture<'_, Result<twinfs_core::BlockHash, twinfs_core::BlockError>>
+    {
+        use futures::FutureExt;
+        let gate = self.hold.lock().unwrap().clone();
+        async move {
+            if let Some(gate) = gate {
+                gate.await?;
+            }
+            self.inner.put(data).await
+        }
+        .boxed()
+    }
+    fn get(
+        &self,
+        hash: twinfs_core::BlockHash,
+    ) -> futures::future::BoxFuture<'_, Result<bytes::Bytes, twinfs_core::BlockError>> {
+        self.inner.get(hash)
+    }
+}
+
+/// A writer with a session and early creates whose background work the test runs by hand
+/// (`queued`), and a reader that sleeps between its looks at a block in flight.
+struct PendingPair {
+    mem: Arc<MemKv>,
+    a: Arc<Fs>,
+    b: Arc<Fs>,
+    blocks: Arc<GatedBlocks>,
+    queued: Arc<std::sync::Mutex<Vec<futures::future::BoxFuture<'static, ()>>>>,
+    keys: twinfs_core::schema::Keys,
+}
+
+fn pending_pair() -> PendingPair {
+    use futures::FutureExt;
+    let mem = Arc::new(MemKv::new());
+    let hooks = GatedCache::default();
+    let _ = hooks.store.set(mem.clone());
+    let kv = Arc::new(HookedKv {
+        inner: mem.clone(),
+        hooks,
+    });
+    let blocks = Arc::new(GatedBlocks::default());
+    let queued: Arc<std::sync::Mutex<Vec<futures::future::BoxFuture<'static, ()>>>> =
+        Default::default();
+    let q = queued.clone();
+    let opts = FsOptions {
+        cached_lookups: true,
+        spawn: Some(Arc::new(move |f| q.lock().unwrap().push(f))),
+        ..FsOptions::default()
+    };
+    let a = block_on(Fs::open_volume(kv, blocks.clone(), "v", opts)).unwrap();
+    let reader = FsOptions {
+        sleep: Some(Arc::new(|d| async move { std::thread::sleep(d) }.boxed())),
+        ..FsOptions::default()
+    };
+    let b = block_on(Fs::open_volume(mem.clone(), blocks.clone(), "v", reader)).unwrap();
+    PendingPair {
+        mem,
+        a: Arc::new(a),
+        b: Arc::new(b),
+        blocks,
+        queued,
+        keys: twinfs_core::schema::Keys::new("v"),
+    }
+}
+
+impl PendingPair {
+    /// A's new file `d/f` with `content` written, not flushed yet.
+    fn new_file(&self, content: &[u8]) -> (u64, twinfs_core::OpenFile) {
+        let dir = block_on(self.a.mkdir(ROOT_INO, b"d", 0o755, 0, 0)).unwrap();
+        let attr = block_on(self.a.create_early(dir.ino, b"f", 0o644, 0, 0))
+            .expect("a claimed directory known whole")
+            .unwrap();
+        let mut h = self.a.open_new(&attr).unwrap();
+        block_on(self.a.write(&mut h, 0, content)).unwrap();
+        (attr.ino, h)
+    }
+
+    fn run_queued(&self) {
+        let work: Vec<_> = std::mem::take(&mut *self.queued.lock().unwrap());
+        for f in work {
+            block_on(f);
+        }
+    }
+
+    fn pending_record(&self, ino: u64) -> Option<Vec<u8>> {
+        self.mem.get_sync(&self.keys.pending(ino)).map(|(v, _)| v)
+    }
+
+    /// Ends A's session as etcd would when its lease expires: its owned keys go.
+    fn expire_writer_session(&self) {
+        let prefix = [self.keys.prefix(), b"s/".as_slice()].concat();
+        for e in self.mem.scan_prefix(&prefix) {
+            self.mem
+                .txn_sync(vec![], vec![twinfs_core::TxnOp::Delete { key: e.key }])
+                .unwrap();
+        }
+    }
+
+    /// B's view of `ino`: its content, then its size.
+    fn read_through_b(&self, ino: u64) -> (u64, Vec<u8>) {
+        let h = block_on(self.b.open(ino)).unwrap();
+        let bytes = block_on(self.b.read(&h, 0, 1 << 20)).unwrap().to_vec();
+        let size = block_on(self.b.getattr(ino)).unwrap().size;
+        (size, bytes)
+    }
+}
+
+/// A new file's first flush commits while its block is being stored: the commit carries a
+/// pending record, B reading meanwhile waits for the block rather than failing, and once the
+/// flush has returned the record is deleted in the background.
+#[test]
+fn a_new_files_content_commits_while_its_block_is_stored_and_readers_wait_for_it() {
+    let p = pending_pair();
+    let (ino, mut h) = p.new_file(b"uploaded while committing");
+    let release = p.blocks.hold_puts();
+    let a = p.a.clone();
+    let flushing = std::thread::spawn(move || block_on(a.flush(&mut h)).map(|()| h));
+    // The commit lands before the put: the file is visible with its size, and pending.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while p.pending_record(ino).is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A commits while storing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_eq!(block_on(p.b.getattr(ino)).unwrap().size, 25);
+    let b = p.b.clone();
+    let reading = std::thread::spawn(move || {
+        let h = block_on(b.open(ino)).unwrap();
+        block_on(b.read(&h, 0, 100)).map(|d| d.to_vec())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(!reading.is_finished(), "B waits for the block in flight");
+    release.send(Ok(())).unwrap();
+    flushing.join().unwrap().expect("A's close succeeds");
+    assert_eq!(
+        reading.join().unwrap().unwrap(),
+        b"uploaded while committing"
+    );
+    assert!(p.pending_record(ino).is_some(), "cleared in the background");
+    p.run_queued();
+    assert_eq!(p.pending_record(ino), None);
+}
+
+/// A writer whose block cannot be stored after its commit withdraws the content: its close
+/// fails, the file stays as created (empty), no reference to the missing block is left, and a
+/// later flush of the same handle stores the content the ordinary way.
+#[test]
+fn a_writer_whose_put_fails_after_the_commit_withdraws_the_content() {
+    let p = pending_pair();
+    let (ino, mut h) = p.new_file(b"not stored");
+    let release = p.blocks.hold_puts();
+    release
+        .send(Err(twinfs_core::BlockError::NoSpace(
+            "every node full".into(),
+        )))
+        .unwrap();
+    let err = block_on(p.a.flush(&mut h)).unwrap_err();
+    assert_eq!(err.errno(), libc::ENOSPC);
+    assert_eq!(p.pending_record(ino), None);
+    assert_eq!(p.read_through_b(ino), (0, Vec::new()));
+    let chunks = p.mem.scan_prefix(&p.keys.chunks(ino));
+    assert!(chunks.is_empty(), "no chunk refers to the missing block");
+    *p.blocks.hold.lock().unwrap() = None;
+    block_on(p.a.flush(&mut h)).unwrap();
+    assert_eq!(p.read_through_b(ino), (10, b"not stored".to_vec()));
+}
+
+/// A writer that dies between its pending commit and the end of its put: once its session is
+/// gone, a block that never landed is withdrawn by the first reader that misses it (the file
+/// is left empty, as a crash before the write would leave it); one that did is read as is.
+#[test]
+fn a_dead_writers_pending_content_is_settled_by_the_next_reader() {
+    use futures::FutureExt;
+    for landed in [false, true] {
+        let p = pending_pair();
+        let (ino, mut h) = p.new_file(b"half written");
+        let _held = p.blocks.hold_puts();
+        {
+            // The writer commits, then dies with its put in flight.
+            let mut flush = p.a.flush(&mut h).boxed();
+            assert!(poll_once(&mut flush).is_pending());
+        }
+        assert!(p.pending_record(ino).is_some());
+        if landed {
+            let stored = twinfs_core::BlockIo::put(
+                &p.blocks.inner,
+                bytes::Bytes::from_static(b"half written"),
+            );
+            block_on(stored).unwrap();
+        }
+        p.expire_writer_session();
+        let want = if landed {
+            (12, b"half written".to_vec())
+        } else {
+            (0, Vec::new())
+        };
+        assert_eq!(p.read_through_b(ino), want, "landed: {landed}");
+        // A reader settles only what it finds missing; a landed block's record is repair's.
+        assert_eq!(p.pending_record(ino).is_some(), landed);
+    }
+}

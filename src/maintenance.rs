@@ -25,7 +25,8 @@ use twinfs_cluster::node::MaintenanceConfig;
 use twinfs_cluster::wire::{Message, MAX_HAS_BATCH};
 use twinfs_cluster::BlockHash;
 use twinfs_core::scan::{self, BlockRef};
-use twinfs_core::schema::Keys;
+use twinfs_core::schema::{Keys, PendingRec};
+use twinfs_core::MetaKv;
 use twinfs_fuse::etcd_kv::EtcdKv;
 
 /// What the namespace references: each block, the most copies any volume wants of it, and the
@@ -37,6 +38,11 @@ pub struct Census {
     /// Chunk records that do not decode: (volume, key, reason). Garbage collection refuses to
     /// run while there are any (it cannot know what they reference); repair goes on.
     pub bad_records: Vec<(String, String, String)>,
+    /// Blocks a new file's first flush committed while storing them (pending records, see
+    /// the core's `pending.rs`): missing copies of these are a write in flight, not a loss.
+    pub in_flight: HashSet<BlockHash>,
+    /// Those records: (volume, inode, record, revision).
+    pub pending: Vec<(String, u64, PendingRec, twinfs_core::Revision)>,
 }
 
 #[derive(Clone, Debug)]
@@ -95,8 +101,52 @@ pub async fn census(etcd: &etcd_client::Client, only: Option<&str>) -> Result<Ce
         )
         .await
         .with_context(|| format!("scanning the chunk records of volume {}", v.name))?;
+        let pending = scan::pending_records(&kv, &keys, |key, err| {
+            tracing::error!(volume = %v.name, key = %String::from_utf8_lossy(key), error = %err,
+                "corrupt pending record");
+        })
+        .await
+        .with_context(|| format!("scanning the pending records of volume {}", v.name))?;
+        for (ino, rec, rev) in pending {
+            c.in_flight.extend(scan::pending_blocks(&rec));
+            c.pending.push((v.name.clone(), ino, rec, rev));
+        }
     }
     Ok(c)
+}
+
+/// Deletes the pending records whose writer is gone (its session key expired with its lease)
+/// and whose blocks all have a copy: the content they vouched for is durable. (A record with a
+/// block missing everywhere is left to the next reader of the file, which withdraws the
+/// chunk; see the core's `pending.rs`.) Returns how many it deleted.
+pub async fn settle_landed_pending(
+    etcd: &etcd_client::Client,
+    census: &Census,
+    copies: &HashMap<String, HashSet<BlockHash>>,
+) -> Result<u64> {
+    let kv = EtcdKv::new(etcd.clone());
+    let mut settled = 0;
+    for (volume, ino, rec, rev) in &census.pending {
+        let keys = Keys::new(volume);
+        let landed = scan::pending_blocks(rec).all(|h| copies.values().any(|s| s.contains(&h)));
+        if !landed
+            || kv
+                .get(&keys.writer_alive(rec.instance, rec.session))
+                .await?
+                .is_some()
+        {
+            continue;
+        }
+        let key = keys.pending(*ino);
+        let compares = vec![twinfs_core::Compare::key(key.clone(), *rev)];
+        if kv
+            .txn(compares, vec![twinfs_core::TxnOp::Delete { key }])
+            .await?
+        {
+            settled += 1;
+        }
+    }
+    Ok(settled)
 }
 
 /// Which of `hashes` each node holds (or, with `verify`, holds a good copy of, re-read and
@@ -157,6 +207,9 @@ pub struct VolumeHealth {
     pub waiting: u64,
     /// Blocks with no copy on any live node.
     pub lost: u64,
+    /// Blocks of new files being written (pending records): not counted above.
+    #[serde(default)]
+    pub in_flight: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -284,6 +337,13 @@ async fn repair_scan(
             live.len()
         );
     }
+    if !census.pending.is_empty() {
+        match settle_landed_pending(etcd, &census, &copies).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(records = n, "settled pending records of gone writers"),
+            Err(e) => tracing::warn!(error = %e, "settling pending records"),
+        }
+    }
     let ScanPlan {
         volumes,
         mut due,
@@ -405,7 +465,9 @@ fn plan_scan(
                 continue;
             };
             v.blocks += 1;
-            if n == 0 {
+            if n < info.replicas && census.in_flight.contains(hash) {
+                v.in_flight += 1;
+            } else if n == 0 {
                 v.lost += 1;
             } else if n < info.replicas {
                 v.under_replicated += 1;
@@ -417,7 +479,8 @@ fn plan_scan(
                 }
             }
         }
-        if n > 0 && n < info.replicas && !waiting {
+        // A block in flight gets its other copies from its writer's put.
+        if n > 0 && n < info.replicas && !waiting && !census.in_flight.contains(hash) {
             due.push((n, *hash));
         } else if n > info.replicas {
             let top: Vec<NodeRecord> = ranked.iter().take(info.replicas).cloned().collect();

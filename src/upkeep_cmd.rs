@@ -37,6 +37,9 @@ struct FsckReport {
     surplus: u64,
     endangered: u64,
     lost: u64,
+    /// Blocks of new files whose writer's put is still in flight (pending records), with fewer
+    /// than the wanted copies: not damage.
+    in_flight: u64,
     /// Copies verified (re-read and re-hashed by their node) or only seen present (--quick).
     verified: bool,
     live_nodes: usize,
@@ -87,9 +90,12 @@ pub async fn fsck(conn: &ConnArgs, volume: &str, quick: bool, json: bool) -> Res
         .collect();
     let good = |h: &BlockHash| copies.values().filter(|s| s.contains(h)).count();
     let (mut healthy, mut surplus, mut endangered, mut lost) = (0u64, 0u64, 0u64, 0u64);
+    let mut in_flight = 0u64;
     let mut damaged_blocks: HashSet<BlockHash> = HashSet::new();
     for h in &hashes {
         match good(h) {
+            // A new file's block whose put is in flight (a pending record names it).
+            n if n < replicas && census.in_flight.contains(h) => in_flight += 1,
             0 => {
                 lost += 1;
                 damaged_blocks.insert(*h);
@@ -151,6 +157,7 @@ pub async fn fsck(conn: &ConnArgs, volume: &str, quick: bool, json: bool) -> Res
         surplus,
         endangered,
         lost,
+        in_flight,
         verified: !quick,
         live_nodes: live.len(),
         unreachable,
@@ -189,6 +196,12 @@ pub async fn fsck(conn: &ConnArgs, volume: &str, quick: bool, json: bool) -> Res
         "  {} healthy, {} endangered (fewer than {replicas} good copies), {} lost (no good copy)",
         report.healthy, report.endangered, report.lost
     );
+    if report.in_flight > 0 {
+        println!(
+            "  {} being written (a new file's block whose put is still in flight)",
+            report.in_flight
+        );
+    }
     if report.surplus > 0 {
         println!(
             "  {} with more than {replicas} copies (the repair scans remove the extra ones)",

@@ -20,6 +20,8 @@
 //! | `t/<ino>` | [`schema::DirTimesRec`] | a directory's mtime/ctime since its entries last changed, written without a compare (see below) |
 //! | `o/<ino>` | [`schema::OrphanRec`] | inode with no links left whose data is still to be purged |
 //! | `w/<dir>`, `r/<dir>` | instance id (8 bytes, big-endian) | a directory's claim by the mount that made it, and another mount's recall of it (see [`claims`]) |
+//! | `p/<ino>` | [`schema::PendingRec`] | a new file's content committed while its blocks were still being stored (see `pending.rs`) |
+//! | `s/<instance>/<session>` | empty | exists while that mount's session (its claim lease) lives |
 //! | `f/<ino>/x/<instance><fh>`, `f/<ino>/s/<instance><fh>` | version byte + JSON (kind, pid) | an exclusive or shared `flock` lock held through handle `fh` of a mount, under its session lease (see [`flock`]) |
 //! | `usage/base` | [`schema::UsageRec`] | folded usage total: bytes of regular files (see [`usage`]) |
 //! | `usage/d/<instance>/<slot>` | [`schema::UsageRec`] | one instance's cumulative signed usage change, written only by it |

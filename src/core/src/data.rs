@@ -497,7 +497,7 @@ impl Fs {
         );
     }
 
-    async fn fetch_chunk(&self, rec: &ChunkRec) -> FsResult<Bytes> {
+    pub(crate) async fn fetch_chunk(&self, rec: &ChunkRec) -> FsResult<Bytes> {
         let hash = rec.hash()?;
         let bytes = self.blocks.get(hash).await?;
         if bytes.len() != rec.len as usize || bytes.len() as u64 > self.chunk_size {
@@ -830,7 +830,8 @@ impl Fs {
                 self.settle_ino(h.ino).await?;
             }
             let mut attempt = 0;
-            loop {
+            let started = std::time::Instant::now();
+            'attempt: loop {
                 let ikey = self.keys.inode(h.ino);
                 let mut current: HashMap<u64, Option<(ChunkRec, Revision)>> = HashMap::new();
                 // A file created by this handle and not flushed yet: no chunk records, the
@@ -905,7 +906,15 @@ impl Fs {
                                 d.bytes().to_vec()
                             } else {
                                 let mut base = match &cur {
-                                    Some((c, _)) => self.fetch_chunk(c).await?.to_vec(),
+                                    Some((c, _)) => match self
+                                        .fetch_chunk_unless_pending(h.ino, c, started)
+                                        .await?
+                                    {
+                                        Some(bytes) => bytes.to_vec(),
+                                        // Another mount's new content in flight: once it
+                                        // landed or was settled, build on what is there then.
+                                        None => continue 'attempt,
+                                    },
                                     None => Vec::new(),
                                 };
                                 d.patch(&mut base);
@@ -1068,13 +1077,14 @@ impl Fs {
         if let (Ok(true), Some(session)) = (&merged, pending) {
             // The file exists for everyone now (its create committed with the content).
             let _ = taken.done.send(Ok(()));
-            if let Some(e) = put_error {
-                // Its content could not be stored: withdrawn, and `close` says so. The writes
-                // stay buffered for a later flush, the ordinary way.
+            if put_error.is_some() {
+                // Its content could not be stored: withdrawn. The ordinary flush follows, which
+                // stores the blocks again (a node may have come back or been replaced) and
+                // reports its own failure.
                 h.new_here = false;
                 self.invalidate(h.ino);
                 self.withdraw_own_pending(h.ino).await?;
-                return Err(e);
+                return Ok(false);
             }
             if self.kv.session() == Some(session) {
                 self.clear_pending(h.ino).await;
@@ -1208,6 +1218,7 @@ impl Fs {
         // Chunk deletes + the last chunk's re-cut + the inode + this instance's usage key.
         let budget = self.opts.max_txn_ops.saturating_sub(3).max(1);
         let mut attempt = 0;
+        let started = std::time::Instant::now();
         'outer: loop {
             let (mut rec, mut rev) = self.get_inode(ino).await?;
             match rec.kind {
@@ -1269,7 +1280,10 @@ impl Fs {
                 let last = new_size / cs;
                 if let Some((c, crev)) = self.get_chunk(ino, last).await? {
                     if u64::from(c.len) > keep_len {
-                        let bytes = self.fetch_chunk(&c).await?;
+                        let Some(bytes) = self.fetch_chunk_unless_pending(ino, &c, started).await?
+                        else {
+                            continue 'outer;
+                        };
                         let cut = bytes.slice(..keep_len as usize);
                         let hash = self.blocks.put(cut).await?;
                         let ckey = self.keys.chunk(ino, last);

@@ -13,13 +13,14 @@
 //!   `s/` key under it, outlived the puts.
 //! - While `s/…` exists, only the writer settles `p/<ino>`: after a successful `close` it
 //!   deletes it (in the background, batched); when its puts failed it withdraws the chunks
-//!   itself, and `close` fails with the put's error.
+//!   itself and flushes again the ordinary way (blocks first), whose failure `close` reports.
 //! - Once `s/…` is gone (the lease expired: the writer can acknowledge nothing more), anyone
 //!   may settle it: every in-flight block present on a live node → the content stays; any
 //!   absent from all of them → those chunks are withdrawn (a file left without chunks goes
 //!   back to size 0: a crashed first write leaves an empty file, as a crash between the
 //!   create and the write would).
-//! - A reader that finds a block missing looks for `p/<ino>`: none → the block is lost (EIO,
+//! - A reader (or another mount's read-modify-write or truncate) that finds a block missing
+//!   looks for `p/<ino>`: none → the block is lost (EIO,
 //!   as ever); a live writer → it waits for the put in flight and tries again, for at most
 //!   [`PENDING_WAIT`]; a dead one → it settles as above and reads again.
 //! - Repair and fsck count a missing block of a file with `p/<ino>` as in flight, not lost.
@@ -31,13 +32,14 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures::FutureExt;
 
 use crate::blocks::BlockError;
 use crate::error::{FsError, FsResult};
 use crate::fs::{now_ns, Fs, Sleeper, Txn};
 use crate::kv::{KvError, MetaKv, Revision, TxnOp};
-use crate::schema::{decode, encode, Keys, PendingRec};
+use crate::schema::{decode, encode, ChunkRec, Keys, PendingRec};
 use crate::usage::bytes_i64;
 use crate::BlockHash;
 
@@ -231,6 +233,32 @@ impl Fs {
                 }
                 r => return r,
             }
+        }
+    }
+
+    /// A chunk's block for a read-modify-write: `None` when it is missing because another
+    /// mount's put of it is in flight (waited for a moment) or was just settled, so the caller
+    /// reads the file's chunk records again; an error when it is lost, or still missing
+    /// [`PENDING_WAIT`] after `since`.
+    pub(crate) async fn fetch_chunk_unless_pending(
+        &self,
+        ino: u64,
+        rec: &ChunkRec,
+        since: Instant,
+    ) -> FsResult<Option<Bytes>> {
+        match self.fetch_chunk(rec).await {
+            Err(FsError::Block(BlockError::NotFound(h))) => {
+                let lost = Err(FsError::Block(BlockError::NotFound(h)));
+                if since.elapsed() >= PENDING_WAIT {
+                    return lost;
+                }
+                match self.pending_state(ino).await? {
+                    PendingState::None => lost,
+                    PendingState::Waited if self.opts.sleep.is_none() => lost,
+                    PendingState::Waited | PendingState::Settled => Ok(None),
+                }
+            }
+            r => r.map(Some),
         }
     }
 

@@ -112,6 +112,43 @@ pub async fn paths_of(
     Ok(out)
 }
 
+/// Every pending-content record of the volume (see the core's `pending.rs`): the inode, the
+/// record and its revision. Records that do not decode are passed to `bad`.
+pub async fn pending_records(
+    kv: &dyn MetaKv,
+    keys: &Keys,
+    mut bad: impl FnMut(&[u8], FsError),
+) -> FsResult<Vec<(u64, PendingRec, Revision)>> {
+    let prefix = keys.all_pending();
+    let end = prefix_end(&prefix);
+    let mut start = prefix.clone();
+    let mut out = Vec::new();
+    loop {
+        let page = kv.range(&start, &end, PAGE).await?;
+        for e in &page.entries {
+            let parsed = keys
+                .parse_pending(&e.key)
+                .and_then(|ino| Ok((ino, decode::<PendingRec>(&e.key, &e.value)?)));
+            match parsed {
+                Ok((ino, rec)) => out.push((ino, rec, e.mod_revision)),
+                Err(err) => bad(&e.key, err),
+            }
+        }
+        match (page.more, page.entries.last()) {
+            (true, Some(last)) => {
+                start = last.key.clone();
+                start.push(0);
+            }
+            _ => return Ok(out),
+        }
+    }
+}
+
+/// The blocks a pending record names.
+pub fn pending_blocks(rec: &PendingRec) -> impl Iterator<Item = BlockHash> + '_ {
+    rec.blocks.iter().filter_map(|(_, h)| h.parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,41 +222,4 @@ mod tests {
             assert_eq!((found, bad_keys), (3, vec![key]));
         });
     }
-}
-
-/// Every pending-content record of the volume (see the core's `pending.rs`): the inode, the
-/// record and its revision. Records that do not decode are passed to `bad`.
-pub async fn pending_records(
-    kv: &dyn MetaKv,
-    keys: &Keys,
-    mut bad: impl FnMut(&[u8], FsError),
-) -> FsResult<Vec<(u64, PendingRec, Revision)>> {
-    let prefix = keys.all_pending();
-    let end = prefix_end(&prefix);
-    let mut start = prefix.clone();
-    let mut out = Vec::new();
-    loop {
-        let page = kv.range(&start, &end, PAGE).await?;
-        for e in &page.entries {
-            let parsed = keys
-                .parse_pending(&e.key)
-                .and_then(|ino| Ok((ino, decode::<PendingRec>(&e.key, &e.value)?)));
-            match parsed {
-                Ok((ino, rec)) => out.push((ino, rec, e.mod_revision)),
-                Err(err) => bad(&e.key, err),
-            }
-        }
-        match (page.more, page.entries.last()) {
-            (true, Some(last)) => {
-                start = last.key.clone();
-                start.push(0);
-            }
-            _ => return Ok(out),
-        }
-    }
-}
-
-/// The blocks a pending record names.
-pub fn pending_blocks(rec: &PendingRec) -> impl Iterator<Item = BlockHash> + '_ {
-    rec.blocks.iter().filter_map(|(_, h)| h.parse().ok())
 }

@@ -1472,8 +1472,8 @@ impl PendingPair {
 }
 
 /// A new file's first flush commits while its block is being stored: the commit carries a
-/// pending record, B reading meanwhile waits for the block rather than failing, and once the
-/// flush has returned the record is deleted in the background.
+/// pending record, B reading (or patching) the file meanwhile waits for the block rather than
+/// failing, and once the flush has returned the record is deleted in the background.
 #[test]
 fn a_new_files_content_commits_while_its_block_is_stored_and_readers_wait_for_it() {
     let p = pending_pair();
@@ -1496,13 +1496,32 @@ fn a_new_files_content_commits_while_its_block_is_stored_and_readers_wait_for_it
         let h = block_on(b.open(ino)).unwrap();
         block_on(b.read(&h, 0, 100)).map(|d| d.to_vec())
     });
+    // B's partial overwrite needs the block too (read-modify-write).
+    let b = p.b.clone();
+    let patching = std::thread::spawn(move || {
+        let mut h = block_on(b.open(ino)).unwrap();
+        block_on(b.write(&mut h, 0, b"U"))?;
+        block_on(b.flush(&mut h))
+    });
     std::thread::sleep(std::time::Duration::from_millis(100));
     assert!(!reading.is_finished(), "B waits for the block in flight");
+    assert!(!patching.is_finished(), "B's flush waits for the block");
     release.send(Ok(())).unwrap();
     flushing.join().unwrap().expect("A's close succeeds");
+    patching
+        .join()
+        .unwrap()
+        .expect("B's flush builds on A's content");
+    // The read ends after A's content landed: it sees it, patched or not yet.
+    let read = reading.join().unwrap().unwrap();
+    assert!(
+        read == b"uploaded while committing" || read == b"Uploaded while committing",
+        "{:?}",
+        String::from_utf8_lossy(&read)
+    );
     assert_eq!(
-        reading.join().unwrap().unwrap(),
-        b"uploaded while committing"
+        p.read_through_b(ino),
+        (25, b"Uploaded while committing".to_vec())
     );
     assert!(p.pending_record(ino).is_some(), "cleared in the background");
     p.run_queued();

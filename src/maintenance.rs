@@ -794,6 +794,33 @@ mod tests {
         }
     }
 
+    /// A new file's block whose put is in flight (named by a pending record) is neither lost
+    /// with no copy nor repaired with one: its writer's put makes the copies.
+    #[test]
+    fn blocks_in_flight_are_neither_lost_nor_repaired() {
+        let live: Vec<NodeRecord> = (0..3).map(node).collect();
+        // Blocks 0 and 1 without a copy, blocks 2 and 3 with one (on node 0).
+        let (mut census, copies) = spread(&live, &[0, 0, 1, 1]);
+        let in_flight = [0usize, 2].map(|i| BlockHash::of(&i.to_le_bytes()));
+        census.in_flight.extend(in_flight);
+        let mut total = VolumeHealth::default();
+        let mut due = Vec::new();
+        for me in &live {
+            let plan = plan_scan(&me.id, &census, &copies, false, order(&live, 2));
+            for v in plan.volumes.values() {
+                total.lost += v.lost;
+                total.under_replicated += v.under_replicated;
+                total.in_flight += v.in_flight;
+            }
+            due.extend(plan.due.into_iter().map(|(_, h)| h));
+        }
+        assert_eq!(
+            (total.lost, total.under_replicated, total.in_flight),
+            (1, 1, 2)
+        );
+        assert_eq!(due, vec![BlockHash::of(&3usize.to_le_bytes())]);
+    }
+
     #[test]
     fn a_planned_stop_gets_the_longer_grace() {
         let cfg = MaintenanceConfig {

@@ -1077,6 +1077,7 @@ impl Fs {
         if let (Ok(true), Some(session)) = (&merged, pending) {
             // The file exists for everyone now (its create committed with the content).
             let _ = taken.done.send(Ok(()));
+            self.note_writer_alive(session);
             if put_error.is_some() {
                 // Its content could not be stored: withdrawn. The ordinary flush follows, which
                 // stores the blocks again (a node may have come back or been replaced) and

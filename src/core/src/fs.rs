@@ -458,6 +458,9 @@ pub struct Fs {
     pub(crate) early: Mutex<crate::early::EarlyOps>,
     /// Pending-content records of closes that succeeded, to delete (see `pending.rs`).
     pub(crate) pending_clears: Arc<Mutex<crate::pending::PendingClears>>,
+    /// 1 + the session whose `s/<instance>/<session>` key a committed transaction put (0:
+    /// none yet): later pending records of that session need not put it again.
+    pub(crate) writer_alive_put: AtomicU64,
     /// The first block of files as other mounts last committed them (see
     /// [`Fs::prefetch_first_block`]).
     pub(crate) first_blocks: Mutex<crate::data::FirstBlockHints>,
@@ -630,6 +633,7 @@ impl Fs {
             claims: Mutex::new(HashMap::new()),
             early: Mutex::new(Default::default()),
             pending_clears: Default::default(),
+            writer_alive_put: AtomicU64::new(0),
             xattr_free_at: Mutex::new(HashMap::new()),
             generation_seq: AtomicU64::new(0),
             pending_orphans: Mutex::new(std::collections::HashSet::new()),

@@ -29,6 +29,7 @@
 //! its other copy: as a read racing any write before its `close`, it sees content that the
 //! file does not keep (SEMANTICS.md).
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -94,7 +95,17 @@ impl Fs {
         let key = self.keys.pending(ino);
         txn.cmp(key.clone(), 0);
         txn.put(key, encode(&rec));
-        txn.put_owned(self.keys.writer_alive(self.instance, session), Vec::new());
+        // Once per session: the key lives with the session's lease.
+        if self.writer_alive_put.load(Ordering::Relaxed) != session.wrapping_add(1) {
+            txn.put_owned(self.keys.writer_alive(self.instance, session), Vec::new());
+        }
+    }
+
+    /// A transaction from [`Fs::mark_pending`] under `session` committed: its
+    /// `s/<instance>/<session>` key exists until the session's lease ends.
+    pub(crate) fn note_writer_alive(&self, session: u64) {
+        self.writer_alive_put
+            .store(session.wrapping_add(1), Ordering::Relaxed);
     }
 
     /// After a `close` whose pending content is durable: deletes `ino`'s record, batched in

@@ -40,6 +40,9 @@ struct FsckReport {
     /// Blocks of new files whose writer's put is still in flight (pending records), with fewer
     /// than the wanted copies: not damage.
     in_flight: u64,
+    /// New files whose content committed while their blocks were being stored, not yet
+    /// settled (by the writer, a reader or the repair scans).
+    pending_records: usize,
     /// Copies verified (re-read and re-hashed by their node) or only seen present (--quick).
     verified: bool,
     live_nodes: usize,
@@ -158,6 +161,7 @@ pub async fn fsck(conn: &ConnArgs, volume: &str, quick: bool, json: bool) -> Res
         endangered,
         lost,
         in_flight,
+        pending_records: census.pending.len(),
         verified: !quick,
         live_nodes: live.len(),
         unreachable,

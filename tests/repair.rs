@@ -566,3 +566,107 @@ fn a_writer_mount_killed_mid_stream_leaves_each_new_file_whole_or_empty() {
     });
     assert!(settled.is_some(), "{}", fsck(&c, true));
 }
+
+/// Sends `sig` to a process this test started.
+fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) has no memory-safety preconditions; the PID is one of this test's processes.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+/// The writing mount dies while the put of a new file's block cannot finish (every node
+/// stopped) but the file's transaction has committed: the other mount sees the file at once.
+/// With `nodes_die`, the stopped nodes are killed and restarted, so the block never lands:
+/// once the dead writer's session is gone, the first read withdraws the content (the file is
+/// empty). Otherwise the nodes go on, the block lands, and the file reads whole; the repair
+/// scans then delete the pending record. Never an error; fsck finds nothing lost.
+fn writer_killed_while_its_put_hangs(nodes_die: bool) {
+    let c = DevCluster::start(3, 3, 2, FAST);
+    let (a, b) = (c.mounts[0].clone(), c.mounts[1].clone());
+    std::fs::create_dir(a.join("up")).expect("mkdir");
+    std::fs::write(a.join("up/before.txt"), b"stored before").expect("write");
+    let content = b"committed while its block was still on the way\n".repeat(100);
+    let cmdlines: Vec<Vec<String>> = c
+        .nodes
+        .iter()
+        .map(|n| {
+            std::fs::read(format!("/proc/{}/cmdline", n.pid))
+                .expect("cmdline")
+                .split(|&b| b == 0)
+                .filter(|s| !s.is_empty())
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect()
+        })
+        .collect();
+    for n in &c.nodes {
+        signal(n.pid, libc::SIGSTOP);
+    }
+    let target = a.join("up/pending.txt");
+    let mut writer = Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            "open('{}', 'wb').write(b'committed while its block was still on the way\\n' * 100)",
+            target.display()
+        ))
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("writer");
+    let seen = b.join("up/pending.txt");
+    let visible = wait_for(Duration::from_secs(2), || {
+        std::fs::metadata(&seen).is_ok_and(|m| m.len() == content.len() as u64)
+    });
+    // The writer's close is still waiting for its put.
+    let closed = writer.try_wait().expect("writer").is_some();
+    signal(c.mount_pids[0], libc::SIGKILL);
+    let mut restarted = Vec::new();
+    for (n, cmdline) in c.nodes.iter().zip(&cmdlines) {
+        if nodes_die {
+            signal(n.pid, libc::SIGKILL);
+            signal(n.pid, libc::SIGCONT);
+            wait_for(Duration::from_secs(10), || {
+                !alive(n.pid) || is_zombie(n.pid)
+            })
+            .expect("the node died");
+            restarted.push(restart_killed_node(&c, &n.id, cmdline));
+        } else {
+            signal(n.pid, libc::SIGCONT);
+        }
+    }
+    let _ = writer.kill();
+    let _ = writer.wait();
+    assert!(visible.is_some(), "the commit did not wait for the put");
+    assert!(!closed, "close returned before its block was stored");
+
+    let reads_back = |f: &Path| wait_for(Duration::from_secs(30), || std::fs::read(f).is_ok());
+    reads_back(&b.join("up/before.txt")).expect("the nodes serve again");
+    let got = std::fs::read(&seen).expect("read through the other mount");
+    if nodes_die {
+        assert!(
+            got.is_empty(),
+            "{} bytes of a block that never landed",
+            got.len()
+        );
+    } else {
+        assert!(got == content, "{} bytes, not the content", got.len());
+    }
+    assert_eq!(
+        std::fs::read(b.join("up/before.txt")).expect("read"),
+        b"stored before"
+    );
+    let settled = wait_for(Duration::from_secs(30), || {
+        let r = fsck(&c, true);
+        r["lost"] == 0 && r["endangered"] == 0 && r["pending_records"] == 0
+    });
+    assert!(settled.is_some(), "{}", fsck(&c, true));
+}
+
+#[test]
+fn a_writer_mount_killed_while_its_put_hangs_leaves_the_file_whole() {
+    writer_killed_while_its_put_hangs(false);
+}
+
+#[test]
+fn a_writer_mount_killed_with_its_block_lost_leaves_the_file_empty() {
+    writer_killed_while_its_put_hangs(true);
+}

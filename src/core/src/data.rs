@@ -1048,10 +1048,17 @@ impl Fs {
             stored.insert(idx, (0, hash, len));
         }
         let pending = session.filter(|_| !in_flight.is_empty());
+        // The record names every chunk the transaction writes, the ones stored already too: a
+        // withdrawal takes them all, so a new file is left whole or empty, never partly.
+        let recorded: Vec<(u64, BlockHash)> = h
+            .dirty
+            .keys()
+            .filter_map(|idx| stored.get(idx).map(|&(_, hash, _)| (*idx, hash)))
+            .collect();
         let (merged, put_error) = match pending {
             Some(session) => {
                 let (merged, puts) = futures::future::join(
-                    self.commit_create_with_content(h, &taken, stored, Some((session, &in_flight))),
+                    self.commit_create_with_content(h, &taken, stored, Some((session, &recorded))),
                     futures::future::join_all(now_puts),
                 )
                 .await;
@@ -1090,7 +1097,7 @@ impl Fs {
             if self.kv.session() == Some(session) {
                 self.clear_pending(h.ino).await;
             } else {
-                self.confirm_own_pending(h.ino, &in_flight).await?;
+                self.confirm_own_pending(h.ino, &recorded).await?;
             }
             let idxs: Vec<u64> = h.dirty.keys().copied().collect();
             self.note_flushed(h, &idxs);

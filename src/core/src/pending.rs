@@ -15,10 +15,10 @@
 //!   deletes it (in the background, batched); when its puts failed it withdraws the chunks
 //!   itself and flushes again the ordinary way (blocks first), whose failure `close` reports.
 //! - Once `s/…` is gone (the lease expired: the writer can acknowledge nothing more), anyone
-//!   may settle it: every in-flight block present on a live node → the content stays; any
-//!   absent from all of them → those chunks are withdrawn (a file left without chunks goes
-//!   back to size 0: a crashed first write leaves an empty file, as a crash between the
-//!   create and the write would).
+//!   may settle it: every block of the record present on a live node → the content stays;
+//!   any absent from all of them → every chunk of the record is withdrawn and the file goes
+//!   back to size 0 (a crashed first write leaves an empty file, as a crash between the
+//!   create and the write would; never part of the content).
 //! - A reader (or another mount's read-modify-write or truncate) that finds a block missing
 //!   looks for `p/<ino>`: none → the block is lost (EIO,
 //!   as ever); a live writer → it waits for the put in flight and tries again, for at most
@@ -78,19 +78,20 @@ pub(crate) enum PendingState {
 }
 
 impl Fs {
-    /// For the transaction of a new file's first content, committed while the blocks of
-    /// `in_flight` (chunk index, block) are still being stored under `session`.
+    /// For the transaction of a new file's first content, committed while some of the blocks
+    /// of `chunks` (chunk index, block: every chunk it writes) are still being stored under
+    /// `session`.
     pub(crate) fn mark_pending(
         &self,
         txn: &mut Txn,
         ino: u64,
         session: u64,
-        in_flight: &[(u64, BlockHash)],
+        chunks: &[(u64, BlockHash)],
     ) {
         let rec = PendingRec {
             instance: self.instance,
             session,
-            blocks: in_flight.iter().map(|(i, h)| (*i, h.to_hex())).collect(),
+            blocks: chunks.iter().map(|(i, h)| (*i, h.to_hex())).collect(),
         };
         let key = self.keys.pending(ino);
         txn.cmp(key.clone(), 0);
@@ -199,22 +200,25 @@ impl Fs {
             return Ok(PendingState::Waited);
         }
         let blocks = parse_blocks(&rec)?;
-        let mut absent = Vec::new();
-        for &(idx, hash) in &blocks {
+        let mut all_landed = true;
+        for &(_, hash) in &blocks {
             match self.blocks.get(hash).await {
                 Ok(_) => {}
-                Err(BlockError::NotFound(_)) => absent.push((idx, hash)),
+                Err(BlockError::NotFound(_)) => {
+                    all_landed = false;
+                    break;
+                }
                 // A node that does not answer may hold it: undecided, the read fails.
                 Err(e) => return Err(e.into()),
             }
         }
-        if absent.is_empty() {
+        if all_landed {
             let mut txn = Txn::default();
             txn.cmp(key.clone(), rev);
             txn.del(key);
             self.commit(txn).await?;
         } else {
-            self.withdraw(ino, &absent, rev).await?;
+            self.withdraw(ino, &blocks, rev).await?;
         }
         self.invalidate(ino);
         Ok(PendingState::Settled)
@@ -273,8 +277,9 @@ impl Fs {
         }
     }
 
-    /// Deletes the chunk records of `ino` that still hold the withdrawn `blocks`, and the
-    /// pending record (at revision `rev`); a file left without chunks gets size 0.
+    /// Deletes the chunk records of `ino` that still hold the `blocks` of its pending record,
+    /// and the record (at revision `rev`); a file left without chunks gets size 0. (Only a
+    /// chunk another mount rewrote since survives, with the size.)
     async fn withdraw(&self, ino: u64, blocks: &[(u64, BlockHash)], rev: Revision) -> FsResult<()> {
         let pkey = self.keys.pending(ino);
         let mut attempt = 0;

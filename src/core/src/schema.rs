@@ -124,7 +124,8 @@ pub struct OrphanRec {
 pub struct PendingRec {
     pub instance: u64,
     pub session: u64,
-    /// Chunk index and block (hex) of each chunk whose block was in flight at commit.
+    /// Chunk index and block (hex) of every chunk the transaction wrote (some of whose blocks
+    /// were in flight at commit).
     pub blocks: Vec<(u64, String)>,
 }
 

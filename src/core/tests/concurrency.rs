@@ -684,10 +684,8 @@ fn early_pair() -> (Arc<HookedKv<GatedCache>>, Arc<Fs>, Fs, Arc<MemBlocks>) {
     early_pair_with(Arc::new(drop))
 }
 
-/// As [`early_pair`], with A's background work run by `spawn`.
-fn early_pair_with(
-    spawn: twinfs_core::Spawner,
-) -> (Arc<HookedKv<GatedCache>>, Arc<Fs>, Fs, Arc<MemBlocks>) {
+/// A store and a view of it with an always-current cache, a session and a transaction gate.
+fn gated_store() -> (Arc<MemKv>, Arc<HookedKv<GatedCache>>) {
     let mem = Arc::new(MemKv::new());
     let hooks = GatedCache::default();
     let _ = hooks.store.set(mem.clone());
@@ -695,6 +693,14 @@ fn early_pair_with(
         inner: mem.clone(),
         hooks,
     });
+    (mem, kv)
+}
+
+/// As [`early_pair`], with A's background work run by `spawn`.
+fn early_pair_with(
+    spawn: twinfs_core::Spawner,
+) -> (Arc<HookedKv<GatedCache>>, Arc<Fs>, Fs, Arc<MemBlocks>) {
+    let (mem, kv) = gated_store();
     let blocks = Arc::new(MemBlocks::new());
     let opts = FsOptions {
         cached_lookups: true,
@@ -1397,13 +1403,7 @@ struct PendingPair {
 
 fn pending_pair() -> PendingPair {
     use futures::FutureExt;
-    let mem = Arc::new(MemKv::new());
-    let hooks = GatedCache::default();
-    let _ = hooks.store.set(mem.clone());
-    let kv = Arc::new(HookedKv {
-        inner: mem.clone(),
-        hooks,
-    });
+    let (mem, kv) = gated_store();
     let blocks = Arc::new(GatedBlocks::default());
     let queued: Arc<std::sync::Mutex<Vec<futures::future::BoxFuture<'static, ()>>>> =
         Default::default();

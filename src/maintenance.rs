@@ -116,9 +116,10 @@ pub async fn census(etcd: &etcd_client::Client, only: Option<&str>) -> Result<Ce
 }
 
 /// Deletes the pending records whose writer is gone (its session key expired with its lease)
-/// and whose blocks all have a copy: the content they vouched for is durable. (A record with a
-/// block missing everywhere is left to the next reader of the file, which withdraws the
-/// chunk; see the core's `pending.rs`.) Returns how many it deleted.
+/// and whose blocks all have a copy (the content they vouched for is durable) or whose file
+/// was deleted since. (A record of a live file with a block missing everywhere is left to the
+/// next reader of the file, which withdraws the content; see the core's `pending.rs`.)
+/// Returns how many it deleted.
 pub async fn settle_landed_pending(
     etcd: &etcd_client::Client,
     census: &Census,
@@ -128,13 +129,16 @@ pub async fn settle_landed_pending(
     let mut settled = 0;
     for (volume, ino, rec, rev) in &census.pending {
         let keys = Keys::new(volume);
-        let landed = scan::pending_blocks(rec).all(|h| copies.values().any(|s| s.contains(&h)));
-        if !landed
-            || kv
-                .get(&keys.writer_alive(rec.instance, rec.session))
-                .await?
-                .is_some()
+        if kv
+            .get(&keys.writer_alive(rec.instance, rec.session))
+            .await?
+            .is_some()
         {
+            continue;
+        }
+        let landed = scan::pending_blocks(rec).all(|h| copies.values().any(|s| s.contains(&h)));
+        // A deleted file's record vouches for nothing any more.
+        if !landed && kv.get(&keys.inode(*ino)).await?.is_some() {
             continue;
         }
         let key = keys.pending(*ino);

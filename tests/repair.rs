@@ -579,9 +579,10 @@ fn signal(pid: u32, sig: libc::c_int) {
 /// stopped) but the file's transaction has committed: the other mount sees the file at once.
 /// With `nodes_die`, the stopped nodes are killed and restarted, so the block never lands:
 /// once the dead writer's session is gone, the first read withdraws the content (the file is
-/// empty). Otherwise the nodes go on, the block lands, and the file reads whole; the repair
+/// empty), or, with `deleted`, the file is unlinked unread and the repair scans delete its
+/// record. Otherwise the nodes go on, the block lands, and the file reads whole; the repair
 /// scans then delete the pending record. Never an error; fsck finds nothing lost.
-fn writer_killed_while_its_put_hangs(nodes_die: bool) {
+fn writer_killed_while_its_put_hangs(nodes_die: bool, deleted: bool) {
     let c = DevCluster::start(3, 3, 2, FAST);
     let (a, b) = (c.mounts[0].clone(), c.mounts[1].clone());
     std::fs::create_dir(a.join("up")).expect("mkdir");
@@ -640,15 +641,19 @@ fn writer_killed_while_its_put_hangs(nodes_die: bool) {
 
     let reads_back = |f: &Path| wait_for(Duration::from_secs(30), || std::fs::read(f).is_ok());
     reads_back(&b.join("up/before.txt")).expect("the nodes serve again");
-    let got = std::fs::read(&seen).expect("read through the other mount");
-    if nodes_die {
-        assert!(
-            got.is_empty(),
-            "{} bytes of a block that never landed",
-            got.len()
-        );
+    if deleted {
+        std::fs::remove_file(&seen).expect("unlink through the other mount");
     } else {
-        assert!(got == content, "{} bytes, not the content", got.len());
+        let got = std::fs::read(&seen).expect("read through the other mount");
+        if nodes_die {
+            assert!(
+                got.is_empty(),
+                "{} bytes of a block that never landed",
+                got.len()
+            );
+        } else {
+            assert!(got == content, "{} bytes, not the content", got.len());
+        }
     }
     assert_eq!(
         std::fs::read(b.join("up/before.txt")).expect("read"),
@@ -663,10 +668,15 @@ fn writer_killed_while_its_put_hangs(nodes_die: bool) {
 
 #[test]
 fn a_writer_mount_killed_while_its_put_hangs_leaves_the_file_whole() {
-    writer_killed_while_its_put_hangs(false);
+    writer_killed_while_its_put_hangs(false, false);
 }
 
 #[test]
 fn a_writer_mount_killed_with_its_block_lost_leaves_the_file_empty() {
-    writer_killed_while_its_put_hangs(true);
+    writer_killed_while_its_put_hangs(true, false);
+}
+
+#[test]
+fn a_lost_pending_file_deleted_unread_leaves_no_record() {
+    writer_killed_while_its_put_hangs(true, true);
 }

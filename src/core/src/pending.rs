@@ -287,40 +287,35 @@ impl Fs {
             let mut txn = Txn::default();
             txn.cmp(pkey.clone(), rev);
             txn.del(pkey.clone());
-            let Some((mut inode, irev)) = self.get_inode_opt(ino).await? else {
-                // Deleted meanwhile: nothing references the blocks any more.
-                if self.commit(txn).await? {
-                    return Ok(());
-                }
-                self.backoff(&mut attempt).await?;
-                continue;
-            };
-            let mut withdrawn = Vec::new();
-            for &(idx, hash) in blocks {
-                if let Some((c, crev)) = self.get_chunk(ino, idx).await? {
-                    if c.hash()? == hash {
-                        let ckey = self.keys.chunk(ino, idx);
-                        txn.cmp(ckey.clone(), crev);
-                        txn.del(ckey);
-                        withdrawn.push(idx);
+            // Deleted meanwhile: nothing references the blocks any more, only the record goes.
+            if let Some((mut inode, irev)) = self.get_inode_opt(ino).await? {
+                let mut withdrawn = Vec::new();
+                for &(idx, hash) in blocks {
+                    if let Some((c, crev)) = self.get_chunk(ino, idx).await? {
+                        if c.hash()? == hash {
+                            let ckey = self.keys.chunk(ino, idx);
+                            txn.cmp(ckey.clone(), crev);
+                            txn.del(ckey);
+                            withdrawn.push(idx);
+                        }
                     }
                 }
-            }
-            let remaining = self
-                .chunk_indices_from(ino, 0)
-                .await?
-                .into_iter()
-                .filter(|i| !withdrawn.contains(i))
-                .count();
-            if remaining == 0 && inode.size != 0 {
-                txn.usage = bytes_i64(0).saturating_sub(bytes_i64(inode.size));
-                inode.size = 0;
-                let now = now_ns();
-                inode.mtime_ns = now;
-                inode.ctime_ns = now;
-                let ikey = self.keys.inode(ino);
-                txn.cmp(ikey.clone(), irev);
-                txn.put(ikey, encode(&inode));
+                let remaining = self
+                    .chunk_indices_from(ino, 0)
+                    .await?
+                    .into_iter()
+                    .filter(|i| !withdrawn.contains(i))
+                    .count();
+                if remaining == 0 && inode.size != 0 {
+                    txn.usage = bytes_i64(0).saturating_sub(bytes_i64(inode.size));
+                    inode.size = 0;
+                    let now = now_ns();
+                    inode.mtime_ns = now;
+                    inode.ctime_ns = now;
+                    let ikey = self.keys.inode(ino);
+                    txn.cmp(ikey.clone(), irev);
+                    txn.put(ikey, encode(&inode));
+                }
             }
             if self.commit(txn).await? {
                 self.invalidate(ino);

@@ -1012,8 +1012,6 @@ impl Fs {
         taken: TakenCreate,
         stored: &mut HashMap<u64, (Revision, BlockHash, u32)>,
     ) -> FsResult<bool> {
-        // Each dirty chunk's block: a full chunk stored in the background already (awaited),
-        // the others stored now. One that failed is left out, and the ordinary flush redoes it.
         // Each dirty chunk's block: a full chunk stored in the background already (awaited);
         // the others stored now, while the transaction commits when this instance has a
         // session to vouch for them (pending content, see `pending.rs`), else before it. A

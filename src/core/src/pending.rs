@@ -161,10 +161,7 @@ impl Fs {
     ) -> FsResult<()> {
         let key = self.keys.pending(ino);
         if let Some((_, rev)) = self.kv.get(&key).await? {
-            let mut txn = Txn::default();
-            txn.cmp(key.clone(), rev);
-            txn.del(key);
-            if self.commit(txn).await? {
+            if self.delete_record(ino, rev).await? {
                 return Ok(());
             }
         }
@@ -213,10 +210,7 @@ impl Fs {
             }
         }
         if all_landed {
-            let mut txn = Txn::default();
-            txn.cmp(key.clone(), rev);
-            txn.del(key);
-            self.commit(txn).await?;
+            self.delete_record(ino, rev).await?;
         } else {
             self.withdraw(ino, &blocks, rev).await?;
         }
@@ -235,20 +229,30 @@ impl Fs {
         loop {
             match op().await {
                 Err(FsError::Block(BlockError::NotFound(h))) => {
-                    let lost = Err(FsError::Block(BlockError::NotFound(h)));
-                    if started.elapsed() >= PENDING_WAIT {
-                        return lost;
+                    if !self.worth_another_try(ino, started).await? {
+                        return Err(FsError::Block(BlockError::NotFound(h)));
                     }
-                    match self.pending_state(ino).await? {
-                        PendingState::None => return lost,
-                        // Without a sleeper (the tests' executor) waiting would spin.
-                        PendingState::Waited if self.opts.sleep.is_none() => return lost,
-                        PendingState::Waited | PendingState::Settled => self.invalidate(ino),
-                    }
+                    self.invalidate(ino);
                 }
                 r => return r,
             }
         }
+    }
+
+    /// A block of `ino` was missing: true when it may be found (or the file read differently)
+    /// on another try, because content is in flight and its writer lives (waited for a moment)
+    /// or was just settled; false when the block is lost, or still missing [`PENDING_WAIT`]
+    /// after `since`.
+    async fn worth_another_try(&self, ino: u64, since: Instant) -> FsResult<bool> {
+        if since.elapsed() >= PENDING_WAIT {
+            return Ok(false);
+        }
+        Ok(match self.pending_state(ino).await? {
+            PendingState::None => false,
+            // Without a sleeper (the tests' executor) waiting would spin.
+            PendingState::Waited => self.opts.sleep.is_some(),
+            PendingState::Settled => true,
+        })
     }
 
     /// A chunk's block for a read-modify-write: `None` when it is missing because another
@@ -263,18 +267,23 @@ impl Fs {
     ) -> FsResult<Option<Bytes>> {
         match self.fetch_chunk(rec).await {
             Err(FsError::Block(BlockError::NotFound(h))) => {
-                let lost = Err(FsError::Block(BlockError::NotFound(h)));
-                if since.elapsed() >= PENDING_WAIT {
-                    return lost;
-                }
-                match self.pending_state(ino).await? {
-                    PendingState::None => lost,
-                    PendingState::Waited if self.opts.sleep.is_none() => lost,
-                    PendingState::Waited | PendingState::Settled => Ok(None),
+                if self.worth_another_try(ino, since).await? {
+                    Ok(None)
+                } else {
+                    Err(FsError::Block(BlockError::NotFound(h)))
                 }
             }
             r => r.map(Some),
         }
+    }
+
+    /// Deletes `ino`'s pending record if it is still at revision `rev`: whether it was.
+    async fn delete_record(&self, ino: u64, rev: Revision) -> FsResult<bool> {
+        let key = self.keys.pending(ino);
+        let mut txn = Txn::default();
+        txn.cmp(key.clone(), rev);
+        txn.del(key);
+        self.commit(txn).await
     }
 
     /// Deletes the chunk records of `ino` that still hold the `blocks` of its pending record,

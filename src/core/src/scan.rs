@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::kv::{prefix_end, MetaKv, Revision};
+use crate::kv::{prefix_end, KvEntry, MetaKv, Revision};
 use crate::schema::{decode, ChunkRec, DirentRec, Keys, PendingRec};
 use crate::{BlockHash, FsError, FsResult, ROOT_INO};
 
@@ -29,26 +29,35 @@ pub async fn chunk_refs(
     mut each: impl FnMut(BlockRef),
     mut bad: impl FnMut(&[u8], FsError),
 ) -> FsResult<()> {
-    let prefix = keys.all_chunks();
-    let end = prefix_end(&prefix);
-    let mut start = prefix.clone();
+    for_each_under(kv, &keys.all_chunks(), |e| {
+        let parsed = keys.parse_any_chunk(&e.key).and_then(|(ino, index)| {
+            let rec: ChunkRec = decode(&e.key, &e.value)?;
+            Ok(BlockRef {
+                hash: rec.hash()?,
+                ino,
+                index,
+                len: rec.len,
+            })
+        });
+        match parsed {
+            Ok(r) => each(r),
+            Err(err) => bad(&e.key, err),
+        }
+    })
+    .await
+}
+
+/// Calls `each` for every key under `prefix`, in key order, a bounded page at a time.
+pub(crate) async fn for_each_under(
+    kv: &dyn MetaKv,
+    prefix: &[u8],
+    mut each: impl FnMut(&KvEntry),
+) -> FsResult<()> {
+    let end = prefix_end(prefix);
+    let mut start = prefix.to_vec();
     loop {
         let page = kv.range(&start, &end, PAGE).await?;
-        for e in &page.entries {
-            let parsed = keys.parse_any_chunk(&e.key).and_then(|(ino, index)| {
-                let rec: ChunkRec = decode(&e.key, &e.value)?;
-                Ok(BlockRef {
-                    hash: rec.hash()?,
-                    ino,
-                    index,
-                    len: rec.len,
-                })
-            });
-            match parsed {
-                Ok(r) => each(r),
-                Err(err) => bad(&e.key, err),
-            }
-        }
+        page.entries.iter().for_each(&mut each);
         match (page.more, page.entries.last()) {
             (true, Some(last)) => {
                 start = last.key.clone();
@@ -119,29 +128,18 @@ pub async fn pending_records(
     keys: &Keys,
     mut bad: impl FnMut(&[u8], FsError),
 ) -> FsResult<Vec<(u64, PendingRec, Revision)>> {
-    let prefix = keys.all_pending();
-    let end = prefix_end(&prefix);
-    let mut start = prefix.clone();
     let mut out = Vec::new();
-    loop {
-        let page = kv.range(&start, &end, PAGE).await?;
-        for e in &page.entries {
-            let parsed = keys
-                .parse_pending(&e.key)
-                .and_then(|ino| Ok((ino, decode::<PendingRec>(&e.key, &e.value)?)));
-            match parsed {
-                Ok((ino, rec)) => out.push((ino, rec, e.mod_revision)),
-                Err(err) => bad(&e.key, err),
-            }
+    for_each_under(kv, &keys.all_pending(), |e| {
+        let parsed = keys
+            .parse_pending(&e.key)
+            .and_then(|ino| Ok((ino, decode::<PendingRec>(&e.key, &e.value)?)));
+        match parsed {
+            Ok((ino, rec)) => out.push((ino, rec, e.mod_revision)),
+            Err(err) => bad(&e.key, err),
         }
-        match (page.more, page.entries.last()) {
-            (true, Some(last)) => {
-                start = last.key.clone();
-                start.push(0);
-            }
-            _ => return Ok(out),
-        }
-    }
+    })
+    .await?;
+    Ok(out)
 }
 
 /// The blocks a pending record names.

@@ -325,10 +325,7 @@ impl Keys {
     }
     /// Parses the inode number out of an `o/<ino>` key.
     pub fn parse_orphan(&self, key: &[u8]) -> FsResult<u64> {
-        let rest = key
-            .strip_prefix(self.orphans().as_slice())
-            .ok_or_else(|| FsError::Corrupt("bad orphan key".into()))?;
-        parse_hex16(rest)
+        parse_ino_under(&self.orphans(), key, "orphan")
     }
     /// `p/<ino>`: `ino`'s pending content ([`PendingRec`]).
     pub fn pending(&self, ino: u64) -> Vec<u8> {
@@ -340,10 +337,7 @@ impl Keys {
     }
     /// Parses the inode number out of a `p/<ino>` key.
     pub fn parse_pending(&self, key: &[u8]) -> FsResult<u64> {
-        let rest = key
-            .strip_prefix(self.all_pending().as_slice())
-            .ok_or_else(|| FsError::Corrupt("bad pending key".into()))?;
-        parse_hex16(rest)
+        parse_ino_under(&self.all_pending(), key, "pending")
     }
     /// `s/<instance>/<session>`: exists while that session of that mount lives (put under
     /// its lease); a writer's pending content is its to settle while it does.
@@ -452,6 +446,14 @@ impl Keys {
         k.extend_from_slice(name);
         k
     }
+}
+
+/// The inode number of a `<prefix><ino>` key (`what` names the kind in the error).
+fn parse_ino_under(prefix: &[u8], key: &[u8], what: &str) -> FsResult<u64> {
+    let rest = key
+        .strip_prefix(prefix)
+        .ok_or_else(|| FsError::Corrupt(format!("bad {what} key")))?;
+    parse_hex16(rest)
 }
 
 fn parse_hex16(s: &[u8]) -> FsResult<u64> {

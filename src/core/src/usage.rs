@@ -137,23 +137,9 @@ impl UsageReport {
 
 /// Every key under `usage/` with its revision.
 async fn usage_entries(kv: &dyn MetaKv, keys: &Keys) -> FsResult<Vec<KvEntry>> {
-    let prefix = keys.usage();
-    let end = prefix_end(&prefix);
-    let mut start = prefix.clone();
     let mut out = Vec::new();
-    loop {
-        let page = kv.range(&start, &end, PAGE).await?;
-        let more = page.more;
-        let last = page.entries.last().map(|e| e.key.clone());
-        out.extend(page.entries);
-        match (more, last) {
-            (true, Some(mut k)) => {
-                k.push(0);
-                start = k;
-            }
-            _ => return Ok(out),
-        }
-    }
+    crate::scan::for_each_under(kv, &keys.usage(), |e| out.push(e.clone())).await?;
+    Ok(out)
 }
 
 /// Reads the volume's usage keys (for `twinfs volume inspect`).

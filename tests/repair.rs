@@ -580,8 +580,9 @@ fn signal(pid: u32, sig: libc::c_int) {
 /// With `nodes_die`, the stopped nodes are killed and restarted, so the block never lands:
 /// once the dead writer's session is gone, the first read withdraws the content (the file is
 /// empty), or, with `deleted`, the file is unlinked unread and the repair scans delete its
-/// record. Otherwise the nodes go on, the block lands, and the file reads whole; the repair
-/// scans then delete the pending record. Never an error; fsck finds nothing lost.
+/// record. Otherwise the nodes go on and the file reads whole if the block landed (the repair
+/// scans then delete the pending record), empty if the writer died before sending it. Never
+/// an error, never part of the content; fsck finds nothing lost and no record left.
 fn writer_killed_while_its_put_hangs(nodes_die: bool, deleted: bool) {
     let c = DevCluster::start(3, 3, 2, FAST);
     let (a, b) = (c.mounts[0].clone(), c.mounts[1].clone());
@@ -652,7 +653,13 @@ fn writer_killed_while_its_put_hangs(nodes_die: bool, deleted: bool) {
                 got.len()
             );
         } else {
-            assert!(got == content, "{} bytes, not the content", got.len());
+            // Whether the block lands depends on how much of it the writer sent before it
+            // died (a stopped node grants no new streams): either way, all or nothing.
+            assert!(
+                got == content || got.is_empty(),
+                "{} bytes: neither the content nor empty",
+                got.len()
+            );
         }
     }
     assert_eq!(
@@ -667,7 +674,7 @@ fn writer_killed_while_its_put_hangs(nodes_die: bool, deleted: bool) {
 }
 
 #[test]
-fn a_writer_mount_killed_while_its_put_hangs_leaves_the_file_whole() {
+fn a_writer_mount_killed_while_its_put_hangs_leaves_the_file_whole_or_empty() {
     writer_killed_while_its_put_hangs(false, false);
 }
 

@@ -25,7 +25,7 @@ fn put_lands_on_exactly_two_distinct_nodes() {
         assert_eq!(distinct.len(), 2);
         assert!(holders.iter().all(|h| ids.contains(h)));
         // And on disk: exactly the two holders have a file, with the right bytes; a small
-        // block lives in the holders' databases, so no node has a file for it.
+        // block lives in the holders' small-block logs, so no node has a file for it.
         let as_file = size > twinfs_cluster::blockstore::INLINE_BLOCK_MAX;
         for n in &c.nodes {
             let p = c.block_path(&n.id, &hash);

@@ -1,27 +1,34 @@
-//! A node's block store: immutable blocks named by their BLAKE3 hash, as plain files, and the
-//! small ones inside the store's redb database.
+//! A node's block store: immutable blocks named by their BLAKE3 hash. Large blocks are plain
+//! files; small ones are records in an append-only log (`smalllog.rs`).
 //!
 //! Layout under the store's directory:
 //!
 //! ```text
 //!   blocks/ab/abcdef…   one file per block, in 256 fan-out directories by the first hash byte
+//!   small/<seq>.log     blocks of at most `INLINE_BLOCK_MAX` bytes, appended (smalllog.rs)
 //!   tmp/                blocks being written; emptied on open
 //!   quarantine/         copies that failed verification, kept for inspection, never served
-//!   index.redb          hash -> (size, stored-at) index, and the bytes of blocks of at most
-//!                       `INLINE_BLOCK_MAX` bytes
+//!   index.redb          hash -> (size, stored-at); hash -> place in the log; the log's
+//!                       watermark; the bytes of small blocks stored by older versions
 //! ```
 //!
 //! Durability of a put of a large block: write to `tmp/`, fsync the file, rename into
-//! `blocks/ab/`, fsync that directory, then commit the index entry (unflushed but for one put in
-//! 64: the index is rebuilt from the files on open). A small block (most files of a web site
-//! are a few KiB) goes into the database with its index entry in one durable commit: one flush
-//! instead of two, 0.30 against 0.60 ms for 4 KiB on this project's VM (redb 2.6, ext4). Above
-//! 32 KiB the file is as fast and keeps the database small. Only then is the put acknowledged.
+//! `blocks/ab/`, fsync that directory. Then commit the index entry, unflushed but for one put
+//! in 64: the index is rebuilt from the files on open. Above 32 KiB a file is as fast as the
+//! log.
 //!
-//! For large blocks the files are the truth and the index is derived from them: `open`
-//! reconciles the two (an entry whose file is gone is dropped; a file without an entry, left by
-//! a crash between the rename and the index commit, is indexed). A small block and its entry
-//! are one transaction, so they cannot disagree. A crash at any point leaves a consistent store.
+//! A small block (most files of a web site are a few KiB) is appended to the log and flushed.
+//! Its index entry is committed with up to 63 others, each such commit durable and carrying
+//! the log's watermark. Either way the put is acknowledged only once the block is durable.
+//!
+//! The files and the log are the truth, and the index is derived from them: `open` reconciles
+//! the two.
+//! - An entry whose file or log segment is gone is dropped.
+//! - A file without an entry, left by a crash between the rename and the index commit, is
+//!   indexed.
+//! - Log records past the watermark, whose entries a crash lost, are indexed again.
+//!
+//! A crash at any point leaves a consistent store.
 //!
 //! A verified read (`get`, `verify`) re-hashes the whole block before any byte leaves the
 //! store; a mismatch moves the copy to `quarantine/`, drops it from the index and counts it.
@@ -32,6 +39,7 @@
 //!
 //! All methods block on disk I/O: async callers run them under `spawn_blocking`.
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -41,22 +49,33 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 
+use crate::smalllog::{Loc, SmallLog, Watermark};
 use crate::wire::{ByteRange, ListEntry, MAX_BLOCK_SIZE};
 use crate::BlockHash;
 
 /// hash -> (size in bytes, stored at, seconds since the epoch)
 const BLOCKS: TableDefinition<&[u8; 32], (u64, u64)> = TableDefinition::new("blocks");
 
-/// hash -> content, for blocks of at most `INLINE_BLOCK_MAX` bytes.
+/// hash -> content, for blocks of at most `INLINE_BLOCK_MAX` bytes stored by versions before
+/// the small-block log (still read; nothing new goes there).
 const INLINE: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("inline_blocks");
+
+/// hash -> (segment, offset, length) of a small block in the small-block log.
+const SMALL: TableDefinition<&[u8; 32], (u64, u64, u32)> = TableDefinition::new("small_blocks");
+
+/// Store-wide values: `SMALL_LOG_END` -> the small-block log's watermark (segment, offset),
+/// committed with every small block's entry: the log is replayed from it on open.
+const META: TableDefinition<&str, (u64, u64)> = TableDefinition::new("meta");
+const SMALL_LOG_END: &str = "small_log_end";
 
 /// Blocks up to this size are stored in the database rather than as files (see the module
 /// comment for the measurement behind the threshold).
 pub const INLINE_BLOCK_MAX: usize = 32 << 10;
 
-/// Free space below which small blocks go to files too. redb takes any failed write (a full
-/// disk) as fatal for the open database: every later read and write fails until it is reopened.
-/// A block file that does not fit fails alone, with `NoSpace`, and the node goes on serving.
+/// Free space below which small blocks go to files too. The log grows in zero-filled steps, and
+/// redb takes any failed write (a full disk) as fatal for the open database: every later read
+/// and write fails until it is reopened. A block file that does not fit fails alone, with
+/// `NoSpace`, and the node goes on serving.
 const INLINE_FREE_SPACE_RESERVE: u64 = 64 << 20;
 
 /// redb's page cache. Its 1 GiB default would fill with small blocks that clients have cached
@@ -137,6 +156,13 @@ const RESTAMP_AFTER_SECS: u64 = 60;
 /// `BlockStore::put`). redb frees pages only in durable commits, so some must be.
 const PUTS_PER_DURABLE_INDEX_COMMIT: u64 = 64;
 
+/// Small blocks' index entries are committed this many at a time (`commit_unindexed`).
+const INDEX_BATCH: usize = 64;
+
+/// Small blocks that may wait for the index; beyond, small puts are refused (only while the
+/// index refuses commits).
+const UNINDEXED_MAX: usize = 4096;
+
 /// Opens (creating if needed) the index database at a path.
 pub type IndexOpener =
     Box<dyn Fn(&Path) -> Result<Database, redb::DatabaseError> + Send + Sync + 'static>;
@@ -145,6 +171,18 @@ fn open_index_file(path: &Path) -> Result<Database, redb::DatabaseError> {
     Database::builder()
         .set_cache_size(INDEX_CACHE_BYTES)
         .create(path)
+}
+
+/// The small-block log's watermark as the index last committed it.
+fn read_watermark(index: &Database) -> Result<Watermark, StoreError> {
+    let txn = index.begin_read().map_err(StoreError::index)?;
+    let table = match txn.open_table(META) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok((0, 0)),
+        Err(e) => return Err(StoreError::index(e)),
+    };
+    let v = table.get(SMALL_LOG_END).map_err(StoreError::index)?;
+    Ok(v.map_or((0, 0), |v| v.value()))
 }
 
 fn index_unavailable() -> StoreError {
@@ -169,6 +207,14 @@ pub struct BlockStore {
     /// critical path under strace). A directory removed behind the store's back is made again
     /// when the rename into it fails.
     fanout_made: Vec<std::sync::atomic::AtomicBool>,
+    /// Small blocks' bytes (see `smalllog.rs`).
+    small: SmallLog,
+    /// Indexed small blocks per log segment: a segment none is left in is removed.
+    small_live: std::sync::Mutex<HashMap<u64, u64>>,
+    /// Small blocks stored but not yet in the index: hash -> (where, stored at).
+    unindexed: std::sync::Mutex<HashMap<[u8; 32], (Loc, u64)>>,
+    /// Serializes `commit_unindexed`.
+    index_committer: std::sync::Mutex<()>,
 }
 
 fn now_secs() -> u64 {
@@ -341,6 +387,8 @@ impl BlockStore {
             let _ = fs::remove_file(entry?.path());
         }
         let index = open_index(&root.join("index.redb")).map_err(StoreError::index)?;
+        let from = read_watermark(&index)?;
+        let (small, _) = SmallLog::open(&root.join("small"), from, INLINE_BLOCK_MAX)?;
         let store = BlockStore {
             root: root.to_path_buf(),
             index: std::sync::RwLock::new(Some(index)),
@@ -356,6 +404,10 @@ impl BlockStore {
             fanout_made: (0..256)
                 .map(|_| std::sync::atomic::AtomicBool::new(false))
                 .collect(),
+            small,
+            small_live: Default::default(),
+            unindexed: Default::default(),
+            index_committer: Default::default(),
         };
         store.reconcile()?;
         Ok(store)
@@ -440,8 +492,13 @@ impl BlockStore {
         self.root.join("blocks").join(&hex[..2]).join(hex)
     }
 
-    /// Makes the index agree with the files, and loads the counters.
+    /// Makes the index agree with the files and the small-block log (its records past the
+    /// watermark, whose entries a crash may have lost, are indexed again), and loads the
+    /// counters.
     fn reconcile(&self) -> Result<(), StoreError> {
+        // Taken before the transaction, as a put does: no append can slip past the watermark
+        // written below.
+        let tail = self.small.lock();
         let mut on_disk = std::collections::BTreeMap::new();
         for fan in fs::read_dir(self.root.join("blocks"))? {
             let fan = fan?;
@@ -459,8 +516,45 @@ impl BlockStore {
             }
         }
         let txn = self.write_txn()?;
+        let mut live: std::collections::HashMap<u64, u64> = Default::default();
         {
-            // Small blocks: their content and entry were committed together.
+            let from = txn
+                .open_table(META)
+                .map_err(|e| self.index_err(e))?
+                .get(SMALL_LOG_END)
+                .map_err(|e| self.index_err(e))?
+                .map_or((0, 0), |v| v.value());
+            let (replayed, _) = self.small.scan_from(from, INLINE_BLOCK_MAX)?;
+            let segments: std::collections::HashSet<u64> =
+                self.small.segment_seqs().into_iter().collect();
+            let mut small = txn.open_table(SMALL).map_err(|e| self.index_err(e))?;
+            for (hash, loc) in &replayed {
+                if small.get(&hash.0).map_err(|e| self.index_err(e))?.is_none() {
+                    small
+                        .insert(&hash.0, (loc.seg, loc.offset, loc.len))
+                        .map_err(|e| self.index_err(e))?;
+                }
+            }
+            let mut lost = Vec::new();
+            for item in small.iter().map_err(|e| self.index_err(e))? {
+                let (k, v) = item.map_err(|e| self.index_err(e))?;
+                let (seg, _, len) = v.value();
+                if segments.contains(&seg) {
+                    on_disk.insert(*k.value(), u64::from(len));
+                    *live.entry(seg).or_default() += 1;
+                } else {
+                    lost.push(*k.value());
+                }
+            }
+            for k in &lost {
+                small.remove(k).map_err(|e| self.index_err(e))?;
+            }
+            drop(small);
+            txn.open_table(META)
+                .map_err(|e| self.index_err(e))?
+                .insert(SMALL_LOG_END, tail.watermark())
+                .map_err(|e| self.index_err(e))?;
+            // Small blocks of older versions: their content and entry were committed together.
             let inline = txn.open_table(INLINE).map_err(|e| self.index_err(e))?;
             for item in inline.iter().map_err(|e| self.index_err(e))? {
                 let (k, v) = item.map_err(|e| self.index_err(e))?;
@@ -494,9 +588,20 @@ impl BlockStore {
             }
         }
         txn.commit().map_err(|e| self.index_err(e))?;
+        let empty: Vec<u64> = self
+            .small
+            .segment_seqs()
+            .into_iter()
+            .filter(|seq| !live.contains_key(seq))
+            .collect();
+        *self.small_live.lock().unwrap_or_else(|e| e.into_inner()) = live;
+        drop(tail);
         self.blocks.store(on_disk.len() as u64, Ordering::Relaxed);
         self.bytes_used
             .store(on_disk.values().sum(), Ordering::Relaxed);
+        for seq in empty {
+            self.small.remove_segment(seq)?;
+        }
         Ok(())
     }
 
@@ -512,7 +617,7 @@ impl BlockStore {
         let _guard = self.lock(hash);
         let path = self.block_path(hash);
         if let Some((_, stored)) = self.entry(hash)? {
-            if self.inline_contains(hash)? || path.exists() {
+            if self.small_present(hash)? || path.exists() {
                 if stored + RESTAMP_AFTER_SECS < now_secs() {
                     self.stamp(hash, data.len() as u64)?;
                 }
@@ -520,7 +625,7 @@ impl BlockStore {
             }
         }
         if data.len() <= INLINE_BLOCK_MAX && self.room_for_inline() {
-            return self.put_inline(hash, data);
+            return self.put_small(hash, data);
         }
         let dir = path.parent().expect("block path has a fan-out parent");
         let fanout = &self.fanout_made[usize::from(hash.0[0])];
@@ -561,31 +666,119 @@ impl BlockStore {
         } else {
             redb::Durability::None
         };
-        self.commit_entry(hash, data, None, durability)
+        self.commit_entry(hash, data, durability)
     }
 
-    /// Stores a small block and its index entry in one durable commit. The caller holds the
-    /// hash's lock and has found no copy.
-    fn put_inline(&self, hash: &BlockHash, data: &[u8]) -> Result<bool, StoreError> {
-        self.commit_entry(hash, data, Some(data), redb::Durability::Immediate)
+    /// Stores a small block: appended to the log and flushed, which makes it durable; its
+    /// index entry waits in memory (`unindexed`) and is committed with up to
+    /// `INDEX_BATCH` others (see `smalllog.rs` for why, and how a crash's lost entries come
+    /// back). The caller holds the hash's lock and has found no copy.
+    fn put_small(&self, hash: &BlockHash, data: &[u8]) -> Result<bool, StoreError> {
+        let mut tail = self.small.lock();
+        let waiting = self.unindexed().len();
+        if waiting >= UNINDEXED_MAX {
+            // The index has refused commits for a while: stop taking blocks it cannot list.
+            drop(tail);
+            return Err(StoreError::Index(format!(
+                "{waiting} small blocks wait for the block index, which refuses commits"
+            )));
+        }
+        let loc = self
+            .small
+            .append(&mut tail, hash, data)
+            .map_err(io_or_nospace)?;
+        let full = {
+            let mut unindexed = self.unindexed();
+            unindexed.insert(hash.0, (loc, now_secs()));
+            unindexed.len() >= INDEX_BATCH
+        };
+        // Counted before the log's lock goes (see `forget`).
+        *self
+            .small_live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(loc.seg)
+            .or_default() += 1;
+        drop(tail);
+        self.blocks.fetch_add(1, Ordering::Relaxed);
+        self.bytes_used
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        if full {
+            // The block is durable whatever this says; a failed commit is retried by the next.
+            if let Err(e) = self.commit_unindexed() {
+                tracing::warn!(error = %e, "committing small blocks' index entries failed; will retry");
+            }
+        }
+        Ok(true)
     }
 
-    /// Commits `hash`'s index entry (and with `inline`, its content in the database) and
-    /// counts the block if it is new. Always `Ok(true)`: the put stored something.
+    fn unindexed(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], (Loc, u64)>> {
+        self.unindexed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Commits the index entries of small blocks stored since the last such commit, with the
+    /// log's watermark, durably. Anything that lists or deletes blocks calls it first.
+    fn commit_unindexed(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = self
+            .index_committer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // Taken under the log's lock: every record before the watermark is in `batch` or
+        // was committed before.
+        let (batch, watermark) = {
+            let tail = self.small.lock();
+            let batch: Vec<([u8; 32], (Loc, u64))> =
+                self.unindexed().iter().map(|(k, v)| (*k, *v)).collect();
+            (batch, tail.watermark())
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let txn = self.write_txn()?;
+        {
+            let mut small = txn.open_table(SMALL).map_err(|e| self.db_err(e))?;
+            let mut blocks = txn.open_table(BLOCKS).map_err(|e| self.db_err(e))?;
+            for (hash, (loc, stamp)) in &batch {
+                small
+                    .insert(hash, (loc.seg, loc.offset, loc.len))
+                    .map_err(|e| self.db_err(e))?;
+                blocks
+                    .insert(hash, (u64::from(loc.len), *stamp))
+                    .map_err(|e| self.db_err(e))?;
+            }
+            txn.open_table(META)
+                .map_err(|e| self.db_err(e))?
+                .insert(SMALL_LOG_END, watermark)
+                .map_err(|e| self.db_err(e))?;
+        }
+        txn.commit().map_err(|e| self.db_err(e))?;
+        let mut unindexed = self.unindexed();
+        for (hash, (loc, _)) in &batch {
+            if unindexed.get(hash).is_some_and(|(l, _)| l == loc) {
+                unindexed.remove(hash);
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets the entries waiting for the index without committing them, as a crash does
+    /// (tests).
+    #[cfg(test)]
+    fn crash_unindexed(&self) {
+        self.unindexed().clear();
+    }
+
+    /// Commits a large block's index entry and counts the block if it is new. Always
+    /// `Ok(true)`: the put stored something.
     fn commit_entry(
         &self,
         hash: &BlockHash,
         data: &[u8],
-        inline: Option<&[u8]>,
         durability: redb::Durability,
     ) -> Result<bool, StoreError> {
         let mut txn = self.write_txn()?;
         txn.set_durability(durability);
         let inserted = {
-            if let Some(content) = inline {
-                let mut table = txn.open_table(INLINE).map_err(|e| self.db_err(e))?;
-                table.insert(&hash.0, content).map_err(|e| self.db_err(e))?;
-            }
             let mut table = txn.open_table(BLOCKS).map_err(|e| self.db_err(e))?;
             let previous = table
                 .insert(&hash.0, (data.len() as u64, now_secs()))
@@ -601,17 +794,52 @@ impl BlockStore {
         Ok(true)
     }
 
-    /// Whether the device has room for the database to grow by a small block without coming
-    /// near a full disk (see `INLINE_FREE_SPACE_RESERVE`).
+    /// Whether the device has room for the log and the database to grow by a small block
+    /// without coming near a full disk (see `INLINE_FREE_SPACE_RESERVE`).
     fn room_for_inline(&self) -> bool {
         disk_space(&self.root).is_ok_and(|(_, free)| free >= INLINE_FREE_SPACE_RESERVE)
     }
 
-    fn inline_contains(&self, hash: &BlockHash) -> Result<bool, StoreError> {
-        Ok(self.inline_copy(hash)?.is_some())
+    /// Where the log holds `hash`, if it does.
+    fn small_loc(&self, hash: &BlockHash) -> Result<Option<Loc>, StoreError> {
+        if let Some((loc, _)) = self.unindexed().get(&hash.0) {
+            return Ok(Some(*loc));
+        }
+        let txn = self.read_txn()?;
+        let table = match txn.open_table(SMALL) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(self.index_err(e)),
+        };
+        let v = table.get(&hash.0).map_err(|e| self.index_err(e))?;
+        Ok(v.map(|v| {
+            let (seg, offset, len) = v.value();
+            Loc { seg, offset, len }
+        }))
     }
 
+    /// Whether a small copy of `hash` is kept (in the log, or in the database by an older
+    /// version), without reading it.
+    fn small_present(&self, hash: &BlockHash) -> Result<bool, StoreError> {
+        if self.small_loc(hash)?.is_some() {
+            return Ok(true);
+        }
+        let txn = self.read_txn()?;
+        let table = match txn.open_table(INLINE) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
+            Err(e) => return Err(self.index_err(e)),
+        };
+        Ok(table.get(&hash.0).map_err(|e| self.index_err(e))?.is_some())
+    }
+
+    /// A small block's copy as stored: from the log, or from the database (older versions).
     fn inline_copy(&self, hash: &BlockHash) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(loc) = self.small_loc(hash)? {
+            if let Some(data) = self.small.read(loc)? {
+                return Ok(Some(data));
+            }
+        }
         let txn = self.read_txn()?;
         let table = match txn.open_table(INLINE) {
             Ok(t) => t,
@@ -631,6 +859,9 @@ impl BlockStore {
 
     /// (size, stored-at) of an indexed block.
     fn entry(&self, hash: &BlockHash) -> Result<Option<(u64, u64)>, StoreError> {
+        if let Some((loc, stamp)) = self.unindexed().get(&hash.0) {
+            return Ok(Some((u64::from(loc.len), *stamp)));
+        }
         let txn = self.read_txn()?;
         let table = match txn.open_table(BLOCKS) {
             Ok(t) => t,
@@ -813,27 +1044,62 @@ impl BlockStore {
         self.forget(hash)
     }
 
-    /// Drops a block from the index and, if it is kept there, its content from the database.
+    /// Drops a block from the index and, if it is kept there, its content from the database;
+    /// a log segment left without indexed blocks is removed once that is durable.
     fn forget(&self, hash: &BlockHash) -> Result<(), StoreError> {
+        // Waiting entries committed first, with a watermark past their records: neither the
+        // next batch nor a replay brings a forgotten block back.
+        self.commit_unindexed()?;
         let txn = self.write_txn()?;
+        let emptied;
         let removed = {
             txn.open_table(INLINE)
                 .map_err(|e| self.index_err(e))?
                 .remove(&hash.0)
                 .map_err(|e| self.index_err(e))?;
+            let small = txn
+                .open_table(SMALL)
+                .map_err(|e| self.index_err(e))?
+                .remove(&hash.0)
+                .map_err(|e| self.index_err(e))?
+                .map(|v| v.value().0);
+            emptied = small;
             let mut table = txn.open_table(BLOCKS).map_err(|e| self.index_err(e))?;
             let r = table.remove(&hash.0).map_err(|e| self.index_err(e))?;
             r.map(|v| v.value().0)
         };
+        // Flushed (the default durability): a segment is removed only when no entry that
+        // points into it can come back.
         txn.commit().map_err(|e| self.index_err(e))?;
         if let Some(size) = removed {
             self.blocks.fetch_sub(1, Ordering::Relaxed);
             self.bytes_used.fetch_sub(size, Ordering::Relaxed);
         }
+        if let Some(seg) = emptied {
+            // Only the segment appended to gains records (under the log's lock, which a put
+            // keeps until it has counted its record), so a count that reaches zero for any
+            // other segment stays zero. The one appended to is kept (and removed on a later
+            // open if it is still empty then).
+            let mut live = self.small_live.lock().unwrap_or_else(|e| e.into_inner());
+            let now_empty = live.get_mut(&seg).is_some_and(|n| {
+                *n = n.saturating_sub(1);
+                *n == 0
+            });
+            if now_empty {
+                live.remove(&seg);
+            }
+            drop(live);
+            if now_empty {
+                self.small.remove_segment(seg)?;
+            }
+        }
         Ok(())
     }
 
     pub fn contains(&self, hash: &BlockHash) -> Result<bool, StoreError> {
+        if self.unindexed().contains_key(&hash.0) {
+            return Ok(true);
+        }
         let txn = self.read_txn()?;
         let table = match txn.open_table(BLOCKS) {
             Ok(t) => t,
@@ -846,9 +1112,13 @@ impl BlockStore {
     pub fn has_many(&self, hashes: &[BlockHash]) -> Result<Vec<bool>, StoreError> {
         let txn = self.read_txn()?;
         let table = txn.open_table(BLOCKS).map_err(|e| self.index_err(e))?;
+        let unindexed = self.unindexed().clone();
         hashes
             .iter()
-            .map(|h| Ok(table.get(&h.0).map_err(|e| self.index_err(e))?.is_some()))
+            .map(|h| {
+                Ok(unindexed.contains_key(&h.0)
+                    || table.get(&h.0).map_err(|e| self.index_err(e))?.is_some())
+            })
             .collect()
     }
 
@@ -878,6 +1148,7 @@ impl BlockStore {
         after: Option<BlockHash>,
         limit: usize,
     ) -> Result<(Vec<ListEntry>, bool), StoreError> {
+        self.commit_unindexed()?;
         let txn = self.read_txn()?;
         let table = txn.open_table(BLOCKS).map_err(|e| self.index_err(e))?;
         let iter = match after {
@@ -929,9 +1200,19 @@ impl BlockStore {
 
     /// Number of entries in the index (tests compare it with the counters).
     pub fn index_len(&self) -> Result<u64, StoreError> {
+        self.commit_unindexed()?;
         let txn = self.read_txn()?;
         let table = txn.open_table(BLOCKS).map_err(|e| self.index_err(e))?;
         table.len().map_err(|e| self.index_err(e))
+    }
+}
+
+impl Drop for BlockStore {
+    /// A clean stop leaves nothing for the next open to replay.
+    fn drop(&mut self) {
+        if let Err(e) = self.commit_unindexed() {
+            tracing::warn!(error = %e, "small blocks' index entries not committed at close; the next open replays them");
+        }
     }
 }
 
@@ -960,6 +1241,7 @@ pub fn disk_space(path: &Path) -> io::Result<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::smalllog::HEADER as HEADER_LEN;
 
     fn block(n: u8, len: usize) -> (BlockHash, Vec<u8>) {
         let data: Vec<u8> = (0..len)
@@ -1142,12 +1424,128 @@ mod tests {
     /// Rewrites a small block's stored content behind the store's back: rot that the
     /// database's own checks did not catch (fault injection; a real disk cannot be made to).
     fn rot_inline_copy(store: &BlockStore, hash: &BlockHash, bytes: &[u8]) {
+        let loc = store.small_loc(hash).unwrap().expect("a small block");
+        store.small.rot(loc, bytes);
+    }
+
+    /// Makes the index forget `hashes` and the log's watermark, as a crash that lost
+    /// unflushed index commits does.
+    fn lose_index_entries(store: &BlockStore, hashes: &[BlockHash]) {
         let txn = store.write_txn().unwrap();
-        txn.open_table(INLINE)
+        for h in hashes {
+            txn.open_table(SMALL).unwrap().remove(&h.0).unwrap();
+            txn.open_table(BLOCKS).unwrap().remove(&h.0).unwrap();
+        }
+        txn.open_table(META)
             .unwrap()
-            .insert(&hash.0, bytes)
+            .insert(SMALL_LOG_END, (0, 0))
             .unwrap();
         txn.commit().unwrap();
+    }
+
+    #[test]
+    fn small_blocks_whose_index_entries_were_lost_are_found_again_in_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocks: Vec<_> = (0..3)
+            .map(|i| block(40 + i, 3000 + 100 * i as usize))
+            .collect();
+        {
+            let store = BlockStore::open(dir.path()).unwrap();
+            for (h, d) in &blocks {
+                assert!(store.put(h, d).unwrap());
+            }
+            assert_eq!(store.index_len().unwrap(), 3);
+            lose_index_entries(&store, &[blocks[1].0, blocks[2].0]);
+        }
+        // A torn record after the last one: a crash in the middle of an append.
+        let seg = dir.path().join("small").join(format!("{:016x}.log", 0));
+        let end: u64 = blocks
+            .iter()
+            .map(|(_, d)| HEADER_LEN + d.len() as u64)
+            .sum();
+        {
+            use std::os::unix::fs::FileExt;
+            let f = OpenOptions::new().write(true).open(&seg).unwrap();
+            let mut torn = b"TWB1".to_vec();
+            torn.extend_from_slice(&5000u32.to_le_bytes());
+            torn.extend_from_slice(&[7u8; 32]);
+            torn.extend_from_slice(&[1u8; 100]);
+            f.write_all_at(&torn, end).unwrap();
+        }
+        let store = BlockStore::open(dir.path()).unwrap();
+        assert_eq!(store.stats().blocks, 3);
+        assert_eq!(store.index_len().unwrap(), 3);
+        for (h, d) in &blocks {
+            assert_eq!(&store.get(h, None).unwrap(), d);
+        }
+        // The next append goes where the torn record was. A crash before its entry was
+        // committed: the replay finds it.
+        let (h4, d4) = block(44, 1000);
+        assert!(store.put(&h4, &d4).unwrap());
+        assert_eq!(
+            store.get(&h4, None).unwrap(),
+            d4,
+            "served before it is indexed"
+        );
+        store.crash_unindexed();
+        assert!(!store.contains(&h4).unwrap());
+        drop(store);
+        let store = BlockStore::open(dir.path()).unwrap();
+        assert_eq!(store.stats().blocks, 4);
+        assert_eq!(store.get(&h4, None).unwrap(), d4);
+        // A deleted block is not brought back by a later replay.
+        store.delete(&blocks[0].0).unwrap();
+        drop(store);
+        let store = BlockStore::open(dir.path()).unwrap();
+        assert!(!store.contains(&blocks[0].0).unwrap());
+        assert_eq!(store.stats().blocks, 3);
+    }
+
+    #[test]
+    fn a_log_segment_whose_blocks_are_all_deleted_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlockStore::open(dir.path()).unwrap();
+        // 30 KB blocks: a few per (test-sized) segment, several segments.
+        let blocks: Vec<_> = (0..24).map(|i| block(60 + i, 30_000)).collect();
+        for (h, d) in &blocks {
+            store.put(h, d).unwrap();
+        }
+        let segments = || -> Vec<String> {
+            let mut v: Vec<String> = fs::read_dir(dir.path().join("small"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            v.sort();
+            v
+        };
+        let before = segments();
+        assert!(before.len() >= 3, "several segments: {before:?}");
+        let in_first: Vec<BlockHash> = blocks
+            .iter()
+            .filter(|(h, _)| store.small_loc(h).unwrap().unwrap().seg == 0)
+            .map(|(h, _)| *h)
+            .collect();
+        assert!(!in_first.is_empty());
+        for h in &in_first[1..] {
+            store.delete(h).unwrap();
+        }
+        assert_eq!(segments(), before, "a segment with a block left stays");
+        assert_eq!(
+            store.collect(&in_first[..1], now_secs() + 10).unwrap(),
+            vec![true]
+        );
+        assert_eq!(
+            segments(),
+            before[1..].to_vec(),
+            "the emptied segment is gone"
+        );
+        for (h, d) in blocks.iter().filter(|(h, _)| !in_first.contains(h)) {
+            assert_eq!(&store.get(h, None).unwrap(), d);
+        }
+        drop(store);
+        let store = BlockStore::open(dir.path()).unwrap();
+        assert_eq!(store.stats().blocks, (blocks.len() - in_first.len()) as u64);
+        assert_eq!(segments(), before[1..].to_vec());
     }
 
     /// The index database's file, with writes that fail while `fail` is set (a full disk
@@ -1210,29 +1608,38 @@ mod tests {
         )
         .unwrap();
         let (held, held_data) = block(1, 1000);
-        let (refused, refused_data) = block(2, 2000);
         let (large, large_data) = block(3, INLINE_BLOCK_MAX + 1);
+        let (small, small_data) = block(4, 3000);
         assert!(store.put(&held, &held_data).unwrap());
 
         fail.store(true, Ordering::SeqCst);
         assert!(
-            store.put(&refused, &refused_data).is_err(),
-            "a small block's commit fails"
+            store.put(&large, &large_data).is_err(),
+            "a large block's index commit fails"
+        );
+        assert!(
+            store.index_len().is_err(),
+            "committing a small block's waiting entry fails"
         );
         fail.store(false, Ordering::SeqCst);
 
         // The next requests reopen the database: what was stored is served, and writes work.
         assert_eq!(store.get(&held, None).unwrap(), held_data);
-        assert!(store.put(&refused, &refused_data).unwrap());
-        assert_eq!(store.get(&refused, None).unwrap(), refused_data);
-        assert!(store.put(&large, &large_data).unwrap());
+        assert!(store.put(&small, &small_data).unwrap());
+        assert_eq!(store.get(&small, None).unwrap(), small_data);
+        // The large block's file was in place before its entry failed: the reopen indexed it.
+        store.put(&large, &large_data).unwrap();
         assert_eq!(store.get(&large, None).unwrap(), large_data);
         assert_eq!(store.stats().blocks, 3);
         assert_eq!(store.index_len().unwrap(), 3);
+        drop(store);
+        let store = BlockStore::open(dir.path()).unwrap();
+        assert_eq!(store.stats().blocks, 3);
+        assert_eq!(store.get(&held, None).unwrap(), held_data);
     }
 
     #[test]
-    fn a_small_block_is_kept_in_the_database_and_survives_a_reopen() {
+    fn a_small_block_is_kept_in_the_log_and_survives_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let (small, small_data) = block(7, INLINE_BLOCK_MAX);
         let (large, large_data) = block(8, INLINE_BLOCK_MAX + 1);

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod node;
 pub mod pki;
 pub mod placement;
+mod smalllog;
 pub mod transport;
 pub mod wire;
 

@@ -18,7 +18,8 @@
 //! log.
 //!
 //! A small block (most files of a web site are a few KiB) is appended to the log and flushed.
-//! Its index entry is committed with up to 63 others, each such commit durable and carrying
+//! Its index entry is committed with the others that waited (about 64 at a time, in the
+//! background after the put is answered), each such commit durable and carrying
 //! the log's watermark. Either way the put is acknowledged only once the block is durable.
 //!
 //! The files and the log are the truth, and the index is derived from them: `open` reconciles
@@ -156,8 +157,13 @@ const RESTAMP_AFTER_SECS: u64 = 60;
 /// `BlockStore::put`). redb frees pages only in durable commits, so some must be.
 const PUTS_PER_DURABLE_INDEX_COMMIT: u64 = 64;
 
-/// Small blocks' index entries are committed this many at a time (`commit_unindexed`).
+/// Small blocks' index entries are committed this many at a time (`commit_unindexed`), by
+/// the node in the background (`claim_index_commit`), off the puts' path.
 const INDEX_BATCH: usize = 64;
+
+/// Waiting entries past which a put commits them itself: a store that nobody commits for in
+/// the background still keeps its index current.
+const INDEX_BATCH_INLINE: usize = 512;
 
 /// Small blocks that may wait for the index; beyond, small puts are refused (only while the
 /// index refuses commits).
@@ -215,6 +221,8 @@ pub struct BlockStore {
     unindexed: std::sync::Mutex<HashMap<[u8; 32], (Loc, u64)>>,
     /// Serializes `commit_unindexed`.
     index_committer: std::sync::Mutex<()>,
+    /// A background commit of the waiting entries is due or running (`claim_index_commit`).
+    index_commit_claimed: std::sync::atomic::AtomicBool,
 }
 
 fn now_secs() -> u64 {
@@ -408,6 +416,7 @@ impl BlockStore {
             small_live: Default::default(),
             unindexed: Default::default(),
             index_committer: Default::default(),
+            index_commit_claimed: Default::default(),
         };
         store.reconcile()?;
         Ok(store)
@@ -670,9 +679,9 @@ impl BlockStore {
     }
 
     /// Stores a small block: appended to the log and flushed, which makes it durable; its
-    /// index entry waits in memory (`unindexed`) and is committed with up to
-    /// `INDEX_BATCH` others (see `smalllog.rs` for why, and how a crash's lost entries come
-    /// back). The caller holds the hash's lock and has found no copy.
+    /// index entry waits in memory (`unindexed`) for a batch commit (see `smalllog.rs` for
+    /// why, and how a crash's lost entries come back). The caller holds the hash's lock and
+    /// has found no copy.
     fn put_small(&self, hash: &BlockHash, data: &[u8]) -> Result<bool, StoreError> {
         let mut tail = self.small.lock();
         let waiting = self.unindexed().len();
@@ -690,7 +699,7 @@ impl BlockStore {
         let full = {
             let mut unindexed = self.unindexed();
             unindexed.insert(hash.0, (loc, now_secs()));
-            unindexed.len() >= INDEX_BATCH
+            unindexed.len() >= INDEX_BATCH_INLINE
         };
         // Counted before the log's lock goes (see `forget`).
         *self
@@ -712,17 +721,27 @@ impl BlockStore {
         Ok(true)
     }
 
+    /// True when a batch of small blocks' entries waits and no one has claimed its commit: the
+    /// caller has claimed it and must call [`BlockStore::commit_unindexed`] (on a blocking
+    /// thread, after answering the put), which releases the claim.
+    pub fn claim_index_commit(&self) -> bool {
+        self.unindexed().len() >= INDEX_BATCH
+            && !self.index_commit_claimed.swap(true, Ordering::AcqRel)
+    }
+
     fn unindexed(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], (Loc, u64)>> {
         self.unindexed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Commits the index entries of small blocks stored since the last such commit, with the
     /// log's watermark, durably. Anything that lists or deletes blocks calls it first.
-    fn commit_unindexed(&self) -> Result<(), StoreError> {
+    pub fn commit_unindexed(&self) -> Result<(), StoreError> {
         let _one_at_a_time = self
             .index_committer
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        // Whatever waits now is in this commit: a later batch may be claimed again.
+        self.index_commit_claimed.store(false, Ordering::Release);
         // Taken under the log's lock: every record before the watermark is in `batch` or
         // was committed before.
         let (batch, watermark) = {

@@ -318,7 +318,19 @@ impl NodeService {
                     }
                 }
                 match self.blocking(move |s| s.put(&hash, &data)).await {
-                    Ok(_) => Message::Ok,
+                    Ok(_) => {
+                        // Small blocks' index entries, a batch at a time, after this reply
+                        // rather than before it (the block is durable already).
+                        if self.store.claim_index_commit() {
+                            let store = self.store.clone();
+                            tokio::task::spawn_blocking(move || {
+                                if let Err(e) = store.commit_unindexed() {
+                                    tracing::warn!(error = %e, "committing small blocks' index entries failed; will retry");
+                                }
+                            });
+                        }
+                        Message::Ok
+                    }
                     Err(e) => {
                         if matches!(e, StoreError::HashMismatch(_)) {
                             self.counters

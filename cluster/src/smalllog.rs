@@ -8,7 +8,8 @@
 //!
 //! Now the block is appended to a log. The space it goes into is already written, so the
 //! flush carries no metadata: 0.09-0.10 ms. Its index entry waits in memory and is committed
-//! with up to 63 others in one durable commit (`BlockStore::commit_unindexed`). Each commit
+//! with the others that waited, about 64 at a time, in one durable commit that the node runs
+//! after answering the put (`BlockStore::commit_unindexed`). Each commit
 //! also records the log's end at that moment, the *watermark*. After a crash, the entries
 //! that were lost are found again by replaying the log from the last watermark.
 //!

@@ -267,6 +267,11 @@ fn gc_removes_unreferenced_blocks_and_never_a_referenced_one() {
     assert_eq!(report["endangered"], 0, "{report}");
 
     // The surviving files read back whole through a new mount.
+    assert_files_through_new_mount(&c, &keep);
+}
+
+/// Reads `files` back through a new mount of the volume (nothing of them cached).
+fn assert_files_through_new_mount(c: &DevCluster, files: &[(String, Vec<u8>)]) {
     let remount = c.dir.path().join("remount");
     std::fs::create_dir_all(&remount).expect("dir");
     let out = run(c.cmd().arg("mount").arg("uploads").arg(&remount));
@@ -276,7 +281,17 @@ fn gc_removes_unreferenced_blocks_and_never_a_referenced_one() {
         String::from_utf8_lossy(&out.stderr)
     );
     let _guard = DetachOnDrop(remount.clone());
-    assert_files(&remount, &keep);
+    assert_files(&remount, files);
+}
+
+/// The command line process `pid` runs with (to start a node again after killing it).
+fn cmdline_of(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .expect("cmdline")
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
 }
 
 /// Restarts a node killed with -9 from the command line it ran with. The dev cluster's `down`
@@ -305,12 +320,7 @@ fn a_returning_node_s_surplus_copies_go_once_two_verified_copies_exist_elsewhere
     let status = c.status_json();
     let victim = status["nodes"][0]["id"].as_str().expect("id").to_string();
     let pid = c.node(&victim).pid;
-    let cmdline: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
-        .expect("cmdline")
-        .split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
+    let cmdline = cmdline_of(pid);
     c.kill9(&victim);
     // Repaired on the two others...
     assert!(
@@ -589,18 +599,7 @@ fn writer_killed_while_its_put_hangs(nodes_die: bool, deleted: bool) {
     std::fs::create_dir(a.join("up")).expect("mkdir");
     std::fs::write(a.join("up/before.txt"), b"stored before").expect("write");
     let content = b"committed while its block was still on the way\n".repeat(100);
-    let cmdlines: Vec<Vec<String>> = c
-        .nodes
-        .iter()
-        .map(|n| {
-            std::fs::read(format!("/proc/{}/cmdline", n.pid))
-                .expect("cmdline")
-                .split(|&b| b == 0)
-                .filter(|s| !s.is_empty())
-                .map(|s| String::from_utf8_lossy(s).into_owned())
-                .collect()
-        })
-        .collect();
+    let cmdlines: Vec<Vec<String>> = c.nodes.iter().map(|n| cmdline_of(n.pid)).collect();
     for n in &c.nodes {
         signal(n.pid, libc::SIGSTOP);
     }
@@ -704,18 +703,7 @@ fn small_blocks_acknowledged_just_before_every_node_is_killed_are_there_after_re
     for (name, data) in &files {
         std::fs::write(mnt.join(name), data).expect("write");
     }
-    let cmdlines: Vec<Vec<String>> = c
-        .nodes
-        .iter()
-        .map(|n| {
-            std::fs::read(format!("/proc/{}/cmdline", n.pid))
-                .expect("cmdline")
-                .split(|b| *b == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect()
-        })
-        .collect();
+    let cmdlines: Vec<Vec<String>> = c.nodes.iter().map(|n| cmdline_of(n.pid)).collect();
     for n in &c.nodes {
         c.kill9(&n.id);
     }
@@ -731,15 +719,5 @@ fn small_blocks_acknowledged_just_before_every_node_is_killed_are_there_after_re
         r["live_nodes"] == 3 && r["healthy"].as_u64() == Some(blocks) && r["lost"] == 0
     });
     assert!(settled.is_some(), "{}", fsck(&c, false));
-    // Read through a mount that has none of them cached.
-    let remount = c.dir.path().join("remount");
-    std::fs::create_dir_all(&remount).expect("dir");
-    let out = run(c.cmd().arg("mount").arg("uploads").arg(&remount));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let _guard = DetachOnDrop(remount.clone());
-    assert_files(&remount, &files);
+    assert_files_through_new_mount(&c, &files);
 }

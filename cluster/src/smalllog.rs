@@ -220,15 +220,11 @@ impl SmallLog {
         from: Watermark,
         max_block: usize,
     ) -> io::Result<(Vec<(BlockHash, Loc)>, u64)> {
-        let mut seqs: Vec<u64> = self
-            .segments
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .copied()
+        let seqs: Vec<u64> = self
+            .segment_seqs()
+            .into_iter()
             .filter(|&s| s >= from.0)
             .collect();
-        seqs.sort_unstable();
         let mut found = Vec::new();
         let mut end = 0;
         for seq in seqs {

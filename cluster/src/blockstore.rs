@@ -1497,8 +1497,8 @@ mod tests {
         for (h, d) in &blocks {
             assert_eq!(&store.get(h, None).unwrap(), d);
         }
-        // The next append goes where the torn record was. A crash before its entry was
-        // committed: the replay finds it.
+        // The next append goes after the torn record (passed over: its header is whole). A
+        // crash before its entry was committed: the replay finds it.
         let (h4, d4) = block(44, 1000);
         assert!(store.put(&h4, &d4).unwrap());
         assert_eq!(
@@ -1518,6 +1518,28 @@ mod tests {
         let store = BlockStore::open(dir.path()).unwrap();
         assert!(!store.contains(&blocks[0].0).unwrap());
         assert_eq!(store.stats().blocks, 3);
+    }
+
+    #[test]
+    fn a_rotted_log_record_does_not_hide_the_records_after_it_from_the_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocks: Vec<_> = (0..3).map(|i| block(50 + i, 2000)).collect();
+        {
+            let store = BlockStore::open(dir.path()).unwrap();
+            for (h, d) in &blocks {
+                store.put(h, d).unwrap();
+            }
+            // The first record's bytes rot, and a crash loses every entry.
+            let loc = store.small_loc(&blocks[0].0).unwrap().unwrap();
+            store.small.rot(loc, b"rot");
+            store.crash_unindexed();
+        }
+        let store = BlockStore::open(dir.path()).unwrap();
+        assert!(!store.contains(&blocks[0].0).unwrap());
+        for (h, d) in &blocks[1..] {
+            assert_eq!(&store.get(h, None).unwrap(), d);
+        }
+        assert_eq!(store.stats().blocks, 2);
     }
 
     #[test]

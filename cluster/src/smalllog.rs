@@ -23,7 +23,9 @@
 //! zero-filled in steps of [`ZERO_STEP`], so a record's flush writes only its own pages.
 //!
 //! A torn record (a crash in the middle of a write) fails its magic, its length or its hash.
-//! It ends the replay, and the next append overwrites it.
+//! One without a whole header ends the replay, and the next append overwrites it; one whose
+//! bytes do not match its hash (torn, or rotted) is passed over, so that it cannot hide the
+//! records after it.
 //!
 //! Nothing here decides which blocks are live: the index does. The store removes a segment
 //! once none of its blocks is left (`BlockStore::forget`).
@@ -110,8 +112,9 @@ fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
     Ok(seqs)
 }
 
-/// The valid records of `file` from `start` on, and where they end: at the first record that
-/// is not whole and good (the zeros ahead of the tail, or a torn write).
+/// The good records of `file` from `start` on, and where the records end: at the first that
+/// has no header or does not fit (the zeros ahead of the tail). A record whose bytes do not
+/// match its hash (a torn write, rot) is passed over, so that it hides none after it.
 fn scan(
     file: &File,
     seq: u64,
@@ -138,7 +141,13 @@ fn scan(
         data.resize(size as usize, 0);
         file.read_exact_at(&mut data, pos + HEADER)?;
         if !hash.verifies(&data) {
-            break;
+            tracing::warn!(
+                segment = seq,
+                offset = pos,
+                "small-block log record does not match its hash; passed over"
+            );
+            pos += HEADER + u64::from(size);
+            continue;
         }
         found.push((
             hash,

@@ -157,6 +157,9 @@ const RESTAMP_AFTER_SECS: u64 = 60;
 /// `BlockStore::put`). redb frees pages only in durable commits, so some must be.
 const PUTS_PER_DURABLE_INDEX_COMMIT: u64 = 64;
 
+/// A log segment (not the one appended to) with less than this much left in it is compacted.
+const COMPACT_BELOW: u64 = crate::smalllog::SEGMENT_MAX / 4;
+
 /// Small blocks' index entries are committed this many at a time (`commit_unindexed`), by
 /// the node in the background (`claim_index_commit`), off the puts' path.
 const INDEX_BATCH: usize = 64;
@@ -215,8 +218,11 @@ pub struct BlockStore {
     fanout_made: Vec<std::sync::atomic::AtomicBool>,
     /// Small blocks' bytes (see `smalllog.rs`).
     small: SmallLog,
-    /// Indexed small blocks per log segment: a segment none is left in is removed.
-    small_live: std::sync::Mutex<HashMap<u64, u64>>,
+    /// Indexed small blocks per log segment, (count, bytes): a segment none is left in is
+    /// removed, one with little left is compacted (`compact_log`).
+    small_live: std::sync::Mutex<HashMap<u64, (u64, u64)>>,
+    /// Segments mostly emptied by deletes, to compact at the next `compact_log`.
+    compact_due: std::sync::Mutex<std::collections::BTreeSet<u64>>,
     /// Small blocks stored but not yet in the index: hash -> (where, stored at).
     unindexed: std::sync::Mutex<HashMap<[u8; 32], (Loc, u64)>>,
     /// Serializes `commit_unindexed`.
@@ -414,6 +420,7 @@ impl BlockStore {
                 .collect(),
             small,
             small_live: Default::default(),
+            compact_due: Default::default(),
             unindexed: Default::default(),
             index_committer: Default::default(),
             index_commit_claimed: Default::default(),
@@ -525,7 +532,7 @@ impl BlockStore {
             }
         }
         let txn = self.write_txn()?;
-        let mut live: std::collections::HashMap<u64, u64> = Default::default();
+        let mut live: HashMap<u64, (u64, u64)> = Default::default();
         {
             let from = txn
                 .open_table(META)
@@ -550,7 +557,9 @@ impl BlockStore {
                 let (seg, _, len) = v.value();
                 if segments.contains(&seg) {
                     on_disk.insert(*k.value(), u64::from(len));
-                    *live.entry(seg).or_default() += 1;
+                    let l = live.entry(seg).or_default();
+                    l.0 += 1;
+                    l.1 += u64::from(len);
                 } else {
                     lost.push(*k.value());
                 }
@@ -603,6 +612,15 @@ impl BlockStore {
             .into_iter()
             .filter(|seq| !live.contains_key(seq))
             .collect();
+        let tail_seq = tail.watermark().0;
+        self.compact_due
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(
+                live.iter()
+                    .filter(|(seq, l)| **seq != tail_seq && l.1 < COMPACT_BELOW)
+                    .map(|(seq, _)| *seq),
+            );
         *self.small_live.lock().unwrap_or_else(|e| e.into_inner()) = live;
         drop(tail);
         self.blocks.store(on_disk.len() as u64, Ordering::Relaxed);
@@ -702,12 +720,7 @@ impl BlockStore {
             unindexed.len() >= INDEX_BATCH_INLINE
         };
         // Counted before the log's lock goes (see `forget`).
-        *self
-            .small_live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(loc.seg)
-            .or_default() += 1;
+        self.count_live(loc);
         drop(tail);
         self.blocks.fetch_add(1, Ordering::Relaxed);
         self.bytes_used
@@ -727,6 +740,74 @@ impl BlockStore {
     pub fn claim_index_commit(&self) -> bool {
         self.unindexed().len() >= INDEX_BATCH
             && !self.index_commit_claimed.swap(true, Ordering::AcqRel)
+    }
+
+    /// Counts a record appended to the log (under the log's lock, see `forget`).
+    fn count_live(&self, loc: Loc) {
+        let mut live = self.small_live.lock().unwrap_or_else(|e| e.into_inner());
+        let l = live.entry(loc.seg).or_default();
+        l.0 += 1;
+        l.1 += u64::from(loc.len);
+    }
+
+    /// Moves the blocks still live in segments mostly emptied by deletes (less than a quarter
+    /// of a segment left) to the end of the log, and removes those segments: without it, a
+    /// segment with one block left in it would keep its 64 MiB for good. Deletes run it.
+    pub fn compact_log(&self) -> Result<(), StoreError> {
+        let due = std::mem::take(&mut *self.compact_due.lock().unwrap_or_else(|e| e.into_inner()));
+        for seg in due {
+            self.compact_segment(seg)?;
+        }
+        Ok(())
+    }
+
+    fn compact_segment(&self, seg: u64) -> Result<(), StoreError> {
+        if seg == self.small.lock().watermark().0 {
+            return Ok(()); // appended to: compacted, if still due, once it is not
+        }
+        let records = self.small.records_of(seg, INLINE_BLOCK_MAX)?;
+        let (mut moved, mut moved_bytes) = (0u64, 0u64);
+        for (hash, loc) in records {
+            let _guard = self.lock(&hash);
+            if self.small_loc(&hash)? != Some(loc) {
+                continue; // deleted, or stored again elsewhere
+            }
+            let Some(data) = self.small.read(loc)? else {
+                continue;
+            };
+            if !hash.verifies(&data) {
+                self.quarantine(&hash, Some(&data), "content does not match its hash")?;
+                continue;
+            }
+            let stamp = self.entry(&hash)?.map_or_else(now_secs, |(_, s)| s);
+            let mut tail = self.small.lock();
+            let new = self
+                .small
+                .append(&mut tail, &hash, &data)
+                .map_err(io_or_nospace)?;
+            self.unindexed().insert(hash.0, (new, stamp));
+            self.count_live(new);
+            drop(tail);
+            moved += 1;
+            moved_bytes += u64::from(loc.len);
+        }
+        // Durable before the old copies go.
+        self.commit_unindexed()?;
+        let mut live = self.small_live.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(l) = live.get_mut(&seg) else {
+            return Ok(()); // emptied by deletes meanwhile, and removed
+        };
+        l.0 = l.0.saturating_sub(moved);
+        l.1 = l.1.saturating_sub(moved_bytes);
+        if l.0 > 0 {
+            // Indexed records the scan did not reach (a damaged header ends it): kept.
+            tracing::warn!(segment = seg, left = l.0, "small-block log segment kept after compaction: some of its blocks could not be moved");
+            return Ok(());
+        }
+        live.remove(&seg);
+        drop(live);
+        self.small.remove_segment(seg)?;
+        Ok(())
     }
 
     fn unindexed(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], (Loc, u64)>> {
@@ -854,7 +935,12 @@ impl BlockStore {
 
     /// A small block's copy as stored: from the log, or from the database (older versions).
     fn inline_copy(&self, hash: &BlockHash) -> Result<Option<Vec<u8>>, StoreError> {
-        if let Some(loc) = self.small_loc(hash)? {
+        // A compaction may move the block and remove its segment between the lookup and the
+        // read: then the lookup finds its new place.
+        for _ in 0..2 {
+            let Some(loc) = self.small_loc(hash)? else {
+                break;
+            };
             if let Some(data) = self.small.read(loc)? {
                 return Ok(Some(data));
             }
@@ -929,7 +1015,7 @@ impl BlockStore {
         hashes: &[BlockHash],
         older_than_unix: u64,
     ) -> Result<Vec<bool>, StoreError> {
-        hashes
+        let collected = hashes
             .iter()
             .map(|h| {
                 let _guard = self.lock(h);
@@ -941,7 +1027,9 @@ impl BlockStore {
                     _ => Ok(false),
                 }
             })
-            .collect()
+            .collect();
+        self.compact_log_or_warn();
+        collected
     }
 
     /// The copy, in the database or as a file (with its length); a file larger than any block
@@ -1081,7 +1169,10 @@ impl BlockStore {
                 .map_err(|e| self.index_err(e))?
                 .remove(&hash.0)
                 .map_err(|e| self.index_err(e))?
-                .map(|v| v.value().0);
+                .map(|v| {
+                    let (seg, offset, len) = v.value();
+                    Loc { seg, offset, len }
+                });
             emptied = small;
             let mut table = txn.open_table(BLOCKS).map_err(|e| self.index_err(e))?;
             let r = table.remove(&hash.0).map_err(|e| self.index_err(e))?;
@@ -1094,22 +1185,32 @@ impl BlockStore {
             self.blocks.fetch_sub(1, Ordering::Relaxed);
             self.bytes_used.fetch_sub(size, Ordering::Relaxed);
         }
-        if let Some(seg) = emptied {
+        if let Some(loc) = emptied {
             // Only the segment appended to gains records (under the log's lock, which a put
             // keeps until it has counted its record), so a count that reaches zero for any
             // other segment stays zero. The one appended to is kept (and removed on a later
             // open if it is still empty then).
+            let tail_seq = self.small.lock().watermark().0;
             let mut live = self.small_live.lock().unwrap_or_else(|e| e.into_inner());
-            let now_empty = live.get_mut(&seg).is_some_and(|n| {
-                *n = n.saturating_sub(1);
-                *n == 0
-            });
+            let (now_empty, little_left) = match live.get_mut(&loc.seg) {
+                Some(l) => {
+                    l.0 = l.0.saturating_sub(1);
+                    l.1 = l.1.saturating_sub(u64::from(loc.len));
+                    (l.0 == 0, l.1 < COMPACT_BELOW)
+                }
+                None => (false, false),
+            };
             if now_empty {
-                live.remove(&seg);
+                live.remove(&loc.seg);
             }
             drop(live);
             if now_empty {
-                self.small.remove_segment(seg)?;
+                self.small.remove_segment(loc.seg)?;
+            } else if little_left && loc.seg != tail_seq {
+                self.compact_due
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(loc.seg);
             }
         }
         Ok(())
@@ -1143,8 +1244,20 @@ impl BlockStore {
 
     /// Deletes a block. Deleting an absent block is not an error.
     pub fn delete(&self, hash: &BlockHash) -> Result<(), StoreError> {
-        let _guard = self.lock(hash);
-        self.delete_unlocked(hash)
+        {
+            let _guard = self.lock(hash);
+            self.delete_unlocked(hash)?;
+        }
+        self.compact_log_or_warn();
+        Ok(())
+    }
+
+    /// Compacts the log after deletes; a failure leaves the segments as they are, to be tried
+    /// again after the next delete, and fails no delete.
+    fn compact_log_or_warn(&self) {
+        if let Err(e) = self.compact_log() {
+            tracing::warn!(error = %e, "compacting the small-block log failed; will retry");
+        }
     }
 
     fn delete_unlocked(&self, hash: &BlockHash) -> Result<(), StoreError> {
@@ -1521,6 +1634,52 @@ mod tests {
     }
 
     #[test]
+    fn a_log_segment_mostly_emptied_by_deletes_is_compacted_and_its_space_freed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlockStore::open(dir.path()).unwrap();
+        let blocks: Vec<_> = (0..24).map(|i| block(80 + i, 30_000)).collect();
+        for (h, d) in &blocks {
+            store.put(h, d).unwrap();
+        }
+        let seg_of = |h: &BlockHash| store.small_loc(h).unwrap().unwrap().seg;
+        let in_first: Vec<BlockHash> = blocks
+            .iter()
+            .map(|(h, _)| *h)
+            .filter(|h| seg_of(h) == 0)
+            .collect();
+        assert!(
+            in_first.len() >= 4,
+            "{} blocks in the first segment",
+            in_first.len()
+        );
+        let first = dir.path().join("small").join(format!("{:016x}.log", 0));
+        // All but one deleted: less than a quarter of the segment left.
+        let kept = in_first[0];
+        for h in &in_first[1..] {
+            store.delete(h).unwrap();
+        }
+        assert!(!first.exists(), "the segment was compacted away");
+        assert_ne!(seg_of(&kept), 0);
+        for (h, d) in &blocks {
+            if *h == kept || !in_first.contains(h) {
+                assert_eq!(&store.get(h, None).unwrap(), d);
+            } else {
+                assert!(!store.contains(h).unwrap());
+            }
+        }
+        let left = blocks.len() - in_first.len() + 1;
+        assert_eq!(store.stats().blocks, left as u64);
+        // The move is durable: a crash right after loses nothing.
+        store.crash_unindexed();
+        drop(store);
+        let store = BlockStore::open(dir.path()).unwrap();
+        assert_eq!(store.stats().blocks, left as u64);
+        assert_eq!(store.index_len().unwrap(), left as u64);
+        let kept_data = &blocks.iter().find(|(h, _)| *h == kept).unwrap().1;
+        assert_eq!(&store.get(&kept, None).unwrap(), kept_data);
+    }
+
+    #[test]
     fn a_rotted_log_record_does_not_hide_the_records_after_it_from_the_replay() {
         let dir = tempfile::tempdir().unwrap();
         let blocks: Vec<_> = (0..3).map(|i| block(50 + i, 2000)).collect();
@@ -1567,13 +1726,10 @@ mod tests {
             .map(|(h, _)| *h)
             .collect();
         assert!(!in_first.is_empty());
-        for h in &in_first[1..] {
-            store.delete(h).unwrap();
-        }
-        assert_eq!(segments(), before, "a segment with a block left stays");
+        // Collected in one batch: the last delete empties it.
         assert_eq!(
-            store.collect(&in_first[..1], now_secs() + 10).unwrap(),
-            vec![true]
+            store.collect(&in_first, now_secs() + 10).unwrap(),
+            vec![true; in_first.len()]
         );
         assert_eq!(
             segments(),

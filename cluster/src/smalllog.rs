@@ -28,7 +28,8 @@
 //! records after it.
 //!
 //! Nothing here decides which blocks are live: the index does. The store removes a segment
-//! once none of its blocks is left (`BlockStore::forget`).
+//! once none of its blocks is left (`BlockStore::forget`), and moves the last few out of one
+//! that deletes have mostly emptied (`BlockStore::compact_log`).
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -312,6 +313,14 @@ impl SmallLog {
             zeroed: 0,
         };
         Ok(())
+    }
+
+    /// The records of segment `seq` (its good ones, from its start; see `scan`).
+    pub fn records_of(&self, seq: u64, max_block: usize) -> io::Result<Vec<(BlockHash, Loc)>> {
+        match self.segment(seq) {
+            Some(file) => Ok(scan(&file, seq, 0, max_block)?.0),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// A block's bytes as stored (`None` when its segment is gone).

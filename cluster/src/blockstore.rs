@@ -1680,6 +1680,31 @@ mod tests {
     }
 
     #[test]
+    fn a_log_segment_cut_short_behind_the_stores_back_is_a_corrupt_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlockStore::open(dir.path()).unwrap();
+        let (h, d) = block(90, 5000);
+        store.put(&h, &d).unwrap();
+        let loc = store.small_loc(&h).unwrap().unwrap();
+        let seg = dir
+            .path()
+            .join("small")
+            .join(format!("{:016x}.log", loc.seg));
+        OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(loc.offset + 100)
+            .unwrap();
+        assert!(matches!(store.get(&h, None), Err(StoreError::Corrupt(_))));
+        assert!(!store.contains(&h).unwrap());
+        assert_eq!(store.stats().corrupt_detected, 1);
+        // A good copy can be stored again (repair).
+        assert!(store.put(&h, &d).unwrap());
+        assert_eq!(store.get(&h, None).unwrap(), d);
+    }
+
+    #[test]
     fn a_rotted_log_record_does_not_hide_the_records_after_it_from_the_replay() {
         let dir = tempfile::tempdir().unwrap();
         let blocks: Vec<_> = (0..3).map(|i| block(50 + i, 2000)).collect();

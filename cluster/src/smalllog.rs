@@ -323,14 +323,23 @@ impl SmallLog {
         }
     }
 
-    /// A block's bytes as stored (`None` when its segment is gone).
+    /// A block's bytes as stored (`None` when its segment is gone). A segment cut short
+    /// behind the store's back gives what is there: it does not match the block's hash, so a
+    /// verified read quarantines the copy and repair replaces it.
     pub fn read(&self, loc: Loc) -> io::Result<Option<Vec<u8>>> {
         let Some(file) = self.segment(loc.seg) else {
             return Ok(None);
         };
         let mut data = vec![0u8; loc.len as usize];
-        file.read_exact_at(&mut data, loc.offset)?;
-        Ok(Some(data))
+        match file.read_exact_at(&mut data, loc.offset) {
+            Ok(()) => Ok(Some(data)),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                let have = file.metadata()?.len().saturating_sub(loc.offset);
+                data.truncate(usize::try_from(have).unwrap_or(0).min(data.len()));
+                Ok(Some(data))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Overwrites bytes of a stored block (tests: rot a disk cannot be made to produce).

@@ -711,11 +711,16 @@ impl Filesystem for TwinFs {
         let name = name.as_bytes().to_vec();
         let (uid, gid) = (req.uid(), req.gid());
         self.spawn("mkdir", async move {
-            let r = this
-                .shared
-                .fs
-                .mkdir(parent.0, &name, mode & 0o7777, uid, gid)
-                .await;
+            let fs = &this.shared.fs;
+            // In a directory this mount holds the claim on, answered before the transaction
+            // commits (see the core's early.rs).
+            let r = match fs
+                .mkdir_early(parent.0, &name, mode & 0o7777, uid, gid)
+                .await
+            {
+                Some(made) => made,
+                None => fs.mkdir(parent.0, &name, mode & 0o7777, uid, gid).await,
+            };
             this.entry(reply, r);
         });
     }

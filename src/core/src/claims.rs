@@ -66,11 +66,21 @@ impl Fs {
     /// instance has a session and room. Returns the session it is claimed under.
     pub(crate) fn claim_new_dir(&self, txn: &mut Txn, ino: u64) -> Option<u64> {
         let session = self.kv.session()?;
-        if self.claims.lock().unwrap_or_else(|e| e.into_inner()).len() >= CLAIMS_MAX {
-            return None;
+        {
+            let claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+            // A directory made early is claimed already (answers were given on it): room
+            // was made for it then.
+            if !claims.contains_key(&ino) && claims.len() >= CLAIMS_MAX {
+                return None;
+            }
         }
         txn.put_owned(self.keys.claim(ino), self.own_claim_value());
         Some(session)
+    }
+
+    /// Whether this instance may claim one more directory.
+    pub(crate) fn room_for_claim(&self) -> bool {
+        self.claims.lock().unwrap_or_else(|e| e.into_inner()).len() < CLAIMS_MAX
     }
 
     /// The mkdir that claimed `dir` committed (`Some(session)`), or its outcome is unknown.

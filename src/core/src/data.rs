@@ -1117,15 +1117,14 @@ impl Fs {
         // Refused (the parent changed since, a block is missing) or failed: the create alone,
         // the ordinary way, which reads etcd as it must.
         let made = self
-            .make_node_as(
+            .make_in_settled(
                 taken.parent,
                 &taken.name,
                 taken.node.clone(),
                 h.ino,
-                Some(taken.at),
+                taken.at,
             )
-            .await
-            .map(|_| ());
+            .await;
         let _ = taken.done.send(made.clone());
         made.map(|()| false)
     }
@@ -1141,6 +1140,8 @@ impl Fs {
         stored: &HashMap<u64, (Revision, BlockHash, u32)>,
         pending: Option<(u64, &[(u64, BlockHash)])>,
     ) -> FsResult<bool> {
+        // A parent made early commits first (the blocks are stored meanwhile).
+        self.settle_ino(taken.parent).await?;
         let Some((p, prev)) = self.cached_inode_to_compare(taken.parent) else {
             return Ok(false);
         };

@@ -33,9 +33,9 @@ use futures::future::{BoxFuture, Shared};
 use futures::FutureExt;
 
 use crate::error::{FsError, FsResult};
-use crate::fs::{check_name, now_ns, Attr, Fs, NewNode, Txn};
+use crate::fs::{check_name, now_ns, Attr, Fs, NewNode, Txn, MAX_LINKS};
 use crate::kv::KvError;
-use crate::schema::FileKind;
+use crate::schema::{FileKind, InodeRec};
 use std::time::Duration;
 
 type Outcome = Shared<BoxFuture<'static, FsResult<()>>>;
@@ -77,6 +77,12 @@ pub(crate) struct EarlyOps {
     dir_times: HashMap<u64, (i64, usize)>,
     /// Directories an early unlink in failed since their last fsyncdir.
     failed_dirs: HashMap<u64, FsError>,
+    /// Directories made early whose transaction has not finished: their records, for their
+    /// attributes and for the early creates and mkdirs in them.
+    dirs: HashMap<u64, InodeRec>,
+    /// Directories with early mkdirs in flight: the link count they will have once those
+    /// commit, and how many are in flight.
+    dir_links: HashMap<u64, (u32, usize)>,
     /// Early unlinks not yet sent, in the order they were answered.
     unlinks: VecDeque<QueuedUnlink>,
     /// Whether a task is committing `unlinks` (one at a time, so batches stay in order).
@@ -144,20 +150,10 @@ impl Fs {
         gid: u32,
     ) -> Option<FsResult<Attr>> {
         let spawn = self.opts.spawn.clone()?;
-        if !self.opts.cached_lookups || check_name(name).is_err() || !self.holds_claim(parent) {
-            return None;
-        }
-        let dkey = self.keys.dirent(parent, name);
-        if !self.kv.cached_absent(&dkey, &self.keys.dir(parent)) {
-            return None;
-        }
         // The parent's record decides the new file's group and mode: only without
         // set-group-ID, so that the answer is what the transaction will write.
-        let (p, _) = self.cached_inode_to_compare(parent)?;
-        if p.kind != FileKind::Dir || p.nlink == 0 || p.mode & libc::S_ISGID != 0 {
-            return None;
-        }
-        if self.early().has_pending_name(parent, name) {
+        let p = self.early_parent(parent, name)?;
+        if p.nlink == 0 {
             return None;
         }
         let ino = match self.alloc_ino().await {
@@ -191,15 +187,15 @@ impl Fs {
                 Some(done) => match done.await {
                     Ok(made) => made,
                     // The flush gave up before reporting: the create on its own.
-                    Err(_) => fs
-                        .make_node_as(parent, &name_owned, node, ino, Some(now))
-                        .await
-                        .map(|_| ()),
+                    Err(_) => {
+                        fs.make_in_settled(parent, &name_owned, node, ino, now)
+                            .await
+                    }
                 },
-                None => fs
-                    .make_node_as(parent, &name_owned, node, ino, Some(now))
-                    .await
-                    .map(|_| ()),
+                None => {
+                    fs.make_in_settled(parent, &name_owned, node, ino, now)
+                        .await
+                }
             };
             fs.early_done(ino, parent, made.as_ref().err().cloned());
             made
@@ -226,6 +222,156 @@ impl Fs {
         drop(early);
         spawn(outcome.map(|_| ()).boxed());
         Some(Ok(attr))
+    }
+
+    /// Where an early create or mkdir of `name` in `parent` may be answered at once: a
+    /// directory this instance holds the claim on (made early, or committed and cached
+    /// whole), `name` known absent and not in flight, no set-group-ID. The parent's record.
+    fn early_parent(&self, parent: u64, name: &[u8]) -> Option<InodeRec> {
+        if !self.opts.cached_lookups || check_name(name).is_err() || !self.holds_claim(parent) {
+            return None;
+        }
+        let dkey = self.keys.dirent(parent, name);
+        let made_early = self.early().dirs.get(&parent).cloned();
+        let p = match made_early {
+            // Its names are the ones made early in it (checked below) and, once it
+            // committed, the ones written through to the cache.
+            Some(rec) => {
+                if self.kv.cached(&dkey).is_some() {
+                    return None;
+                }
+                rec
+            }
+            None => {
+                if !self.kv.cached_absent(&dkey, &self.keys.dir(parent)) {
+                    return None;
+                }
+                self.cached_inode_to_compare(parent)?.0
+            }
+        };
+        if p.kind != FileKind::Dir || p.mode & libc::S_ISGID != 0 {
+            return None;
+        }
+        if self.early().has_pending_name(parent, name) {
+            return None;
+        }
+        Some(p)
+    }
+
+    /// The transaction of an early create or mkdir: once its parent, if made early too,
+    /// committed (its failure is this one's).
+    pub(crate) async fn make_in_settled(
+        &self,
+        parent: u64,
+        name: &[u8],
+        node: NewNode,
+        ino: u64,
+        at: i64,
+    ) -> FsResult<()> {
+        self.settle_ino(parent).await?;
+        self.make_node_as(parent, name, node, ino, Some(at))
+            .await
+            .map(|_| ())
+    }
+
+    /// Makes directory `name` in `parent` without waiting for its transaction, when that is
+    /// safe (as for [`Fs::create_early`]): `None` when it is not, and the caller makes it the
+    /// ordinary way. The new directory is claimed at once (its transaction claims it), so
+    /// that what `cp -r` or `tar x` makes in it is answered early too; the transactions of
+    /// those wait for this one. A copy of the WordPress tree made 258 directories at about
+    /// 0.7 ms each, one at a time, before this.
+    pub async fn mkdir_early(
+        self: &Arc<Self>,
+        parent: u64,
+        name: &[u8],
+        perm: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Option<FsResult<Attr>> {
+        let spawn = self.opts.spawn.clone()?;
+        let p = self.early_parent(parent, name)?;
+        let session = self.kv.session()?;
+        let links = self.pending_dir_links(parent).unwrap_or(0).max(p.nlink);
+        if p.nlink == 0 || links >= MAX_LINKS || !self.room_for_claim() {
+            return None;
+        }
+        let ino = match self.alloc_ino().await {
+            Ok(ino) => ino,
+            Err(e) => return Some(Err(e)),
+        };
+        self.note_new_inode(ino);
+        let node = NewNode {
+            kind: FileKind::Dir,
+            perm,
+            uid,
+            gid,
+            rdev: 0,
+            target: None,
+        };
+        let now = now_ns();
+        let rec = self.new_inode_rec(&node, parent, perm, gid, now);
+        let attr = Attr::from_rec(ino, &rec);
+        let fs = self.clone();
+        let name_owned = name.to_vec();
+        let outcome: Outcome = async move {
+            let made = fs
+                .make_in_settled(parent, &name_owned, node, ino, now)
+                .await;
+            if made.is_err() {
+                // Its claim was never made, or may have been: never answered from.
+                fs.note_claim(ino, None);
+            }
+            fs.early_dir_done(ino, parent, made.as_ref().err().cloned());
+            made
+        }
+        .boxed()
+        .shared();
+        let mut early = self.early();
+        Self::dir_touched(&mut early, parent, now);
+        let entry = early.dir_links.entry(parent).or_insert((links, 0));
+        entry.0 = entry.0.max(links) + 1;
+        entry.1 += 1;
+        early.dirs.insert(ino, rec);
+        early.pending.insert(
+            ino,
+            Pending {
+                parent,
+                name: name.to_vec(),
+                removal: false,
+                outcome: outcome.clone(),
+                waiting: None,
+            },
+        );
+        // Claimed before anything can be made in it; the transaction writes the claim.
+        self.note_claim(ino, Some(session));
+        drop(early);
+        spawn(outcome.map(|_| ()).boxed());
+        Some(Ok(attr))
+    }
+
+    fn early_dir_done(&self, ino: u64, parent: u64, failed: Option<FsError>) {
+        let mut early = self.early();
+        early.dirs.remove(&ino);
+        if let Some(entry) = early.dir_links.get_mut(&parent) {
+            entry.1 = entry.1.saturating_sub(1);
+            if entry.1 == 0 {
+                early.dir_links.remove(&parent);
+            }
+        }
+        drop(early);
+        self.early_done(ino, parent, failed);
+    }
+
+    /// The record of directory `ino` when it was made early and its transaction has not
+    /// finished.
+    pub(crate) fn early_dir(&self, ino: u64) -> Option<InodeRec> {
+        self.early().dirs.get(&ino).cloned()
+    }
+
+    /// The link count directory `dir` takes once its early mkdirs commit, if any are in
+    /// flight.
+    pub(crate) fn pending_dir_links(&self, dir: u64) -> Option<u32> {
+        self.early().dir_links.get(&dir).map(|(n, _)| *n)
     }
 
     /// Unlinks `name` in `parent` without waiting for its transaction, when that is safe: a
@@ -431,7 +577,17 @@ impl Fs {
 
     /// Waits for the early creates and unlinks of `name` in `parent` (of every name with
     /// `None`). Their failures are not this caller's: the name simply is as etcd has it.
+    /// A directory made early is waited for first: anything but a lookup or an early create
+    /// in it needs it in etcd.
     pub(crate) async fn settle_names(&self, parent: u64, name: Option<&[u8]>) {
+        if self.early_dir(parent).is_some() {
+            let _ = self.settle_ino(parent).await;
+        }
+        self.settle_names_only(parent, name).await;
+    }
+
+    /// [`Fs::settle_names`] without waiting for the directory itself.
+    pub(crate) async fn settle_names_only(&self, parent: u64, name: Option<&[u8]>) {
         let outcomes =
             self.early_outcomes(|p| p.parent == parent && name.is_none_or(|n| p.name == n));
         let _ = first_failure(outcomes).await;

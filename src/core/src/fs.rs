@@ -1082,6 +1082,9 @@ impl Fs {
                 a.mtime_ns = a.mtime_ns.max(at);
                 a.ctime_ns = a.ctime_ns.max(at);
             }
+            if let Some(links) = self.pending_dir_links(ino) {
+                a.nlink = a.nlink.max(links);
+            }
         }
         if a.kind == FileKind::File {
             let end = self.unflushed_end(ino);
@@ -1106,6 +1109,11 @@ impl Fs {
 
     /// Attributes of `ino`.
     pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        // A directory made early: as its mkdir answered, with what was made in it since (the
+        // kernel asks after every create in it).
+        if let Some(rec) = self.early_dir(ino) {
+            return Ok(self.local_attr(ino, &rec));
+        }
         self.settle_ino(ino).await?;
         if self.opts.cached_lookups {
             if let Some(rec) = self.cached_inode_for_attr(ino) {
@@ -1123,11 +1131,16 @@ impl Fs {
     /// (so a miss costs one round trip), then the child's inode.
     pub async fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
         check_name(name)?;
-        self.settle_names(parent, Some(name)).await;
+        self.settle_names_only(parent, Some(name)).await;
         let dkey = self.keys.dirent(parent, name);
         if self.opts.cached_lookups {
             if let Some(a) = self.lookup_cached(parent, name) {
                 return Ok(a);
+            }
+            // A directory made early holds only what was made in it early (waited for above,
+            // then in the cache): nothing else can be there yet.
+            if self.early_dir(parent).is_some() {
+                return Err(FsError::NotFound);
             }
             // The kernel looks up every new name before it makes it (create, mkdir, symlink,
             // link, rename's target): in a directory this instance claimed (nobody else makes

@@ -886,6 +886,109 @@ fn a_failed_early_create_fails_every_later_use_of_the_file() {
     );
 }
 
+/// A directory made in a claimed one is answered before its transaction commits, claimed at
+/// once, and what is made in it (a file with content, a subdirectory) is answered early too:
+/// their transactions wait for the directory's. The parent's link count and the new
+/// directory's attributes are answered meanwhile; other instances see nothing until the
+/// commits, then the whole tree.
+#[test]
+fn a_directory_made_early_has_files_made_early_in_it_that_commit_after_it() {
+    use futures::FutureExt;
+    let (kv, a, b, _blocks) = early_pair();
+    let dir = block_on(a.mkdir(ROOT_INO, b"d", 0o755, 0, 0)).unwrap();
+    let commit = kv.hooks.hold_next();
+    let sub = block_on(a.mkdir_early(dir.ino, b"sub", 0o750, 7, 7))
+        .expect("a claimed directory known whole")
+        .unwrap();
+    assert_eq!((sub.nlink, sub.perm, sub.uid), (2, 0o750, 7));
+    assert_eq!(
+        block_on(a.getattr(dir.ino)).unwrap().nlink,
+        3,
+        "the parent's link count"
+    );
+    assert_eq!(block_on(a.getattr(sub.ino)).unwrap().ino, sub.ino);
+    assert_eq!(
+        block_on(a.lookup(sub.ino, b"f")).map(|_| ()),
+        Err(FsError::NotFound),
+        "nothing in it yet, answered without waiting"
+    );
+    let f = block_on(a.create_early(sub.ino, b"f", 0o644, 7, 7))
+        .expect("the new directory is claimed")
+        .unwrap();
+    let inner = block_on(a.mkdir_early(sub.ino, b"inner", 0o755, 7, 7))
+        .expect("nested")
+        .unwrap();
+    assert_eq!(
+        block_on(b.lookup(dir.ino, b"sub")).map(|_| ()),
+        Err(FsError::NotFound),
+        "not committed yet"
+    );
+    let mut h = a.open_new(&f).unwrap();
+    block_on(a.write(&mut h, 0, b"made in a new directory")).unwrap();
+    {
+        let mut flush = a.flush(&mut h).boxed();
+        assert!(
+            poll_once(&mut flush).is_pending(),
+            "waits for its directory"
+        );
+        commit.send(Ok(())).unwrap();
+        block_on(flush).unwrap();
+    }
+    block_on(a.sync_dir(sub.ino)).unwrap();
+    let theirs = block_on(b.lookup(dir.ino, b"sub")).unwrap();
+    assert_eq!((theirs.ino, theirs.perm), (sub.ino, 0o750));
+    assert_eq!(block_on(b.getattr(dir.ino)).unwrap().nlink, 3);
+    assert_eq!(block_on(b.getattr(sub.ino)).unwrap().nlink, 3);
+    assert_eq!(
+        block_on(b.lookup(sub.ino, b"inner")).unwrap().ino,
+        inner.ino
+    );
+    let ff = block_on(b.lookup(sub.ino, b"f")).unwrap();
+    let opened = block_on(b.open(ff.ino)).unwrap();
+    assert_eq!(
+        &block_on(b.read(&opened, 0, 100)).unwrap()[..],
+        b"made in a new directory"
+    );
+    assert_eq!(block_on(a.getattr(dir.ino)).unwrap().nlink, 3, "settled");
+}
+
+/// An early mkdir whose transaction fails: the directory and everything made early in it
+/// fail with that error, the file's close included, and the name stays free.
+#[test]
+fn a_failed_early_mkdir_fails_what_was_made_in_it() {
+    let (kv, a, b, _blocks) = early_pair();
+    let dir = block_on(a.mkdir(ROOT_INO, b"d", 0o755, 0, 0)).unwrap();
+    let commit = kv.hooks.hold_next();
+    let sub = block_on(a.mkdir_early(dir.ino, b"sub", 0o755, 0, 0))
+        .expect("early")
+        .unwrap();
+    let f = block_on(a.create_early(sub.ino, b"f", 0o644, 0, 0))
+        .expect("early in it")
+        .unwrap();
+    let failure = twinfs_core::KvError::Unavailable("etcd gone".into());
+    commit.send(Err(failure.clone())).unwrap();
+    let err = Err(FsError::Kv(failure));
+    let mut h = a.open_new(&f).unwrap();
+    block_on(a.write(&mut h, 0, b"lost")).unwrap();
+    assert_eq!(
+        block_on(a.flush(&mut h)),
+        err,
+        "the file's close reports it"
+    );
+    assert_eq!(block_on(a.getattr(sub.ino)).map(|_| ()), err);
+    assert_eq!(
+        block_on(a.lookup(dir.ino, b"sub")).map(|_| ()),
+        Err(FsError::NotFound),
+        "the name is free"
+    );
+    assert_eq!(block_on(a.getattr(dir.ino)).unwrap().nlink, 2);
+    assert_eq!(
+        block_on(b.lookup(dir.ino, b"sub")).map(|_| ()),
+        Err(FsError::NotFound)
+    );
+    block_on(a.mkdir(dir.ino, b"sub", 0o755, 0, 0)).unwrap();
+}
+
 /// A with early unlinks whose batches run on a thread of their own; its directory "d" with
 /// files `names` (committed, one link each).
 fn early_unlink_pair(

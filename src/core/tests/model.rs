@@ -524,10 +524,19 @@ impl Sut {
             }
             Op::Mkdir(p) => {
                 let parent = self.parent(p).await?;
-                self.a
-                    .mkdir(parent, last(p), 0o755, 1, 1)
-                    .await
-                    .map_err(errno)?;
+                let early = match self.early {
+                    true => self.a.mkdir_early(parent, last(p), 0o755, 1, 1).await,
+                    false => None,
+                };
+                match early {
+                    Some(made) => made.map(|_| ()).map_err(errno)?,
+                    None => {
+                        self.a
+                            .mkdir(parent, last(p), 0o755, 1, 1)
+                            .await
+                            .map_err(errno)?;
+                    }
+                }
             }
             Op::Unlink(p) => {
                 let parent = self.parent(p).await?;

@@ -300,14 +300,7 @@ impl Fs {
             Err(e) => return Some(Err(e)),
         };
         self.note_new_inode(ino);
-        let node = NewNode {
-            kind: FileKind::Dir,
-            perm,
-            uid,
-            gid,
-            rdev: 0,
-            target: None,
-        };
+        let node = NewNode::dir(perm, uid, gid);
         let now = now_ns();
         let rec = self.new_inode_rec(&node, parent, perm, gid, now);
         let attr = Attr::from_rec(ino, &rec);

@@ -265,6 +265,14 @@ impl NewNode {
             target: None,
         }
     }
+
+    /// A directory.
+    pub(crate) fn dir(perm: u32, uid: u32, gid: u32) -> NewNode {
+        NewNode {
+            kind: FileKind::Dir,
+            ..NewNode::file(perm, uid, gid)
+        }
+    }
 }
 
 /// One optimistic transaction being built: compares on everything read, ops last-write-wins.
@@ -1565,19 +1573,8 @@ impl Fs {
         uid: u32,
         gid: u32,
     ) -> FsResult<Attr> {
-        self.make_node(
-            parent,
-            name,
-            NewNode {
-                kind: FileKind::Dir,
-                perm,
-                uid,
-                gid,
-                rdev: 0,
-                target: None,
-            },
-        )
-        .await
+        self.make_node(parent, name, NewNode::dir(perm, uid, gid))
+            .await
     }
 
     pub async fn symlink(

@@ -317,7 +317,7 @@ impl Registration {
             lease_cell.clone(),
             ttl_secs,
             refresh,
-            snapshot,
+            Arc::new(snapshot),
         ));
         Ok(Registration {
             client,
@@ -347,7 +347,7 @@ async fn keep_alive<F>(
     lease: Arc<std::sync::atomic::AtomicI64>,
     ttl_secs: i64,
     refresh: Duration,
-    snapshot: F,
+    snapshot: Arc<F>,
 ) where
     F: Fn() -> NodeRecord + Send + Sync + 'static,
 {
@@ -369,7 +369,10 @@ async fn keep_alive<F>(
                         Err(_) => anyhow::bail!("no keep-alive answer within 3 s"),
                     }
                     if last_refresh.elapsed() >= refresh {
-                        put_record(&mut c, &snapshot(), current).await?;
+                        // The snapshot reads the node's disk (free space, the block index).
+                        let snap = snapshot.clone();
+                        let record = tokio::task::spawn_blocking(move || snap()).await?;
+                        put_record(&mut c, &record, current).await?;
                         last_refresh = tokio::time::Instant::now();
                     }
                     tokio::time::sleep(renew_every).await;

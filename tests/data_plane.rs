@@ -26,7 +26,7 @@ fn put_lands_on_exactly_two_distinct_nodes() {
         assert!(holders.iter().all(|h| ids.contains(h)));
         // And on disk: exactly the two holders have a file, with the right bytes; a small
         // block lives in the holders' small-block logs, so no node has a file for it.
-        let as_file = size > twinfs_cluster::blockstore::INLINE_BLOCK_MAX;
+        let as_file = size > twinfs_cluster::blockstore::LOG_BLOCK_MAX;
         for n in &c.nodes {
             let p = c.block_path(&n.id, &hash);
             assert_eq!(
@@ -77,14 +77,13 @@ fn get_after_kill_9_of_a_holder_returns_same_bytes_within_2s() {
 #[test]
 fn corrupt_copy_is_never_returned_and_is_reported() {
     let c = DevCluster::up(3, 10);
-    let data = random_bytes(1 << 20);
+    // Larger than `LOG_BLOCK_MAX`: a block file (the repair tests rot log records).
+    let data = random_bytes(2 << 20);
     let hash = c.put(&data);
     let first = c.ranking(&hash)[0].clone();
     // Flip one byte of the copy the client will try first.
     let path = c.block_path(&first, &hash);
-    let mut bad = std::fs::read(&path).unwrap();
-    bad[12345] ^= 0x01;
-    std::fs::write(&path, &bad).unwrap();
+    assert!(c.rot_copy(&first, &hash, 12345), "a copy to rot");
 
     for _ in 0..3 {
         let got = run(c.cmd().args(["block", "get", &hash]));
@@ -368,8 +367,8 @@ async fn get_many_returns_each_block_as_get_would() {
         .await
         .unwrap();
     let c = std::sync::Arc::new(c);
-    // An inline block, file-backed ones, and one whose first-ranked copy is corrupt.
-    let sizes = [100usize, 5_000, 100_000, 300_000, 200_000];
+    // Blocks in the nodes' logs, a file-backed one, and one whose first-ranked copy is corrupt.
+    let sizes = [100usize, 5_000, 100_000, 1_500_000, 200_000];
     let (blocks, bad_node) = {
         let c = c.clone();
         tokio::task::spawn_blocking(move || {
@@ -382,10 +381,7 @@ async fn get_many_returns_each_block_as_get_would() {
                 .collect();
             let (hash, _) = &blocks[4];
             let first = c.ranking(hash)[0].clone();
-            let path = c.block_path(&first, hash);
-            let mut bad = std::fs::read(&path).unwrap();
-            bad[777] ^= 0x40;
-            std::fs::write(&path, &bad).unwrap();
+            assert!(c.rot_copy(&first, hash, 777), "a copy to rot");
             (blocks, first)
         })
         .await

@@ -920,20 +920,11 @@ fn etcd_restarted_under_load() {
 fn block_copies_corrupted_on_disk() {
     let (o, c) = run_scenario("corrupt", |c, w, notes, _failures| {
         let (i, why) = node_holding_copies(c, w);
-        let blocks = c.nodes[i].data_dir.join("store/blocks");
-        let mut flipped = 0;
-        for fan in std::fs::read_dir(&blocks).expect("block dirs").flatten() {
-            for f in std::fs::read_dir(fan.path()).expect("blocks").flatten() {
-                let mut bytes = std::fs::read(f.path()).expect("copy");
-                if bytes.is_empty() {
-                    continue;
-                }
-                let mid = bytes.len() / 2;
-                bytes[mid] ^= 0x5a;
-                std::fs::write(f.path(), &bytes).expect("corrupt");
-                flipped += 1;
-            }
-        }
+        let flipped = common::rot_every_copy(&c.nodes[i].data_dir.join("store"));
+        assert!(
+            flipped > 0,
+            "node {i} {why}, yet no copy was found on its disk to rot"
+        );
         notes.push(format!("node {i} {why}; {flipped} copies corrupted"));
         format!("corruption of every copy on node {i} ({})", c.nodes[i].id)
     });

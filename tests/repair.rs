@@ -123,10 +123,7 @@ fn a_corrupt_copy_is_found_and_replaced_from_a_good_one() {
     let holders = c.locate(&hash);
     assert_eq!(holders.len(), 2, "two copies");
     // Rot on one node's disk.
-    let path = c.block_path(&holders[0], &hash);
-    let mut bytes = std::fs::read(&path).expect("copy");
-    bytes[1000] ^= 0xff;
-    std::fs::write(&path, &bytes).expect("corrupt");
+    assert!(c.rot_copy(&holders[0], &hash, 1000), "a copy to rot");
 
     // fsck has each node re-hash its copies: it sees one good copy, names the file, and the
     // node quarantines the bad copy.
@@ -154,10 +151,7 @@ fn scrub_finds_rot_in_a_block_nobody_reads_and_repair_replaces_it() {
     std::fs::write(c.mounts[0].join("old.jpg"), &data).expect("write");
     let hash = blake3::hash(&data).to_hex().to_string();
     let holder = c.locate(&hash)[0].clone();
-    let path = c.block_path(&holder, &hash);
-    let mut bytes = std::fs::read(&path).expect("copy");
-    bytes[7] ^= 0x01;
-    std::fs::write(&path, &bytes).expect("corrupt");
+    assert!(c.rot_copy(&holder, &hash, 7), "a copy to rot");
     // Nobody reads it: the scrub finds it (counted by the node) ...
     let found = wait_for(Duration::from_secs(30), || {
         c.status_json()["nodes"]

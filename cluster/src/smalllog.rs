@@ -1,4 +1,5 @@
-//! Append-only segment files for small blocks: one `pwrite` and one `fdatasync` per put.
+//! Append-only segment files for the blocks of at most `LOG_BLOCK_MAX` (1 MiB): one `pwrite`
+//! and one `fdatasync` per put. It began with blocks of up to 32 KiB, hence "small" in names.
 //!
 //! A small block (most files of a web site are a few KiB) used to be a value in the index
 //! database, committed durably with its entry. redb's copy-on-write commit wrote about eight
@@ -26,6 +27,10 @@
 //! One without a whole header ends the replay, and the next append overwrites it; one whose
 //! bytes do not match its hash (torn, or rotted) is passed over, so that it cannot hide the
 //! records after it.
+//!
+//! The tail's lock is held through a put's flush: one store's appends are flushed one at a
+//! time. Group commit (appends under the lock, a shared flush outside it, the watermark kept
+//! behind records not yet flushed) is the known next step for many writers at once.
 //!
 //! Nothing here decides which blocks are live: the index does. The store removes a segment
 //! once none of its blocks is left (`BlockStore::forget`), and moves the last few out of one
@@ -161,6 +166,24 @@ fn scan(
         pos += HEADER + u64::from(size);
     }
     Ok((found, pos))
+}
+
+/// Records longer than this are read ahead whole before they are read: a cold read of a
+/// range of the segment otherwise goes to the disk in read-ahead windows (128 KiB here), one
+/// after the other (a W4 verify of 20-400 KiB files ran 15-20 % slower that way).
+const READ_AHEAD_ABOVE: u64 = 128 << 10;
+
+/// Tells the kernel `len` bytes at `offset` are about to be read: their reads are issued at once.
+fn advise_will_need(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return;
+    };
+    // SAFETY: posix_fadvise only reads its integer arguments; `file` is an open descriptor for
+    // the duration of the call. Advisory: failure changes nothing but speed.
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_WILLNEED);
+    }
 }
 
 fn open_segment(path: &Path) -> io::Result<File> {
@@ -330,6 +353,9 @@ impl SmallLog {
         let Some(file) = self.segment(loc.seg) else {
             return Ok(None);
         };
+        if u64::from(loc.len) > READ_AHEAD_ABOVE {
+            advise_will_need(&file, loc.offset, u64::from(loc.len));
+        }
         let mut data = vec![0u8; loc.len as usize];
         match file.read_exact_at(&mut data, loc.offset) {
             Ok(()) => Ok(Some(data)),

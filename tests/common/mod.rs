@@ -170,6 +170,12 @@ impl DevCluster {
             .join(hash)
     }
 
+    /// Rots node `id`'s copy of `hash` (see [`rot_copy`]); false when it holds none.
+    #[allow(dead_code)]
+    pub fn rot_copy(&self, id: &str, hash: &str, at: usize) -> bool {
+        rot_copy(&self.node(id).data_dir.join("store"), hash, at)
+    }
+
     pub fn status_json(&self) -> Value {
         serde_json::from_str(&self.ok(&["status", "--json"])).expect("status --json parses")
     }
@@ -381,4 +387,85 @@ pub fn wait_statvfs(path: &Path, timeout: Duration, ok: impl Fn((u64, u64)) -> b
         path.display(),
         statvfs(path)
     );
+}
+
+/// Flips one byte (at `at`, clamped to the block) of the copy of `hash` stored under a node's
+/// `store` directory, wherever it lives: a block file, or a record in the block log
+/// (`small/<seq>.log`: `TWB1`, length u32 LE, 32-byte hash, data). Rot a real disk cannot be
+/// made to produce on demand. False when the node holds no copy.
+#[allow(dead_code)]
+pub fn rot_copy(store: &Path, hash: &str, at: usize) -> bool {
+    let file = store.join("blocks").join(&hash[..2]).join(hash);
+    if let Ok(mut bytes) = std::fs::read(&file) {
+        if bytes.is_empty() {
+            return false;
+        }
+        let i = at.min(bytes.len() - 1);
+        bytes[i] ^= 0x5a;
+        std::fs::write(&file, &bytes).expect("rotting a block file");
+        return true;
+    }
+    let want = blake3::Hash::from_hex(hash).expect("a block hash");
+    rot_log_records(store, |h| h == want.as_bytes(), at) > 0
+}
+
+/// Flips one byte in the middle of every block copy under a node's `store` directory (files
+/// and log records); the number of copies rotted.
+#[allow(dead_code)]
+pub fn rot_every_copy(store: &Path) -> usize {
+    let mut n = 0;
+    if let Ok(fans) = std::fs::read_dir(store.join("blocks")) {
+        for fan in fans.flatten() {
+            for f in std::fs::read_dir(fan.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let mut bytes = std::fs::read(f.path()).expect("copy");
+                if bytes.is_empty() {
+                    continue;
+                }
+                let mid = bytes.len() / 2;
+                bytes[mid] ^= 0x5a;
+                std::fs::write(f.path(), &bytes).expect("rotting a block file");
+                n += 1;
+            }
+        }
+    }
+    n + rot_log_records(store, |_| true, usize::MAX / 2)
+}
+
+/// Rots the data of each log record whose hash `pick` accepts, at `at` (clamped; `usize::MAX
+/// / 2` means the middle); the number rotted.
+fn rot_log_records(store: &Path, pick: impl Fn(&[u8; 32]) -> bool, at: usize) -> usize {
+    use std::os::unix::fs::FileExt;
+    let mut n = 0;
+    let Ok(segments) = std::fs::read_dir(store.join("small")) else {
+        return 0;
+    };
+    for seg in segments.flatten() {
+        let bytes = std::fs::read(seg.path()).expect("log segment");
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(seg.path())
+            .expect("log segment");
+        let mut o = 0usize;
+        while o + 40 <= bytes.len() && &bytes[o..o + 4] == b"TWB1" {
+            let len = u32::from_le_bytes(bytes[o + 4..o + 8].try_into().expect("4 bytes")) as usize;
+            let hash: [u8; 32] = bytes[o + 8..o + 40].try_into().expect("32 bytes");
+            if len > 0 && o + 40 + len <= bytes.len() && pick(&hash) {
+                let i = if at == usize::MAX / 2 {
+                    len / 2
+                } else {
+                    at.min(len - 1)
+                };
+                let pos = o + 40 + i;
+                file.write_all_at(&[bytes[pos] ^ 0x5a], pos as u64)
+                    .expect("rotting a log record");
+                n += 1;
+            }
+            o += 40 + len;
+        }
+    }
+    n
 }

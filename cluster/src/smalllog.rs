@@ -28,15 +28,22 @@
 //! bytes do not match its hash (torn, or rotted) is passed over, so that it cannot hide the
 //! records after it.
 //!
-//! The tail's lock is held through a put's flush: one store's appends are flushed one at a
-//! time. Group commit (appends under the lock, a shared flush outside it, the watermark kept
-//! behind records not yet flushed) is the known next step for many writers at once.
+//! Group commit: a put writes its record under the tail's lock and flushes without it
+//! ([`SmallLog::write`], [`SmallLog::flush`]); one `fdatasync` covers every record written
+//! before it started, so puts that arrive during a flush share the next one. A record is *in
+//! flight* from its write until its entry joins the waiting ones (or its flush fails), and the
+//! watermark stays before the first record in flight: an index commit in between must not let
+//! a replay skip a record whose put is answered afterwards. After a failed flush the records it
+//! covered are reported failed, even if a later flush succeeds (Linux may have dropped their
+//! dirty pages). With 8 writers of 300 KB files through one mount this measured no faster on
+//! this VM (191-209 against 192-226 files/s): its flushes are cheap. It keeps a disk flush from
+//! holding the lock every put needs.
 //!
 //! Nothing here decides which blocks are live: the index does. The store removes a segment
 //! once none of its blocks is left (`BlockStore::forget`), and moves the last few out of one
 //! that deletes have mostly emptied (`BlockStore::compact_log`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -76,13 +83,48 @@ pub(crate) struct Tail {
     end: u64,
     /// The file's length: space up to here is written (zeros past `end`).
     zeroed: u64,
+    /// Starts of the records written but not yet flushed and handed to the index (or failed):
+    /// the watermark stays before them, so a replay after a crash finds them.
+    in_flight: BTreeSet<Watermark>,
 }
 
 impl Tail {
-    /// The log's end: the watermark once everything appended is indexed.
+    /// Where a replay must start for nothing the index lacks to be missed: the log's end, or
+    /// the first record still in flight.
     pub fn watermark(&self) -> Watermark {
-        (self.seq, self.end)
+        self.in_flight
+            .first()
+            .copied()
+            .unwrap_or((self.seq, self.end))
     }
+
+    /// The segment appended to.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The record starting at `start` is flushed and indexed, or failed.
+    pub fn landed(&mut self, start: Watermark) {
+        self.in_flight.remove(&start);
+    }
+}
+
+/// A record written to the log but not yet flushed ([`SmallLog::write`]).
+pub(crate) struct Written {
+    pub loc: Loc,
+    /// Where the record starts and ends in the log.
+    pub start: Watermark,
+    end: Watermark,
+}
+
+/// Group commit: how far the log is flushed, and what a failed flush lost.
+#[derive(Default)]
+struct Flushed {
+    through: Watermark,
+    /// Records ending in `(.0, .1]` were written before a flush that failed: after a failed
+    /// fdatasync Linux may mark their pages clean without writing them, so a later flush that
+    /// succeeds proves nothing for them. They are reported failed.
+    failed: Option<(Watermark, Watermark)>,
 }
 
 pub(crate) struct SmallLog {
@@ -90,6 +132,12 @@ pub(crate) struct SmallLog {
     tail: Mutex<Tail>,
     /// Open handles of every segment, for reads.
     segments: RwLock<HashMap<u64, Arc<File>>>,
+    /// The end of the last record written, and its segment's file (updated under the tail's
+    /// lock once the write is done). Every segment before it is flushed whole: a roll flushes
+    /// the segment it leaves.
+    written: Mutex<(Watermark, Arc<File>)>,
+    /// Held through a flush: one flush at a time, and the puts that wait for it share it.
+    flushed: Mutex<Flushed>,
 }
 
 fn segment_name(seq: u64) -> String {
@@ -223,7 +271,10 @@ impl SmallLog {
                 file: segments[&seqs[0]].clone(),
                 end: 0,
                 zeroed: 0,
+                in_flight: BTreeSet::new(),
             }),
+            written: Mutex::new(((0, 0), segments[&seqs[0]].clone())),
+            flushed: Mutex::new(Flushed::default()),
             segments: RwLock::new(segments),
         };
         let (found, mut end) = log.scan_from(from, max_block)?;
@@ -237,11 +288,17 @@ impl SmallLog {
             end = scan(&file, last, 0, max_block)?.1;
         }
         let zeroed = file.metadata()?.len();
+        *log.written.lock().unwrap_or_else(|e| e.into_inner()) = ((last, end), file.clone());
+        log.flushed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .through = (last, end);
         *log.lock() = Tail {
             seq: last,
             file,
             end,
             zeroed,
+            in_flight: BTreeSet::new(),
         };
         Ok((log, found))
     }
@@ -286,8 +343,18 @@ impl SmallLog {
         self.tail.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Appends a record durably (written and flushed) and returns where its data is.
+    /// Appends a record durably (written and flushed, holding the tail's lock) and returns
+    /// where its data is.
     pub fn append(&self, tail: &mut Tail, hash: &BlockHash, data: &[u8]) -> io::Result<Loc> {
+        let w = self.write(tail, hash, data)?;
+        let flushed = self.flush(&w);
+        tail.landed(w.start);
+        flushed.map(|()| w.loc)
+    }
+
+    /// Writes a record, unflushed, and marks it in flight: the caller flushes it
+    /// ([`SmallLog::flush`], without the tail's lock) and then calls [`Tail::landed`].
+    pub fn write(&self, tail: &mut Tail, hash: &BlockHash, data: &[u8]) -> io::Result<Written> {
         let len = u32::try_from(data.len()).map_err(|_| io::Error::other("block too large"))?;
         let size = HEADER + u64::from(len);
         if tail.end + size > SEGMENT_MAX && tail.end > 0 {
@@ -310,18 +377,62 @@ impl SmallLog {
         header[8..].copy_from_slice(&hash.0);
         tail.file.write_all_at(&header, tail.end)?;
         tail.file.write_all_at(data, tail.end + HEADER)?;
-        tail.file.sync_data()?;
+        let start = (tail.seq, tail.end);
         let loc = Loc {
             seg: tail.seq,
             offset: tail.end + HEADER,
             len,
         };
         tail.end += size;
-        Ok(loc)
+        tail.in_flight.insert(start);
+        let end = (tail.seq, tail.end);
+        *self.written.lock().unwrap_or_else(|e| e.into_inner()) = (end, tail.file.clone());
+        Ok(Written { loc, start, end })
     }
 
-    /// Starts the next segment.
+    /// Returns once the record `w` is durable. One flush covers every record written before
+    /// it started: puts that wait meanwhile share the next one (group commit).
+    pub fn flush(&self, w: &Written) -> io::Result<()> {
+        let mut flushed = self.flushed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((after, through)) = flushed.failed {
+            if w.end > after && w.end <= through {
+                return Err(io::Error::other(
+                    "an earlier flush of the block log failed with this block in it",
+                ));
+            }
+        }
+        if w.end <= flushed.through {
+            return Ok(());
+        }
+        let (upto, file) = self
+            .written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match file.sync_data() {
+            Ok(()) => {
+                flushed.through = flushed.through.max(upto);
+                Ok(())
+            }
+            Err(e) => {
+                let from = flushed.failed.map_or(flushed.through, |(a, _)| a);
+                let through = flushed.failed.map_or(upto, |(_, b)| b.max(upto));
+                flushed.failed = Some((from, through));
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts the next segment, once the one left is flushed whole (see `written`).
     fn roll(&self, tail: &mut Tail) -> io::Result<()> {
+        if let Err(e) = tail.file.sync_data() {
+            // As in `flush`: what waits for a flush in this segment must not trust a later one.
+            let upto = self.written.lock().unwrap_or_else(|e| e.into_inner()).0;
+            let mut flushed = self.flushed.lock().unwrap_or_else(|e| e.into_inner());
+            let from = flushed.failed.map_or(flushed.through, |(a, _)| a);
+            flushed.failed = Some((from, upto.max(flushed.failed.map_or(upto, |(_, b)| b))));
+            return Err(e);
+        }
         let seq = tail.seq + 1;
         let file = Arc::new(open_segment(&self.dir.join(segment_name(seq)))?);
         fsync_dir(&self.dir)?;
@@ -329,11 +440,13 @@ impl SmallLog {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(seq, file.clone());
+        let in_flight = std::mem::take(&mut tail.in_flight);
         *tail = Tail {
             seq,
             file,
             end: 0,
             zeroed: 0,
+            in_flight,
         };
         Ok(())
     }

@@ -405,7 +405,7 @@ impl BlockStore {
         }
         let index = open_index(&root.join("index.redb")).map_err(StoreError::index)?;
         let from = read_watermark(&index)?;
-        let (small, _) = SmallLog::open(&root.join("small"), from, LOG_BLOCK_MAX)?;
+        let (small, replayed) = SmallLog::open(&root.join("small"), from, LOG_BLOCK_MAX)?;
         let store = BlockStore {
             root: root.to_path_buf(),
             index: std::sync::RwLock::new(Some(index)),
@@ -428,7 +428,7 @@ impl BlockStore {
             index_committer: Default::default(),
             index_commit_claimed: Default::default(),
         };
-        store.reconcile()?;
+        store.reconcile_with(Some(replayed))?;
         Ok(store)
     }
 
@@ -515,6 +515,12 @@ impl BlockStore {
     /// watermark, whose entries a crash may have lost, are indexed again), and loads the
     /// counters.
     fn reconcile(&self) -> Result<(), StoreError> {
+        self.reconcile_with(None)
+    }
+
+    /// [`BlockStore::reconcile`], given the records past the watermark when the caller has just
+    /// scanned for them (the log's open does).
+    fn reconcile_with(&self, replayed: Option<Vec<(BlockHash, Loc)>>) -> Result<(), StoreError> {
         // Taken before the transaction, as a put does: no append can slip past the watermark
         // written below.
         let tail = self.small.lock();
@@ -543,7 +549,10 @@ impl BlockStore {
                 .get(SMALL_LOG_END)
                 .map_err(|e| self.index_err(e))?
                 .map_or((0, 0), |v| v.value());
-            let (replayed, _) = self.small.scan_from(from, LOG_BLOCK_MAX)?;
+            let replayed = match replayed {
+                Some(r) => r,
+                None => self.small.scan_from(from, LOG_BLOCK_MAX)?.0,
+            };
             let segments: std::collections::HashSet<u64> =
                 self.small.segment_seqs().into_iter().collect();
             let mut small = txn.open_table(SMALL).map_err(|e| self.index_err(e))?;

@@ -153,9 +153,6 @@ impl Fs {
         // The parent's record decides the new file's group and mode: only without
         // set-group-ID, so that the answer is what the transaction will write.
         let p = self.early_parent(parent, name)?;
-        if p.nlink == 0 {
-            return None;
-        }
         let ino = match self.alloc_ino().await {
             Ok(ino) => ino,
             Err(e) => return Some(Err(e)),
@@ -249,7 +246,8 @@ impl Fs {
                 self.cached_inode_to_compare(parent)?.0
             }
         };
-        if p.kind != FileKind::Dir || p.mode & libc::S_ISGID != 0 {
+        // A removed directory (no links) takes no new names: the slow path says ENOENT.
+        if p.kind != FileKind::Dir || p.nlink == 0 || p.mode & libc::S_ISGID != 0 {
             return None;
         }
         if self.early().has_pending_name(parent, name) {
@@ -292,7 +290,7 @@ impl Fs {
         let p = self.early_parent(parent, name)?;
         let session = self.kv.session()?;
         let links = self.pending_dir_links(parent).unwrap_or(0).max(p.nlink);
-        if p.nlink == 0 || links >= MAX_LINKS || !self.room_for_claim() {
+        if links >= MAX_LINKS || !self.room_for_claim() {
             return None;
         }
         let ino = match self.alloc_ino().await {

@@ -151,8 +151,8 @@ impl Fs {
     ) -> Option<FsResult<Attr>> {
         let spawn = self.opts.spawn.clone()?;
         // The parent's record decides the new file's group and mode: only without
-        // set-group-ID, so that the answer is what the transaction will write.
-        let p = self.early_parent(parent, name)?;
+        // set-group-ID (checked there), so that the answer is what the transaction will write.
+        self.early_parent(parent, name)?;
         let ino = match self.alloc_ino().await {
             Ok(ino) => ino,
             Err(e) => return Some(Err(e)),

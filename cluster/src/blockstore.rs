@@ -50,7 +50,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-use crate::smalllog::{Loc, SmallLog, Watermark, Written};
+use crate::smalllog::{advise_will_need, Loc, SmallLog, Watermark, Written};
 use crate::wire::{ByteRange, ListEntry, MAX_BLOCK_SIZE};
 use crate::BlockHash;
 
@@ -258,16 +258,6 @@ fn drop_from_page_cache(f: &File) {
 /// with the disk reading the next ones (the whole file was asked for up front).
 const READ_PIECE: u64 = 512 << 10;
 
-/// Tells the kernel the whole file is about to be read.
-fn advise_will_need(file: &File) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: posix_fadvise only reads its integer arguments; `file` is an open descriptor for
-    // the duration of the call. Advisory: failure changes nothing but speed.
-    unsafe {
-        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED);
-    }
-}
-
 /// Block files at least this large are served with `O_DIRECT` (see [`read_direct`]).
 const DIRECT_READ_MIN: u64 = 1 << 20;
 /// Buffer and length alignment for `O_DIRECT`: the page size, which covers every logical
@@ -369,7 +359,7 @@ fn read_direct(path: &Path, len: u64) -> io::Result<Option<Bytes>> {
 /// whole file is wanted, so the disk works on the later pieces while the earlier ones are hashed
 /// (reading everything first left the disk idle during the hash).
 fn read_hashing(file: &mut File, len: u64) -> io::Result<(Vec<u8>, [u8; 32])> {
-    advise_will_need(file);
+    advise_will_need(file, 0, 0);
     let mut data = Vec::with_capacity(len as usize);
     let mut hasher = blake3::Hasher::new();
     loop {
@@ -381,6 +371,20 @@ fn read_hashing(file: &mut File, len: u64) -> io::Result<(Vec<u8>, [u8; 32])> {
         hasher.update(&data[before..]);
     }
     Ok((data, *hasher.finalize().as_bytes()))
+}
+
+/// Takes `count` records of `bytes` off segment `seg`'s live count; what is left, `None` when
+/// the segment has no count.
+fn take_live(
+    live: &mut HashMap<u64, (u64, u64)>,
+    seg: u64,
+    count: u64,
+    bytes: u64,
+) -> Option<(u64, u64)> {
+    let l = live.get_mut(&seg)?;
+    l.0 = l.0.saturating_sub(count);
+    l.1 = l.1.saturating_sub(bytes);
+    Some(*l)
 }
 
 fn fsync_dir(dir: &Path) -> io::Result<()> {
@@ -796,10 +800,7 @@ impl BlockStore {
     /// kept even if nothing is left in it (the next open removes it).
     fn uncount_live(&self, loc: Loc) {
         let mut live = self.small_live.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(l) = live.get_mut(&loc.seg) {
-            l.0 = l.0.saturating_sub(1);
-            l.1 = l.1.saturating_sub(u64::from(loc.len));
-        }
+        take_live(&mut live, loc.seg, 1, u64::from(loc.len));
     }
 
     /// Moves the blocks still live in segments mostly emptied by deletes (less than a quarter
@@ -846,14 +847,12 @@ impl BlockStore {
         // Durable before the old copies go.
         self.commit_unindexed()?;
         let mut live = self.small_live.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(l) = live.get_mut(&seg) else {
+        let Some((left, _)) = take_live(&mut live, seg, moved, moved_bytes) else {
             return Ok(()); // emptied by deletes meanwhile, and removed
         };
-        l.0 = l.0.saturating_sub(moved);
-        l.1 = l.1.saturating_sub(moved_bytes);
-        if l.0 > 0 {
+        if left > 0 {
             // Indexed records the scan did not reach (a damaged header ends it): kept.
-            tracing::warn!(segment = seg, left = l.0, "small-block log segment kept after compaction: some of its blocks could not be moved");
+            tracing::warn!(segment = seg, left, "small-block log segment kept after compaction: some of its blocks could not be moved");
             return Ok(());
         }
         live.remove(&seg);
@@ -1117,7 +1116,7 @@ impl BlockStore {
                 return Ok(data);
             }
         }
-        advise_will_need(&file);
+        advise_will_need(&file, 0, 0);
         let mut data = Vec::with_capacity(len as usize);
         Read::by_ref(&mut file)
             .take(MAX_BLOCK_SIZE as u64 + 1)
@@ -1242,14 +1241,11 @@ impl BlockStore {
             // open if it is still empty then).
             let tail_seq = self.small.lock().seq();
             let mut live = self.small_live.lock().unwrap_or_else(|e| e.into_inner());
-            let (now_empty, little_left) = match live.get_mut(&loc.seg) {
-                Some(l) => {
-                    l.0 = l.0.saturating_sub(1);
-                    l.1 = l.1.saturating_sub(u64::from(loc.len));
-                    (l.0 == 0, l.1 < COMPACT_BELOW)
-                }
-                None => (false, false),
-            };
+            let (now_empty, little_left) =
+                match take_live(&mut live, loc.seg, 1, u64::from(loc.len)) {
+                    Some((count, bytes)) => (count == 0, bytes < COMPACT_BELOW),
+                    None => (false, false),
+                };
             if now_empty {
                 live.remove(&loc.seg);
             }

@@ -127,6 +127,16 @@ struct Flushed {
     failed: Option<(Watermark, Watermark)>,
 }
 
+impl Flushed {
+    /// A flush of the records written up to `upto` failed.
+    fn note_failed(&mut self, upto: Watermark) {
+        self.failed = Some(match self.failed {
+            Some((from, through)) => (from, through.max(upto)),
+            None => (self.through, upto),
+        });
+    }
+}
+
 pub(crate) struct SmallLog {
     dir: PathBuf,
     tail: Mutex<Tail>,
@@ -221,8 +231,9 @@ fn scan(
 /// after the other (a W4 verify of 20-400 KiB files ran 15-20 % slower that way).
 const READ_AHEAD_ABOVE: u64 = 128 << 10;
 
-/// Tells the kernel `len` bytes at `offset` are about to be read: their reads are issued at once.
-fn advise_will_need(file: &File, offset: u64, len: u64) {
+/// Tells the kernel `len` bytes at `offset` (`len` 0: to the end) are about to be read: their
+/// reads are issued at once.
+pub(crate) fn advise_will_need(file: &File, offset: u64, len: u64) {
     use std::os::fd::AsRawFd;
     let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
         return;
@@ -415,9 +426,7 @@ impl SmallLog {
                 Ok(())
             }
             Err(e) => {
-                let from = flushed.failed.map_or(flushed.through, |(a, _)| a);
-                let through = flushed.failed.map_or(upto, |(_, b)| b.max(upto));
-                flushed.failed = Some((from, through));
+                flushed.note_failed(upto);
                 Err(e)
             }
         }
@@ -428,9 +437,10 @@ impl SmallLog {
         if let Err(e) = tail.file.sync_data() {
             // As in `flush`: what waits for a flush in this segment must not trust a later one.
             let upto = self.written.lock().unwrap_or_else(|e| e.into_inner()).0;
-            let mut flushed = self.flushed.lock().unwrap_or_else(|e| e.into_inner());
-            let from = flushed.failed.map_or(flushed.through, |(a, _)| a);
-            flushed.failed = Some((from, upto.max(flushed.failed.map_or(upto, |(_, b)| b))));
+            self.flushed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .note_failed(upto);
             return Err(e);
         }
         let seq = tail.seq + 1;

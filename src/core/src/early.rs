@@ -153,11 +153,10 @@ impl Fs {
         // The parent's record decides the new file's group and mode: only without
         // set-group-ID (checked there), so that the answer is what the transaction will write.
         self.early_parent(parent, name)?;
-        let ino = match self.alloc_ino().await {
+        let ino = match self.alloc_new_ino().await {
             Ok(ino) => ino,
             Err(e) => return Some(Err(e)),
         };
-        self.note_new_inode(ino);
         let node = NewNode::file(perm, uid, gid);
         let now = now_ns();
         let attr = Attr::from_rec(ino, &self.new_inode_rec(&node, parent, perm, gid, now));
@@ -293,11 +292,10 @@ impl Fs {
         if links >= MAX_LINKS || !self.room_for_claim() {
             return None;
         }
-        let ino = match self.alloc_ino().await {
+        let ino = match self.alloc_new_ino().await {
             Ok(ino) => ino,
             Err(e) => return Some(Err(e)),
         };
-        self.note_new_inode(ino);
         let node = NewNode::dir(perm, uid, gid);
         let now = now_ns();
         let rec = self.new_inode_rec(&node, parent, perm, gid, now);

@@ -1322,13 +1322,19 @@ impl Fs {
     ) -> FsResult<Attr> {
         check_name(name)?;
         self.settle_names(parent, Some(name)).await;
-        let ino = self.alloc_ino().await?;
-        self.note_new_inode(ino);
+        let ino = self.alloc_new_ino().await?;
         let made = self.make_node_as(parent, name, node, ino, None).await;
         if made.is_err() {
             self.xattrs_may_exist(ino);
         }
         made
+    }
+
+    /// A number for a new inode, noted as new ([`Fs::note_new_inode`]).
+    pub(crate) async fn alloc_new_ino(&self) -> FsResult<u64> {
+        let ino = self.alloc_ino().await?;
+        self.note_new_inode(ino);
+        Ok(ino)
     }
 
     /// A new inode has no xattrs: noted before it exists, so no other node's xattr change
